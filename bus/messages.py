@@ -1,0 +1,77 @@
+"""Payload encoding: every payload is a pydantic model, checked on the way in and sized on the way out."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bus.errors import ErrorBody, FieldError, MessageValidationError, PayloadTooLargeError
+
+M = TypeVar("M", bound=BaseModel)
+
+# Headers reserved for the runtime; values are plain strings.
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+MSG_ID_HEADER = "Nats-Msg-Id"
+TASK_ID_HEADER = "Dspyrt-Task-Id"
+CLIENT_HEADER = "Dspyrt-Client"
+
+# Leave room for headers under the server's max_payload.
+HEADER_ALLOWANCE = 4096
+
+
+class Message(BaseModel):
+    """Base for payload models: unknown fields are rejected so typos surface as errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Empty(Message):
+    """An empty request or reply."""
+
+
+def field_errors_of(exc: ValidationError) -> list[FieldError]:
+    return [
+        FieldError(loc=".".join(str(p) for p in err["loc"]) or "(body)", message=err["msg"], type=err["type"])
+        for err in exc.errors(include_url=False)
+    ]
+
+
+def decode(model: type[M], data: bytes) -> M:
+    """Parse ``data`` as ``model``; raise :class:`MessageValidationError` with field errors."""
+    try:
+        return model.model_validate_json(data or b"{}")
+    except ValidationError as exc:
+        errors = field_errors_of(exc)
+        first = errors[0] if errors else None
+        where = f" ({first.loc}: {first.message})" if first else ""
+        raise MessageValidationError(
+            f"{model.__name__} payload is invalid: {len(errors)} error(s){where}", errors
+        ) from exc
+
+
+def encode(model: BaseModel) -> bytes:
+    return model.model_dump_json().encode()
+
+
+def check_size(data: bytes, limit: int, what: str = "payload") -> bytes:
+    """Refuse to publish what the server would reject, naming the size and the limit."""
+    usable = max(limit - HEADER_ALLOWANCE, 0)
+    if len(data) > usable:
+        raise PayloadTooLargeError(len(data), usable, what)
+    return data
+
+
+def error_body(exc: BaseException) -> ErrorBody:
+    """The wire form of any exception: ours keep their code, the rest become ``internal``."""
+    to_body = getattr(exc, "to_body", None)
+    if callable(to_body):
+        body = to_body()
+        if isinstance(body, ErrorBody):
+            return body
+    return ErrorBody(code="internal", message=f"{type(exc).__name__}: {exc}")
+
+
+def json_dict(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")

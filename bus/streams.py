@@ -1,0 +1,103 @@
+"""The JetStream layout of a deployment: streams, buckets and the object store, created idempotently."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import api
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from bus.connection import Bus
+
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """Sizes and retention of the deployment's streams. ``replicas`` is 3 on a 3-node cluster."""
+
+    replicas: int = 1
+    # Re-submitting a task id inside this window is dropped by the server itself.
+    task_duplicate_window: float = 3600.0
+    event_max_age: float = 7 * DAY
+    event_max_bytes: int = 256 * 1024 * 1024
+    dlq_max_age: float = 30 * DAY
+    task_record_ttl: float = 30 * DAY
+
+
+async def _ensure_stream(bus: Bus, config: api.StreamConfig) -> None:
+    try:
+        await bus.js.add_stream(config)
+    except BadRequestError:
+        # It exists with other settings (e.g. made by an older version): bring it to ours.
+        await bus.js.update_stream(config)
+
+
+async def ensure_streams(bus: Bus, layout: StreamLayout | None = None) -> None:
+    """Create (or update) the task, event and dead-letter streams and the task bucket."""
+    layout = layout or StreamLayout()
+    s = bus.subjects
+    await _ensure_stream(
+        bus,
+        api.StreamConfig(
+            name=s.task_stream,
+            subjects=[s.all_tasks],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            duplicate_window=layout.task_duplicate_window,
+            num_replicas=layout.replicas,
+            description="durable tasks; each is taken by one worker",
+        ),
+    )
+    await _ensure_stream(
+        bus,
+        api.StreamConfig(
+            name=s.event_stream,
+            subjects=[s.all_events],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=layout.event_max_age,
+            max_bytes=layout.event_max_bytes,
+            discard=api.DiscardPolicy.OLD,
+            num_replicas=layout.replicas,
+            description="fan-out events, kept so late subscribers can replay",
+        ),
+    )
+    await _ensure_stream(
+        bus,
+        api.StreamConfig(
+            name=s.dlq_stream,
+            subjects=[s.all_dlq],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=layout.dlq_max_age,
+            num_replicas=layout.replicas,
+            description="dead-lettered tasks with their reason and delivery count",
+        ),
+    )
+    await key_value(bus, s.task_bucket, layout, ttl=layout.task_record_ttl)
+
+
+async def key_value(
+    bus: Bus, bucket: str, layout: StreamLayout | None = None, *, ttl: float | None = None, history: int = 1
+) -> KeyValue:
+    """Open a KV bucket, creating it first if needed."""
+    layout = layout or StreamLayout()
+    try:
+        return await bus.js.key_value(bucket)
+    except Exception:  # BucketNotFoundError and friends
+        return await bus.js.create_key_value(
+            bucket=bucket, history=history, ttl=ttl, replicas=layout.replicas, storage=api.StorageType.FILE
+        )
+
+
+async def object_store(bus: Bus, name: str, layout: StreamLayout | None = None) -> ObjectStore:
+    layout = layout or StreamLayout()
+    try:
+        return await bus.js.object_store(name)
+    except Exception:
+        return await bus.js.create_object_store(
+            name, config=api.ObjectStoreConfig(replicas=layout.replicas, storage=api.StorageType.FILE)
+        )

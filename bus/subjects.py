@@ -1,0 +1,135 @@
+"""Every subject, stream, consumer, bucket and object-store name. Nothing else builds these strings.
+
+With the default prefix ``dspy``:
+
+- ``dspy.task.<kind>``               durable tasks (work-queue stream ``DSPY_TASKS``)
+- ``dspy.<agent>.<endpoint>``        request/reply endpoints (micro service ``dspy-<agent>``)
+- ``dspy.event.<topic>``             fan-out events (limits stream ``DSPY_EVENTS``)
+- ``dspy.dlq.<kind>``                dead letters (stream ``DSPY_DLQ``)
+- KV ``DSPY_tasks``                  task status and results, keyed by task id
+
+Two deployments share one NATS account by choosing different prefixes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_DOTTED = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def check_token(value: str, what: str) -> str:
+    """A single subject token: letters, digits, ``_`` and ``-`` (no dots, no wildcards)."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} must be letters, digits, '_' or '-'")
+    return value
+
+
+def check_dotted(value: str, what: str) -> str:
+    """Dot-separated tokens, no wildcards."""
+    if not _DOTTED.match(value):
+        raise ValueError(f"{what} {value!r} must be dot-separated tokens of letters, digits, '_' or '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Names for one deployment, derived from its subject prefix."""
+
+    prefix: str = "dspy"
+
+    def __post_init__(self) -> None:
+        check_token(self.prefix, "subject prefix")
+
+    # --- names of JetStream things: upper-case prefix keeps them apart per deployment
+    @property
+    def _upper(self) -> str:
+        return self.prefix.upper().replace("-", "_")
+
+    @property
+    def task_stream(self) -> str:
+        return f"{self._upper}_TASKS"
+
+    @property
+    def event_stream(self) -> str:
+        return f"{self._upper}_EVENTS"
+
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self._upper}_DLQ"
+
+    @property
+    def task_bucket(self) -> str:
+        return f"{self._upper}_tasks"
+
+    def bucket(self, name: str) -> str:
+        """A KV bucket owned by some agent (deployments, roles, caches, ...)."""
+        return f"{self._upper}_{check_token(name, 'bucket name')}"
+
+    def object_store(self, name: str) -> str:
+        return f"{self._upper}_{check_token(name, 'object store name')}"
+
+    # --- tasks
+    def task(self, kind: str) -> str:
+        return f"{self.prefix}.task.{check_token(kind, 'task kind')}"
+
+    @property
+    def all_tasks(self) -> str:
+        return f"{self.prefix}.task.>"
+
+    def task_kind(self, subject: str) -> str:
+        return subject.rsplit(".", 1)[-1]
+
+    def task_consumer(self, kind: str) -> str:
+        """The durable consumer that every replica handling ``kind`` shares."""
+        return f"tasks_{check_token(kind, 'task kind')}"
+
+    # --- dead letters
+    def dlq(self, kind: str) -> str:
+        return f"{self.prefix}.dlq.{check_token(kind, 'task kind')}"
+
+    @property
+    def all_dlq(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    # --- events
+    def event(self, topic: str) -> str:
+        return f"{self.prefix}.event.{check_dotted(topic, 'event topic')}"
+
+    def event_pattern(self, pattern: str) -> str:
+        """A subscription pattern under the event space; ``*`` and ``>`` allowed."""
+        return f"{self.prefix}.event.{pattern}"
+
+    @property
+    def all_events(self) -> str:
+        return f"{self.prefix}.event.>"
+
+    def task_progress_topic(self, task_id: str) -> str:
+        return f"task.progress.{check_token(task_id, 'task id')}"
+
+    def event_consumer(self, agent: str, handler: str) -> str:
+        return f"events_{check_token(agent, 'agent name')}_{check_token(handler, 'handler name')}"
+
+    # --- request/reply endpoints and micro services
+    def endpoint(self, agent: str, name: str) -> str:
+        return f"{self.prefix}.{check_token(agent, 'agent name')}.{check_token(name, 'endpoint name')}"
+
+    def service_name(self, agent: str) -> str:
+        """The micro service name: ``$SRV.PING.<service_name>`` finds every instance of the agent."""
+        return f"{self.prefix}-{check_token(agent, 'agent name')}"
+
+    def agent_of_service(self, service: str) -> str | None:
+        head = f"{self.prefix}-"
+        return service[len(head) :] if service.startswith(head) else None
+
+    @property
+    def queue_group(self) -> str:
+        return f"{self.prefix}-workers"
+
+
+# The micro discovery subjects are fixed by the NATS micro protocol.
+SERVICE_PING = "$SRV.PING"
+SERVICE_INFO = "$SRV.INFO"
+SERVICE_STATS = "$SRV.STATS"

@@ -1,0 +1,637 @@
+"""Durable tasks on a JetStream work queue.
+
+Submit: the task record is created in the task bucket (``pending``), then the envelope is published with
+``Nats-Msg-Id`` = task id, so re-submitting the same id never runs it twice.
+
+Work: replicas share one durable pull consumer per task kind. For each message the worker marks the record
+``running``, runs the handler while sending ``in_progress()`` heartbeats, stores the outcome with a
+compare-and-swap (``succeeded`` / ``failed`` / ``dead``), and only then acks. A retryable failure naks with a
+backoff delay; a permanent one, or the last delivery failing, goes to the dead-letter stream with its reason and
+delivery count. A crash before the ack means redelivery, never loss; a redelivered task whose result is already
+stored is acked without running again, so no task ends with two different results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus as AnyioTaskStatus
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field, field_validator
+
+from bus import tracing
+from bus.connection import Bus
+from bus.errors import (
+    DspyrtError,
+    ErrorBody,
+    MessageValidationError,
+    PermanentError,
+    RetryableError,
+)
+from bus.errors import (
+    NotFoundError as TaskNotFoundError,
+)
+from bus.messages import CLIENT_HEADER, MSG_ID_HEADER, TASK_ID_HEADER, Message, check_size, decode, error_body
+from bus.streams import key_value
+
+log = logging.getLogger("dspyrt.tasks")
+
+TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.DEAD)
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_task_id(value: str) -> str:
+    if not TASK_ID.match(value):
+        raise ValueError("a task id is 1-128 letters, digits, '_' or '-'")
+    return value
+
+
+class TaskEnvelope(Message):
+    """What goes on ``dspy.task.<kind>``: the task's identity and its (not yet validated) input."""
+
+    id: str
+    kind: str
+    input: dict[str, Any] = Field(default_factory=dict)
+    submitted_by: str | None = None
+    submitted_at: float = Field(default_factory=time.time)
+
+    _check_id = field_validator("id")(classmethod(lambda cls, v: check_task_id(v)))
+
+
+class TaskRecord(BaseModel):
+    """A task's state in the task bucket, keyed by task id."""
+
+    id: str
+    kind: str
+    status: TaskStatus
+    attempts: int = 0
+    submitted_by: str | None = None
+    submitted_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    worker: str | None = None
+    trace_id: str | None = None
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class DeadLetter(BaseModel):
+    """A task that will not run again by itself, with why and how often it was tried."""
+
+    task_id: str
+    kind: str
+    reason: ErrorBody
+    deliveries: int
+    dead_at: float = Field(default_factory=time.time)
+    envelope: str  # the original message body, verbatim, for replay
+
+
+# ----------------------------------------------------------------------------- records
+
+
+class TaskStore:
+    """Task records in KV. Writes that end a task are compare-and-swap, so the first outcome wins."""
+
+    def __init__(self, kv: KeyValue, bucket: str) -> None:
+        self.kv = kv
+        self.bucket = bucket
+
+    @classmethod
+    async def open(cls, bus: Bus) -> TaskStore:
+        return cls(await key_value(bus, bus.subjects.task_bucket), bus.subjects.task_bucket)
+
+    def key_subject(self, task_id: str) -> str:
+        """Where KV announces every write of this record (the KV protocol's own subject)."""
+        return f"$KV.{self.bucket}.{task_id}"
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        entry = await self._entry(task_id)
+        return entry[0] if entry else None
+
+    async def _entry(self, task_id: str) -> tuple[TaskRecord, int] | None:
+        try:
+            entry = await self.kv.get(task_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return TaskRecord.model_validate_json(entry.value), int(entry.revision or 0)
+
+    async def create(self, record: TaskRecord) -> bool:
+        """Store a new record; False if the id already exists."""
+        try:
+            await self.kv.create(record.id, record.model_dump_json().encode())
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def transition(
+        self, task_id: str, change: Callable[[TaskRecord | None], TaskRecord | None]
+    ) -> TaskRecord | None:
+        """Apply ``change`` to the current record with CAS, retrying on races. ``None`` from change: no write."""
+        for _ in range(20):
+            current = await self._entry(task_id)
+            record, revision = current if current else (None, 0)
+            new = change(record)
+            if new is None:
+                return record
+            new.updated_at = time.time()
+            data = new.model_dump_json().encode()
+            try:
+                if current is None:
+                    await self.kv.create(task_id, data)
+                else:
+                    await self.kv.update(task_id, data, last=revision)
+                return new
+            except KeyWrongLastSequenceError:
+                continue
+        raise DspyrtError(f"task {task_id}: too many concurrent updates", code="conflict")
+
+    async def delete(self, task_id: str) -> None:
+        await self.kv.delete(task_id)
+
+    async def list(self, limit: int = 50) -> list[TaskRecord]:
+        """The most recently updated records."""
+        try:
+            keys = await self.kv.keys()
+        except NotFoundError:
+            return []
+        except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
+            if type(exc).__name__ == "NoKeysError":
+                return []
+            raise
+        records = [r for r in [await self.get(k) for k in keys] if r is not None]
+        records.sort(key=lambda r: r.updated_at, reverse=True)
+        return records[:limit]
+
+
+# ----------------------------------------------------------------------------- submit side
+
+
+@dataclass(frozen=True)
+class Submission:
+    task_id: str
+    created: bool  # False: the id existed already, nothing was published
+
+
+async def submit_task(
+    bus: Bus,
+    store: TaskStore,
+    kind: str,
+    input: dict[str, Any],
+    *,
+    task_id: str | None = None,
+    submitted_by: str | None = None,
+) -> Submission:
+    """Record and publish a task. Submitting an existing id again is a no-op that returns that id."""
+    task_id = check_task_id(task_id) if task_id else new_task_id()
+    subject = bus.subjects.task(kind)
+    envelope = TaskEnvelope(id=task_id, kind=kind, input=input, submitted_by=submitted_by)
+    data = check_size(envelope.model_dump_json().encode(), bus.max_payload, f"task {kind}")
+    with tracing.send_span(subject, size=len(data), message_id=task_id) as span:
+        record = TaskRecord(
+            id=task_id,
+            kind=kind,
+            status=TaskStatus.PENDING,
+            submitted_by=submitted_by,
+            trace_id=tracing.current_trace_id(),
+        )
+        if not await store.create(record):
+            span.set_attribute("dspyrt.task.duplicate", True)
+            return Submission(task_id, created=False)
+        headers = tracing.inject({MSG_ID_HEADER: task_id, TASK_ID_HEADER: task_id})
+        if submitted_by:
+            headers[CLIENT_HEADER] = submitted_by
+        try:
+            await bus.js.publish(subject, data, headers=headers)
+        except BaseException:
+            await store.delete(task_id)  # nothing was queued: leave no orphan record
+            raise
+    return Submission(task_id, created=True)
+
+
+async def wait_for_task(bus: Bus, store: TaskStore, task_id: str, timeout: float | None = None) -> TaskRecord:
+    """Wait until the task reaches a terminal state, watching its KV key (no polling)."""
+    # Subscribe before the first read so no update can slip between them.
+    sub = await bus.nc.subscribe(store.key_subject(check_task_id(task_id)))
+    try:
+        with anyio.fail_after(timeout):
+            record = await store.get(task_id)
+            if record is None:
+                raise TaskNotFoundError(f"no task with id {task_id}")
+            while not record.status.terminal:
+                try:  # a missed update (say, during a reconnect) costs at most a second
+                    await sub.next_msg(timeout=1.0)
+                except NatsTimeoutError:
+                    pass
+                record = await store.get(task_id) or record
+            return record
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()
+
+
+# ----------------------------------------------------------------------------- work side
+
+
+@dataclass
+class TaskRun:
+    """What a handler gets beside the envelope: its attempt number and a heartbeat it may call."""
+
+    envelope: TaskEnvelope
+    attempt: int
+    max_attempts: int
+    msg: Msg
+
+    async def heartbeat(self) -> None:
+        """Tell JetStream the task is still being worked on (resets the ack timer)."""
+        await self.msg.in_progress()
+
+
+TaskHandler = Callable[[TaskEnvelope, TaskRun], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How one task kind is consumed. ``backoff`` is the nak delay per attempt (the last value repeats)."""
+
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    backoff: tuple[float, ...] = (1.0, 5.0, 15.0, 60.0)
+    concurrency: int = 8
+    fetch_timeout: float = 1.0
+    # In-flight handlers get this long to finish on shutdown; the rest stay unacked for redelivery.
+    drain_grace: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return self.backoff[min(attempt - 1, len(self.backoff) - 1)] if self.backoff else 0.0
+
+
+@dataclass
+class WorkerStats:
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead: int = 0
+    duplicates: int = 0
+    in_flight: int = 0
+    busy_seconds: float = 0.0
+    last_error: str = ""
+
+
+@dataclass
+class TaskWorker:
+    """Consumes one task kind with a concurrency limit. ``await tg.start(worker.run)``; cancel to drain."""
+
+    bus: Bus
+    store: TaskStore
+    kind: str
+    handler: TaskHandler
+    options: WorkerOptions = field(default_factory=WorkerOptions)
+    worker_name: str = "worker"
+    stats: WorkerStats = field(default_factory=WorkerStats)
+
+    async def _subscribe(self) -> Any:
+        s = self.bus.subjects
+        config = api.ConsumerConfig(
+            durable_name=s.task_consumer(self.kind),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.options.ack_wait,
+            max_deliver=self.options.max_deliver,
+            filter_subject=s.task(self.kind),
+            max_ack_pending=-1,
+        )
+        return await self.bus.js.pull_subscribe(
+            s.task(self.kind), durable=s.task_consumer(self.kind), stream=s.task_stream, config=config
+        )
+
+    async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        psub = await self._subscribe()
+        await ExhaustedTaskWatcher(self.bus, self.store, self.kind).start()
+        limiter = anyio.Semaphore(self.options.concurrency)
+        async with anyio.create_task_group() as handlers:
+            task_status.started()
+            try:
+                await self._fetch_loop(psub, limiter, handlers)
+            finally:
+                # Stop fetching; give in-flight handlers a grace period, then cancel them (they nak).
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(self.options.drain_grace):
+                        while self.stats.in_flight:
+                            await anyio.sleep(0.02)
+                    handlers.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            try:
+                await psub.unsubscribe()
+            except Exception:
+                pass
+
+    async def _fetch_loop(self, psub: Any, limiter: anyio.Semaphore, handlers: anyio.abc.TaskGroup) -> None:
+        errors = 0
+        while True:
+            await limiter.acquire()
+            slots = 1
+            while slots < 16:
+                try:
+                    limiter.acquire_nowait()
+                except anyio.WouldBlock:
+                    break
+                slots += 1
+            try:
+                msgs = await psub.fetch(slots, timeout=self.options.fetch_timeout)
+                errors = 0
+            except TimeoutError:
+                msgs = []
+            except Exception as exc:  # disconnected, server restarting: keep trying
+                msgs = []
+                errors += 1
+                log.debug("fetch %s failed (%s)", self.kind, exc)
+                await anyio.sleep(min(0.1 * 2**errors, 2.0))
+            for _ in range(slots - len(msgs)):
+                limiter.release()
+            for msg in msgs:
+                handlers.start_soon(self._handle, msg, limiter)
+
+    async def _handle(self, msg: Msg, limiter: anyio.Semaphore) -> None:
+        self.stats.received += 1
+        self.stats.in_flight += 1
+        started = time.perf_counter()
+        try:
+            await self._process(msg)
+        except anyio.get_cancelled_exc_class():
+            # Shutdown: hand it back at once rather than after ack_wait.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await msg.nak()
+                except Exception:
+                    pass
+            raise
+        except Exception as exc:  # never let one message kill the worker
+            log.exception("task %s: unexpected worker failure", self.kind)
+            self.stats.last_error = repr(exc)
+        finally:
+            self.stats.in_flight -= 1
+            self.stats.busy_seconds += time.perf_counter() - started
+            limiter.release()
+
+    async def _process(self, msg: Msg) -> None:
+        subject = msg.subject
+        attempt = int(msg.metadata.num_delivered or 1)
+        headers = msg.headers or {}
+        with tracing.process_span(
+            subject,
+            headers,
+            size=len(msg.data),
+            message_id=headers.get(TASK_ID_HEADER),
+            consumer_group=self.bus.subjects.task_consumer(self.kind),
+        ) as span:
+            try:
+                envelope = decode(TaskEnvelope, msg.data)
+            except MessageValidationError as exc:
+                task_id = headers.get(TASK_ID_HEADER) or f"invalid-{msg.metadata.sequence.stream}"
+                await self._dead_letter(msg, task_id, exc.to_body(), attempt, TaskStatus.FAILED)
+                tracing.mark_error(span, exc.code, exc.message)
+                return
+            span.set_attribute("dspyrt.task.id", envelope.id)
+            span.set_attribute("dspyrt.task.attempt", attempt)
+
+            def start(record: TaskRecord | None) -> TaskRecord | None:
+                if record is not None and record.status.terminal:
+                    return None
+                base = record or TaskRecord(
+                    id=envelope.id,
+                    kind=envelope.kind,
+                    status=TaskStatus.PENDING,
+                    submitted_by=envelope.submitted_by,
+                    submitted_at=envelope.submitted_at,
+                )
+                return base.model_copy(
+                    update={
+                        "status": TaskStatus.RUNNING,
+                        "attempts": attempt,
+                        "worker": self.worker_name,
+                        "trace_id": tracing.current_trace_id(),
+                    }
+                )
+
+            record = await self.store.transition(envelope.id, start)
+            if record is not None and record.status.terminal:
+                self.stats.duplicates += 1
+                await msg.ack()  # already finished by an earlier delivery: do not run twice
+                return
+
+            run = TaskRun(envelope, attempt, self.options.max_deliver, msg)
+            try:
+                result = await self._run_with_heartbeat(envelope, run)
+            except PermanentError as exc:
+                tracing.mark_error(span, exc.code, exc.message)
+                await self._dead_letter(msg, envelope.id, exc.to_body(), attempt, TaskStatus.FAILED)
+                return
+            except MessageValidationError as exc:
+                tracing.mark_error(span, exc.code, exc.message)
+                await self._dead_letter(msg, envelope.id, exc.to_body(), attempt, TaskStatus.FAILED)
+                return
+            except Exception as exc:
+                body = error_body(exc)
+                tracing.mark_error(span, body.code, body.message)
+                self.stats.last_error = body.message
+                if attempt >= self.options.max_deliver:
+                    body = ErrorBody(
+                        code="exhausted",
+                        message=f"failed on all {attempt} deliveries; last error {body.code}: {body.message}",
+                    )
+                    await self._dead_letter(msg, envelope.id, body, attempt, TaskStatus.DEAD)
+                    return
+                await self._retry(msg, envelope.id, body, attempt, exc)
+                return
+            await self._succeed(msg, envelope.id, result)
+
+    async def _run_with_heartbeat(self, envelope: TaskEnvelope, run: TaskRun) -> Any:
+        interval = max(self.options.ack_wait / 3, 0.05)
+        outcome: list[Any] = []
+        async with anyio.create_task_group() as tg:
+
+            async def beat() -> None:
+                while True:
+                    await anyio.sleep(interval)
+                    try:
+                        await run.heartbeat()
+                    except Exception:
+                        pass
+
+            tg.start_soon(beat)
+            try:
+                outcome.append(await self.handler(envelope, run))
+            finally:
+                tg.cancel_scope.cancel()
+        return outcome[0]
+
+    async def _succeed(self, msg: Msg, task_id: str, result: Any) -> None:
+        payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        try:
+            size = len(json.dumps(payload, default=str))
+        except (TypeError, ValueError) as exc:
+            raise PermanentError(f"task result is not JSON: {exc}") from exc
+        if size > self.bus.max_payload - 8192:
+            await self._dead_letter(
+                msg,
+                task_id,
+                ErrorBody(
+                    code="payload_too_large",
+                    message=f"result is {size} bytes, over the limit of {self.bus.max_payload - 8192}",
+                ),
+                int(msg.metadata.num_delivered or 1),
+                TaskStatus.FAILED,
+            )
+            return
+
+        def done(record: TaskRecord | None) -> TaskRecord | None:
+            if record is not None and record.status.terminal:
+                return None  # first outcome wins
+            base = record or TaskRecord(id=task_id, kind=self.kind, status=TaskStatus.RUNNING)
+            return base.model_copy(update={"status": TaskStatus.SUCCEEDED, "result": payload, "error": None})
+
+        await self.store.transition(task_id, done)
+        await msg.ack()
+        self.stats.succeeded += 1
+
+    async def _retry(self, msg: Msg, task_id: str, body: ErrorBody, attempt: int, exc: Exception) -> None:
+        delay = exc.delay if isinstance(exc, RetryableError) and exc.delay is not None else self.options.delay(attempt)
+
+        def back_to_pending(record: TaskRecord | None) -> TaskRecord | None:
+            if record is None or record.status.terminal:
+                return None
+            return record.model_copy(update={"status": TaskStatus.PENDING, "error": body})
+
+        await self.store.transition(task_id, back_to_pending)
+        await msg.nak(delay=delay)
+        self.stats.retried += 1
+        log.info("task %s %s: attempt %d failed (%s), retry in %.1fs", self.kind, task_id, attempt, body.code, delay)
+
+    async def _dead_letter(self, msg: Msg, task_id: str, body: ErrorBody, deliveries: int, status: TaskStatus) -> None:
+        await dead_letter(self.bus, self.store, task_id, self.kind, body, deliveries, msg.data, status)
+        await msg.term()
+        if status is TaskStatus.DEAD:
+            self.stats.dead += 1
+        else:
+            self.stats.failed += 1
+
+
+async def dead_letter(
+    bus: Bus,
+    store: TaskStore,
+    task_id: str,
+    kind: str,
+    reason: ErrorBody,
+    deliveries: int,
+    original: bytes,
+    status: TaskStatus,
+) -> None:
+    """Record the outcome and publish the dead letter (stored before the message is let go)."""
+
+    def end(record: TaskRecord | None) -> TaskRecord | None:
+        if record is not None and record.status.terminal:
+            return None
+        base = record or TaskRecord(id=task_id, kind=kind, status=TaskStatus.PENDING)
+        return base.model_copy(update={"status": status, "error": reason, "attempts": deliveries})
+
+    if check_task_id_ok(task_id):
+        await store.transition(task_id, end)
+    letter = DeadLetter(
+        task_id=task_id, kind=kind, reason=reason, deliveries=deliveries, envelope=original.decode("utf-8", "replace")
+    )
+    await bus.js.publish(
+        bus.subjects.dlq(kind), letter.model_dump_json().encode(), headers=tracing.inject({TASK_ID_HEADER: task_id})
+    )
+
+
+def check_task_id_ok(task_id: str) -> bool:
+    return bool(TASK_ID.match(task_id))
+
+
+class ExhaustedTaskWatcher:
+    """Dead-letters tasks whose every delivery crashed its worker before it could answer.
+
+    JetStream stops redelivering after ``max_deliver`` and publishes an advisory; the message itself stays in
+    the work queue. One watcher per consumer (queue group) moves it to the dead-letter stream.
+    """
+
+    def __init__(self, bus: Bus, store: TaskStore, kind: str) -> None:
+        self.bus = bus
+        self.store = store
+        self.kind = kind
+
+    async def start(self) -> None:
+        s = self.bus.subjects
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.task_stream}.{s.task_consumer(self.kind)}"
+        await self.bus.nc.subscribe(subject, queue=f"{s.task_consumer(self.kind)}-advisory", cb=self._on_advisory)
+
+    async def _on_advisory(self, msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", 0))
+            stored = await self.bus.js.get_msg(self.bus.subjects.task_stream, seq)
+        except Exception as exc:
+            log.warning("max-deliveries advisory for %s not handled: %s", self.kind, exc)
+            return
+        data = stored.data or b""
+        try:
+            envelope = decode(TaskEnvelope, data)
+            task_id = envelope.id
+        except MessageValidationError:
+            task_id = f"invalid-{seq}"
+        reason = ErrorBody(
+            code="exhausted",
+            message=f"no worker acknowledged it in {deliveries} deliveries (worker crashed or timed out)",
+        )
+        await dead_letter(self.bus, self.store, task_id, self.kind, reason, deliveries, data, TaskStatus.DEAD)
+        try:
+            await self.bus.js.delete_msg(self.bus.subjects.task_stream, seq)
+        except Exception:
+            pass
+
+
+async def replay_dead_letter(bus: Bus, store: TaskStore, letter: DeadLetter) -> str:
+    """Run a dead-lettered task again under its own id (after a fix)."""
+    envelope = decode(TaskEnvelope, letter.envelope.encode())
+
+    def reset(record: TaskRecord | None) -> TaskRecord:
+        base = record or TaskRecord(id=envelope.id, kind=envelope.kind, status=TaskStatus.PENDING)
+        return base.model_copy(update={"status": TaskStatus.PENDING, "attempts": 0, "error": None, "result": None})
+
+    await store.transition(envelope.id, reset)
+    # A fresh message id: the original one may still be inside the duplicate window.
+    msg_id = f"{envelope.id}-replay-{math.floor(time.time() * 1000)}"
+    headers = tracing.inject({MSG_ID_HEADER: msg_id, TASK_ID_HEADER: envelope.id})
+    await bus.js.publish(bus.subjects.task(envelope.kind), letter.envelope.encode(), headers=headers)
+    return envelope.id

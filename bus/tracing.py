@@ -1,0 +1,97 @@
+"""W3C trace context in NATS headers, and spans named per the OpenTelemetry messaging conventions.
+
+Producer side: ``send <subject>`` (kind PRODUCER, or CLIENT for a request awaiting a reply).
+Consumer side: ``process <subject>`` (kind CONSUMER, or SERVER for a request being answered), continuing
+the trace found in the ``traceparent`` / ``tracestate`` headers. Reply inboxes never appear in span names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_propagator = TraceContextTextMapPropagator()
+_tracer = trace.get_tracer("dspyrt.bus")
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Write the current trace context into ``headers`` (in place) and return them."""
+    _propagator.inject(headers)
+    return headers
+
+
+def extract(headers: dict[str, str] | None) -> otel_context.Context:
+    """The context carried by ``headers``; a malformed or missing traceparent starts a new trace."""
+    if not headers or TRACEPARENT not in headers:
+        return otel_context.Context()
+    return _propagator.extract(headers)
+
+
+def _attributes(subject: str, operation: str, size: int | None, message_id: str | None) -> dict[str, str | int]:
+    attrs: dict[str, str | int] = {
+        "messaging.system": "nats",
+        "messaging.destination.name": subject,
+        "messaging.operation.name": operation,
+        "messaging.operation.type": operation,
+    }
+    if size is not None:
+        attrs["messaging.message.body.size"] = size
+    if message_id:
+        attrs["messaging.message.id"] = message_id
+    return attrs
+
+
+@contextmanager
+def send_span(
+    subject: str, *, size: int | None = None, message_id: str | None = None, expects_reply: bool = False
+) -> Iterator[Span]:
+    """A producer span; inject its context into the outgoing headers inside the ``with``."""
+    kind = SpanKind.CLIENT if expects_reply else SpanKind.PRODUCER
+    with _tracer.start_as_current_span(
+        f"send {subject}", kind=kind, attributes=_attributes(subject, "send", size, message_id)
+    ) as span:
+        yield span
+
+
+@contextmanager
+def process_span(
+    subject: str,
+    headers: dict[str, str] | None,
+    *,
+    size: int | None = None,
+    message_id: str | None = None,
+    consumer_group: str | None = None,
+    is_request: bool = False,
+) -> Iterator[Span]:
+    """A consumer span that continues the sender's trace."""
+    attrs = _attributes(subject, "process", size, message_id)
+    if consumer_group:
+        attrs["messaging.consumer.group.name"] = consumer_group
+    kind = SpanKind.SERVER if is_request else SpanKind.CONSUMER
+    token = otel_context.attach(extract(headers))
+    try:
+        with _tracer.start_as_current_span(
+            f"process {subject}", kind=kind, attributes=attrs, record_exception=False, set_status_on_exception=False
+        ) as span:
+            yield span
+    finally:
+        otel_context.detach(token)
+
+
+def mark_error(span: Span, code: str, message: str) -> None:
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, message))
+        span.set_attribute("error.type", code)
+
+
+def current_trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else None

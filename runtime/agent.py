@@ -1,0 +1,222 @@
+"""The ``Agent`` base class: typed endpoints, durable task handlers and event subscriptions, declared on a class.
+
+    class Greeter(Agent):
+        name = "greeter"
+
+        @endpoint("greet")
+        async def greet(self, request: GreetRequest) -> GreetReply: ...
+
+        @task("greet-all")
+        async def greet_all(self, job: GreetAll, ctx: TaskContext) -> GreetAllResult: ...
+
+        @on_event("cycle.completed")
+        async def on_cycle(self, event: Event) -> None: ...
+
+Request and reply types come from the handler's annotations (pydantic models). The agent instance is the shared
+state; ``AgentHost`` (``runtime.host``) puts it on the bus.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_type_hints
+
+from pydantic import BaseModel
+
+from bus import Bus, TaskRun, publish_event
+from bus.subjects import check_dotted, check_token
+
+if TYPE_CHECKING:
+    from runtime.client import Client
+    from runtime.config import IntegrationConfig
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+AgentGroup = Literal["system", "models", "optimizers", "validators", "loop", "monitoring", "roles", "example"]
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    method: str
+    request: type[BaseModel]
+    reply: type[BaseModel]
+    description: str
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str
+    method: str
+    input: type[BaseModel]
+    output: type[BaseModel] | None
+    ack_wait: float | None
+    max_deliver: int | None
+    concurrency: int | None
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    pattern: str
+    method: str
+    replay: bool
+
+
+def _signature_types(fn: Callable[..., Any]) -> tuple[type[BaseModel], Any]:
+    hints = get_type_hints(fn)
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    if not params:
+        raise TypeError(f"{fn.__qualname__} must take the request model as its first argument")
+    first = hints.get(params[0].name)
+    if not (inspect.isclass(first) and issubclass(first, BaseModel)):
+        raise TypeError(f"{fn.__qualname__}: annotate the first argument with a pydantic model")
+    return first, hints.get("return")
+
+
+def endpoint(name: str, *, description: str = "") -> Callable[[F], F]:
+    """A request/reply endpoint on ``<prefix>.<agent>.<name>``: ``async def h(self, req: Model) -> Reply``."""
+    check_token(name, "endpoint name")
+
+    def mark(fn: F) -> F:
+        request, reply = _signature_types(fn)
+        if not (inspect.isclass(reply) and issubclass(reply, BaseModel)):
+            raise TypeError(f"{fn.__qualname__}: annotate the return type with a pydantic model")
+        fn.__dspyrt_endpoint__ = EndpointSpec(  # type: ignore[attr-defined]
+            name, fn.__name__, request, reply, description or (fn.__doc__ or "").strip().split("\n")[0]
+        )
+        return fn
+
+    return mark
+
+
+def task(
+    kind: str, *, ack_wait: float | None = None, max_deliver: int | None = None, concurrency: int | None = None
+) -> Callable[[F], F]:
+    """A durable task handler for ``<prefix>.task.<kind>``: ``async def h(self, input: Model, ctx: TaskContext)``."""
+    check_token(kind, "task kind")
+
+    def mark(fn: F) -> F:
+        model, output = _signature_types(fn)
+        out = output if inspect.isclass(output) and issubclass(output, BaseModel) else None
+        fn.__dspyrt_task__ = TaskSpec(kind, fn.__name__, model, out, ack_wait, max_deliver, concurrency)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def on_event(pattern: str, *, replay: bool = False) -> Callable[[F], F]:
+    """Handle events on ``<prefix>.event.<pattern>`` (``*``/``>`` allowed), once per agent across replicas."""
+    check_dotted(pattern.replace("*", "x").replace(">", "x"), "event pattern")
+
+    def mark(fn: F) -> F:
+        fn.__dspyrt_event__ = EventSpec(pattern, fn.__name__, replay)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class CheckResult(BaseModel):
+    ok: bool
+    detail: str = ""
+
+
+class TaskContext:
+    """What a task handler may do besides computing its result: report progress, keep the task alive."""
+
+    def __init__(self, agent: Agent, run: TaskRun) -> None:
+        self.agent = agent
+        self.run = run
+
+    @property
+    def task_id(self) -> str:
+        return self.run.envelope.id
+
+    @property
+    def attempt(self) -> int:
+        return self.run.attempt
+
+    async def heartbeat(self) -> None:
+        await self.run.heartbeat()
+
+    async def progress(self, phase: str, *, step: int | None = None, total: int | None = None, **data: Any) -> None:
+        """Publish a progress event for this task (``dspyrt submit --wait`` shows them) and keep it alive."""
+        payload = {"task_id": self.task_id, "phase": phase, "step": step, "total": total, **data}
+        await self.agent.publish_event(self.agent.bus.subjects.task_progress_topic(self.task_id), payload)
+        await self.run.heartbeat()
+
+
+class Agent:
+    """Base class of every agent. Subclasses set ``name`` (and ``group``, ``version``, ``description``)."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0.1.0"
+    description: ClassVar[str] = ""
+    group: ClassVar[AgentGroup] = "example"
+
+    def __init__(self, config: IntegrationConfig) -> None:
+        if not self.name:
+            raise TypeError(f"{type(self).__name__} must set a name")
+        check_token(self.name, "agent name")
+        self.config = config
+        self.started_at = time.time()
+        self._bus: Bus | None = None
+        self._client: Client | None = None
+
+    # --- declared handlers ----------------------------------------------------------------------------
+
+    @classmethod
+    def endpoints(cls) -> list[EndpointSpec]:
+        return [s for s in (getattr(m, "__dspyrt_endpoint__", None) for m in _members(cls)) if s]
+
+    @classmethod
+    def tasks(cls) -> list[TaskSpec]:
+        return [s for s in (getattr(m, "__dspyrt_task__", None) for m in _members(cls)) if s]
+
+    @classmethod
+    def events(cls) -> list[EventSpec]:
+        return [s for s in (getattr(m, "__dspyrt_event__", None) for m in _members(cls)) if s]
+
+    # --- what the host gives the agent ------------------------------------------------------------------
+
+    def attach(self, bus: Bus, client: Client) -> None:
+        self._bus = bus
+        self._client = client
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            raise RuntimeError(f"agent {self.name} is not running on a bus")
+        return self._bus
+
+    @property
+    def client(self) -> Client:
+        """The user-facing client, for calling other agents (trace context follows automatically)."""
+        if self._client is None:
+            raise RuntimeError(f"agent {self.name} is not running on a bus")
+        return self._client
+
+    async def publish_event(self, topic: str, data: dict[str, Any] | BaseModel) -> None:
+        await publish_event(self.bus, topic, data, source=self.name)
+
+    # --- overridable lifecycle -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Open what the agent needs (buckets, models, ...) before it serves; close it after."""
+        yield
+
+    async def health_checks(self) -> dict[str, CheckResult]:
+        """The agent's own dependency checks; the host adds the NATS check."""
+        return {}
+
+
+def _members(cls: type) -> list[Any]:
+    seen: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        for key, value in vars(klass).items():
+            seen[key] = value
+    return list(seen.values())

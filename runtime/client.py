@@ -1,0 +1,158 @@
+"""The user-facing client: submit tasks, await results, follow progress, call agents, read dead letters.
+
+async with connect_client(load_config()) as client:
+    sub = await client.submit("optimize", {...})
+    record = await client.result(sub.task_id, timeout=600)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nats.js import api
+from pydantic import BaseModel
+
+from bus import (
+    Bus,
+    BusUnavailableError,
+    DeadLetter,
+    Event,
+    NotFoundError,
+    TaskRecord,
+    TaskStore,
+    ensure_streams,
+    submit_task,
+    wait_for_task,
+)
+from bus.events import follow_events
+from bus.messages import encode
+from bus.tasks import Submission, replay_dead_letter
+from runtime.config import IntegrationConfig
+
+R = TypeVar("R", bound=BaseModel)
+
+SYSTEM_FILE = "system.json"
+
+
+class Client:
+    """Talks to a running system over an open :class:`Bus`."""
+
+    def __init__(self, bus: Bus, store: TaskStore, *, identity: str | None = None) -> None:
+        self.bus = bus
+        self.store = store
+        self.identity = identity
+
+    async def request(
+        self,
+        agent: str,
+        endpoint: str,
+        payload: BaseModel | dict[str, Any],
+        reply_model: type[R],
+        *,
+        timeout: float = 10.0,
+    ) -> R:
+        data = encode(payload) if isinstance(payload, BaseModel) else json.dumps(payload).encode()
+        return await self.bus.request(self.bus.subjects.endpoint(agent, endpoint), data, reply_model, timeout=timeout)
+
+    async def submit(self, kind: str, input: BaseModel | dict[str, Any], *, task_id: str | None = None) -> Submission:
+        payload = input.model_dump(mode="json") if isinstance(input, BaseModel) else input
+        return await submit_task(self.bus, self.store, kind, payload, task_id=task_id, submitted_by=self.identity)
+
+    async def result(self, task_id: str, *, timeout: float | None = None) -> TaskRecord:
+        return await wait_for_task(self.bus, self.store, task_id, timeout)
+
+    async def run(self, kind: str, input: BaseModel | dict[str, Any], *, timeout: float | None = None) -> TaskRecord:
+        submission = await self.submit(kind, input)
+        return await self.result(submission.task_id, timeout=timeout)
+
+    async def task(self, task_id: str) -> TaskRecord:
+        record = await self.store.get(task_id)
+        if record is None:
+            raise NotFoundError(f"no task with id {task_id}")
+        return record
+
+    async def tasks(self, limit: int = 50) -> list[TaskRecord]:
+        return await self.store.list(limit)
+
+    def progress(self, task_id: str) -> AsyncIterator[Event]:
+        """Progress events of one task, from its first (replayed) to live ones."""
+        return follow_events(self.bus, self.bus.subjects.task_progress_topic(task_id), replay=True)
+
+    async def dead_letters(self, limit: int = 100) -> list[tuple[int, DeadLetter]]:
+        """Dead letters with their stream sequence, newest last."""
+        s = self.bus.subjects
+        info = await self.bus.js.stream_info(s.dlq_stream)
+        first, last = info.state.first_seq, info.state.last_seq
+        letters: list[tuple[int, DeadLetter]] = []
+        for seq in range(max(first, last - limit + 1), last + 1):
+            try:
+                raw = await self.bus.js.get_msg(s.dlq_stream, seq)
+            except Exception:
+                continue  # deleted or expired
+            if raw.data:
+                letters.append((seq, DeadLetter.model_validate_json(raw.data)))
+        return letters
+
+    async def replay(self, task_id: str) -> str:
+        """Replay the newest dead letter of ``task_id`` (after fixing whatever killed it)."""
+        for _, letter in reversed(await self.dead_letters(limit=10_000)):
+            if letter.task_id == task_id:
+                return await replay_dead_letter(self.bus, self.store, letter)
+        raise NotFoundError(f"no dead letter for task {task_id}")
+
+    async def consumer_pending(self, kind: str) -> int:
+        """Tasks of ``kind`` waiting in the queue (queue depth)."""
+        s = self.bus.subjects
+        try:
+            info = await self.bus.js.consumer_info(s.task_stream, s.task_consumer(kind))
+        except Exception:
+            return 0
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def stream_config(self) -> api.StreamInfo:
+        return await self.bus.js.stream_info(self.bus.subjects.task_stream)
+
+
+def system_file(config: IntegrationConfig) -> Path:
+    """Where ``dspyrt up`` writes how to reach it, so other commands in the same folder find it."""
+    return config.state_dir / SYSTEM_FILE
+
+
+def resolve_servers(config: IntegrationConfig) -> list[str]:
+    if config.nats_urls:
+        return config.nats_urls
+    path = system_file(config)
+    if path.is_file():
+        try:
+            return [str(json.loads(path.read_text())["nats_url"])]
+        except (ValueError, KeyError) as exc:
+            raise BusUnavailableError(f"{path} is unreadable ({exc}); restart 'dspyrt up'") from exc
+    raise BusUnavailableError(
+        f"no system found: no NATS URL configured and no {path} (start one with 'dspyrt up', or set DSPYRT_NATS_URLS)"
+    )
+
+
+@asynccontextmanager
+async def connect_client(
+    config: IntegrationConfig,
+    *,
+    identity: str | None = None,
+    servers: list[str] | None = None,
+    create_streams: bool = False,
+) -> AsyncIterator[Client]:
+    """Connect to the configured (or locally started) system; fail within seconds if there is none.
+
+    The agents create the streams; a client only does so when asked (it may lack the permission).
+    """
+    bus = Bus(config.connection_options(servers or resolve_servers(config), name="dspyrt-client"), config.subjects)
+    await bus.connect()
+    try:
+        if create_streams:
+            await ensure_streams(bus, config.stream_layout)
+        yield Client(bus, await TaskStore.open(bus), identity=identity)
+    finally:
+        await bus.close()

@@ -1,0 +1,159 @@
+"""``IntegrationConfig``: the one place configuration is read (``DSPYRT_*`` variables and an optional TOML file)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from bus import ConfigurationError, ConnectionOptions, StreamLayout, Subjects, TlsOptions
+from bus.subjects import check_token
+
+CONFIG_FILE_ENV = "DSPYRT_CONFIG"
+DEFAULT_CONFIG_FILE = "dspyrt.toml"
+
+
+class IntegrationMode(StrEnum):
+    """Which agents a process runs (the guide's IntegrationMode)."""
+
+    FULL = "full"
+    OPTIMIZATION_ONLY = "optimization_only"
+    MONITORING_ONLY = "monitoring_only"
+
+
+class IntegrationConfig(BaseSettings):
+    """Everything configurable. Environment: ``DSPYRT_<FIELD>``; file: ``dspyrt.toml`` or ``$DSPYRT_CONFIG``."""
+
+    model_config = SettingsConfigDict(env_prefix="DSPYRT_", extra="forbid", validate_default=True)
+
+    mode: IntegrationMode = IntegrationMode.FULL
+    enable_optimizers: bool = True
+    enable_assertions: bool = True
+    enable_metrics: bool = True
+    auto_optimize: bool = True
+    auto_validate: bool = True
+
+    # Empty: start the embedded nats-server. Several URLs: the servers of one cluster.
+    nats_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
+    nats_credentials: Path | None = None
+    nats_nkey_seed: Path | None = None
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    # Embedded server only: the port to try first (a free one is taken if it is busy).
+    nats_port: int = Field(default=4222, ge=0, le=65535)
+
+    state_dir: Path = Path(".dspyrt")
+    subject_prefix: str = "dspy"
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+
+    # Empty: every agent the mode and the enable flags allow.
+    agents: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Concurrent requests/tasks one agent instance handles.
+    agent_concurrency: int = Field(default=32, ge=1, le=10_000)
+    task_ack_wait: float = Field(default=30.0, gt=0)
+    task_max_deliver: int = Field(default=5, ge=1, le=1000)
+    shutdown_grace: float = Field(default=10.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return check_token(value, "subject prefix")
+
+    @field_validator("nats_urls", "agents", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # DSPYRT_NATS_URLS=nats://a:4222,nats://b:4222
+            return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("nats_urls")
+    @classmethod
+    def _url_schemes(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError(f"{url!r} is not a NATS URL (nats://host:port)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- derived views: the bus layer's own option types -------------------------------------------
+
+    @property
+    def embedded(self) -> bool:
+        return not self.nats_urls
+
+    def connection_options(self, servers: list[str] | None = None, name: str = "dspyrt") -> ConnectionOptions:
+        tls = None
+        if self.nats_tls_ca or self.nats_tls_cert:
+            tls = TlsOptions(ca_file=self.nats_tls_ca, cert_file=self.nats_tls_cert, key_file=self.nats_tls_key)
+        return ConnectionOptions(
+            servers=servers or self.nats_urls,
+            name=name,
+            user=self.nats_user,
+            password=self.nats_password,
+            token=self.nats_token,
+            credentials_file=self.nats_credentials,
+            nkey_seed_file=self.nats_nkey_seed,
+            tls=tls,
+        )
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.subject_prefix)
+
+    @property
+    def stream_layout(self) -> StreamLayout:
+        return StreamLayout(replicas=self.stream_replicas)
+
+
+def _config_file() -> Path | None:
+    explicit = os.environ.get(CONFIG_FILE_ENV)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigurationError(f"{CONFIG_FILE_ENV}={explicit}: no such file")
+        return path
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_config(**overrides: Any) -> IntegrationConfig:
+    """Read the configuration; any problem becomes one :class:`ConfigurationError` naming every bad setting."""
+    try:
+        return IntegrationConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise ConfigurationError(f"invalid configuration (DSPYRT_* / {DEFAULT_CONFIG_FILE}): {problems}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"invalid configuration file: {exc}") from exc
