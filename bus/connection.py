@@ -115,7 +115,8 @@ class Bus:
 
         async def on_reconnect() -> None:
             self.reconnects += 1
-            log.info("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc else "?")
+            url = self._nc.connected_url if self._nc else None
+            log.info("reconnected to NATS at %s", url.netloc if url else "?")
 
         kwargs: dict[str, object] = {}
         if opts.user:

@@ -11,12 +11,14 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
-from anyio.abc import CancelScope, TaskStatus
+from anyio import CancelScope
+from anyio.abc import TaskStatus
 
 from bus import Bus, EmbeddedServer, TaskStore, ensure_streams, free_port
 from runtime.agent import Agent
@@ -131,7 +133,7 @@ async def serve(
     config: IntegrationConfig,
     agent_classes: list[type[Agent]],
     *,
-    on_ready: Callable[[RunningSystem], Awaitable[None]] | None = None,
+    on_ready: Callable[[RunningSystem], Coroutine[Any, Any, None]] | None = None,
     handle_signals: bool = True,
     process_name: str = "dspyrt",
 ) -> None:
