@@ -1,0 +1,344 @@
+"""``dspyrt``: run the system, submit tasks, look at it.
+
+Commands other than ``up`` and ``agent`` find a system started by ``dspyrt up`` in the same folder (through
+``<state_dir>/system.json``) or use the configured NATS URLs; with nothing reachable they say so and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from bus import DspyrtError, TaskRecord
+from runtime.client import Client, connect_client
+from runtime.config import CONFIG_FILE_ENV, IntegrationConfig, load_config
+from runtime.registry import agents_for, available_agents
+from runtime.supervisor import RunningSystem, serve
+from runtime.system import collect_status
+from runtime.traces import SpanNode, read_spans, task_trees
+
+app = typer.Typer(help="DSPy program optimization as a service, on NATS.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _config(config_file: Path | None, **overrides: Any) -> IntegrationConfig:
+    if config_file is not None:
+        os.environ[CONFIG_FILE_ENV] = str(config_file)
+    cfg = load_config(**overrides)
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return cfg
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a command body; our errors become one line on stderr and exit code 2."""
+    try:
+        return anyio.run(fn)
+    except DspyrtError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _with_client(config_file: Path | None, body: Callable[[Client], Awaitable[T]], **overrides: Any) -> T:
+    def inner() -> Awaitable[T]:
+        async def go() -> T:
+            async with connect_client(cfg, identity=os.environ.get("USER") or "cli") as client:
+                return await body(client)
+
+        return go()
+
+    try:
+        cfg = _config(config_file, **overrides)
+    except DspyrtError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    return _run(inner)
+
+
+# --------------------------------------------------------------------------------------- running
+
+
+@app.command()
+def up(
+    config_file: ConfigOption = None,
+    example: Annotated[
+        Path | None, typer.Option(help="a task file ({'kind':..., 'input':...}) to run once everything is up")
+    ] = None,
+    agents: Annotated[str | None, typer.Option(help="comma-separated agent names (default: by mode)")] = None,
+) -> None:
+    """Start the system: embedded NATS (unless a URL is configured) and every agent the mode enables."""
+    try:
+        cfg = _config(config_file, agents=agents)
+        classes = agents_for(cfg)
+    except DspyrtError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+
+    async def ready(system: RunningSystem) -> None:
+        console.print(f"[bold green]dspyrt is up[/bold green]  mode={cfg.mode.value}")
+        console.print(f"  NATS       {system.nats_url}" + ("  (embedded)" if system.embedded else ""))
+        console.print(f"  state dir  {cfg.state_dir.resolve()}")
+        console.print(f"  traces     {system.telemetry.span_destination}")
+        console.print(f"  agents     {', '.join(c.name for c in classes)}")
+        if example is not None:
+            kind, payload = _read_task_file(example)
+            submission = await system.client.submit(kind, payload)
+            console.print(f"\nexample task [bold]{kind}[/bold] submitted: {submission.task_id}")
+            record = await _follow(system.client, submission.task_id, timeout=None)
+            _print_record(record, as_json=False)
+            system.telemetry.flush()
+            _print_trace(cfg, submission.task_id)
+        console.print("\nserving; Ctrl-C to stop")
+
+    _run(lambda: serve(cfg, classes, on_ready=ready, process_name="dspyrt-up"))
+
+
+@app.command()
+def agent(
+    name: Annotated[str, typer.Argument(help="the agent to run")],
+    config_file: ConfigOption = None,
+) -> None:
+    """Run one agent against an existing NATS (configured URL, or the one 'dspyrt up' started here)."""
+    from runtime.client import resolve_servers
+
+    try:
+        cfg = _config(config_file)
+        known = available_agents()
+        if name not in known:
+            raise DspyrtError(f"unknown agent {name!r}; known: {', '.join(sorted(known))}", code="not_found")
+        servers = resolve_servers(cfg)
+        cfg = cfg.model_copy(update={"nats_urls": servers})
+    except DspyrtError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    _run(lambda: serve(cfg, [known[name]], process_name=f"dspyrt-{name}"))
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+def _read_task_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """A task file: ``{"kind": ..., "input": {...}}``."""
+    try:
+        data = json.loads(path.read_text())
+        return str(data["kind"]), dict(data["input"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DspyrtError(f"{path}: not a task file with 'kind' and 'input' ({exc})", code="invalid_message") from exc
+
+
+def _read_input(source: str) -> dict[str, Any]:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise DspyrtError(f"{source}: not JSON ({exc})", code="invalid_message") from exc
+    if not isinstance(data, dict):
+        raise DspyrtError(f"{source}: the task input must be a JSON object", code="invalid_message")
+    # A full task file may be given too: take its input.
+    if set(data) >= {"kind", "input"} and isinstance(data["input"], dict):
+        return dict(data["input"])
+    return data
+
+
+async def _follow(client: Client, task_id: str, timeout: float | None) -> TaskRecord:
+    """Wait for a task with a progress bar fed by its progress events."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err, transient=True,
+    ) as bar:  # fmt: skip
+        row = bar.add_task(f"{task_id} pending", total=None)
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                async for event in client.progress(task_id):
+                    d = event.data
+                    label = str(d.get("phase", "working"))
+                    if d.get("best_score") is not None:
+                        label += f" best={d['best_score']}"
+                    bar.update(row, description=label, completed=d.get("step") or 0, total=d.get("total"))
+
+            tg.start_soon(watch)
+            record = await client.result(task_id, timeout=timeout)
+            tg.cancel_scope.cancel()
+    return record
+
+
+def _print_record(record: TaskRecord, as_json: bool) -> None:
+    if as_json:
+        console.print_json(record.model_dump_json())
+        return
+    colour = {"succeeded": "green", "failed": "red", "dead": "red"}.get(record.status.value, "yellow")
+    console.print(f"task {record.id} [{colour}]{record.status.value}[/{colour}] after {record.attempts} attempt(s)")
+    if record.error:
+        console.print(f"  error {record.error.code}: {record.error.message}")
+    if record.result is not None:
+        console.print_json(json.dumps(record.result, default=str))
+
+
+@app.command()
+def submit(
+    kind: Annotated[str, typer.Argument(help="task kind, e.g. optimize, cycle")],
+    source: Annotated[str, typer.Argument(help="JSON file with the task input, or - for stdin")],
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the result (progress bar)")] = False,
+    task_id: Annotated[str | None, typer.Option("--id", help="task id (re-submitting an id is a no-op)")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Submit a durable task; print its id, or with --wait its result."""
+
+    async def body(client: Client) -> int:
+        submission = await client.submit(kind, _read_input(source), task_id=task_id)
+        if not wait:
+            if as_json:
+                console.print_json(json.dumps({"task_id": submission.task_id, "created": submission.created}))
+            else:
+                console.print(submission.task_id)
+            return 0
+        record = await (_follow(client, submission.task_id, timeout) if not as_json else client.result(
+            submission.task_id, timeout=timeout))  # fmt: skip
+        _print_record(record, as_json)
+        return 0 if record.status.value == "succeeded" else 1
+
+    raise typer.Exit(_with_client(config_file, body))
+
+
+@app.command()
+def tasks(
+    limit: Annotated[int, typer.Option(help="how many")] = 20,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Recent tasks and their status."""
+
+    async def body(client: Client) -> None:
+        records = await client.tasks(limit)
+        if as_json:
+            console.print_json(json.dumps([r.model_dump(mode="json", exclude={"result"}) for r in records]))
+            return
+        table = Table("id", "kind", "status", "attempts", "updated", "error")
+        for r in records:
+            updated = time.strftime("%H:%M:%S", time.localtime(r.updated_at))
+            table.add_row(r.id, r.kind, r.status.value, str(r.attempts), updated, r.error.code if r.error else "")
+        console.print(table)
+
+    _with_client(config_file, body)
+
+
+@app.command()
+def dlq(
+    replay: Annotated[str | None, typer.Option("--replay", help="task id to run again")] = None,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Dead-lettered tasks, with reason and delivery count; --replay ID runs one again."""
+
+    async def body(client: Client) -> None:
+        if replay:
+            console.print(f"replayed {await client.replay(replay)}")
+            return
+        letters = await client.dead_letters()
+        if as_json:
+            console.print_json(json.dumps([{"seq": seq, **dl.model_dump(mode="json")} for seq, dl in letters]))
+            return
+        table = Table("seq", "task", "kind", "deliveries", "reason")
+        for seq, dl in letters:
+            table.add_row(str(seq), dl.task_id, dl.kind, str(dl.deliveries), f"{dl.reason.code}: {dl.reason.message}")
+        console.print(table)
+
+    _with_client(config_file, body)
+
+
+@app.command()
+def status(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
+    """Every agent instance: version, uptime, requests, errors, mean latency, health; mode and flags."""
+
+    async def body(client: Client) -> bool:
+        st = await collect_status(client.bus, cfg)
+        if as_json:
+            console.print_json(st.model_dump_json())
+            return st.healthy
+        console.print(
+            f"mode [bold]{st.mode.value}[/bold]  optimizers={st.enable_optimizers} assertions={st.enable_assertions}"
+            f" metrics={st.enable_metrics} auto_optimize={st.auto_optimize} auto_validate={st.auto_validate}"
+        )
+        table = Table("agent", "instance", "version", "uptime", "requests", "errors", "mean ms", "health")
+        for a in st.agents:
+            for i in a.instances:
+                bad = ", ".join(k for k, v in i.checks.items() if not v.get("ok"))
+                health = "[green]ok[/green]" if i.healthy else f"[red]unhealthy[/red] {bad}"
+                table.add_row(a.name, i.id[-8:], i.version, f"{i.uptime_s:.0f}s", str(i.requests), str(i.errors),
+                              f"{i.mean_latency_ms:.2f}", health)  # fmt: skip
+        console.print(table)
+        if not st.agents:
+            console.print("[yellow]no agents answered[/yellow]")
+        return st.healthy
+
+    cfg = _config(config_file)
+    healthy = _with_client(config_file, body)
+    raise typer.Exit(0 if healthy else 1)
+
+
+# ------------------------------------------------------------------------------------------ traces
+
+
+def _print_trace(cfg: IntegrationConfig, task_id: str) -> bool:
+    roots = task_trees(read_spans(cfg.state_dir), task_id)
+    if not roots:
+        return False
+
+    def add(tree: Tree, node: SpanNode) -> None:
+        s = node.span
+        mark = "[red]✗[/red] " if s.get("status") == "ERROR" else ""
+        branch = tree.add(f"{mark}{s['name']}  [dim]{s.get('service')} {node.duration_ms:.1f} ms[/dim]")
+        for child in node.children:
+            add(branch, child)
+
+    for root in roots:
+        tree = Tree(f"trace {root.span['trace_id']}")
+        add(tree, root)
+        console.print(tree)
+    return True
+
+
+@app.command()
+def traces(
+    task_id: Annotated[str, typer.Argument(help="the task whose trace to show")],
+    config_file: ConfigOption = None,
+) -> None:
+    """The span tree of one task, from the local span files (when no OTLP collector is configured)."""
+    cfg = _config(config_file)
+    if not _print_trace(cfg, task_id):
+        err.print(f"no spans for task {task_id} under {cfg.state_dir / 'traces'}")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
