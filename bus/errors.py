@@ -50,7 +50,7 @@ class DspyrtError(Exception):
             self.code = code
 
     def to_body(self) -> ErrorBody:
-        return ErrorBody(code=self.code, message=self.message)
+        return ErrorBody(code=self.code, message=self.message, field_errors=getattr(self, "field_errors", []))
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

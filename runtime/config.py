@@ -61,6 +61,9 @@ class IntegrationConfig(BaseSettings):
     subject_prefix: str = "dspy"
     stream_replicas: int = Field(default=1, ge=1, le=5)
 
+    # LM models (TOML, [[models]] tables); unset: only the offline demo model.
+    models_file: Path | None = None
+
     # Empty: every agent the mode and the enable flags allow.
     agents: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Concurrent requests/tasks one agent instance handles.

@@ -1,0 +1,39 @@
+"""Language models for the agents: model specs and registry, the offline demo engine, fault injection."""
+
+from agents.lm.demo import MODEL as DEMO_MODEL
+from agents.lm.demo import AsyncDemoFewShotEngine, DemoFewShotEngine, demo_lm
+from agents.lm.faults import (
+    AsyncFaultyEngine,
+    Fault,
+    FaultInjector,
+    FaultProfile,
+    FaultStats,
+    FaultyEngine,
+    FixedLatency,
+    InjectedFaultError,
+    LogNormalLatency,
+    RateLimitedError,
+    UniformLatency,
+)
+from agents.lm.models import ModelRegistry, ModelSpec, build_lm
+
+__all__ = [
+    "DEMO_MODEL",
+    "AsyncDemoFewShotEngine",
+    "AsyncFaultyEngine",
+    "DemoFewShotEngine",
+    "Fault",
+    "FaultInjector",
+    "FaultProfile",
+    "FaultStats",
+    "FaultyEngine",
+    "FixedLatency",
+    "InjectedFaultError",
+    "LogNormalLatency",
+    "ModelRegistry",
+    "ModelSpec",
+    "RateLimitedError",
+    "UniformLatency",
+    "build_lm",
+    "demo_lm",
+]

@@ -1,0 +1,213 @@
+"""The optimizer agent: the durable ``optimize`` task, and ``<prefix>.optimizer.list | set_active | stats``.
+
+A run pins one model (the request's, or the switcher's choice for task kind ``optimize``), sends every LM call
+through the switcher with a per-run budget, feeds progress events from DSPy's callbacks, stores the optimized
+program's ``dump_state()`` JSON as a versioned artifact in the object store, and caches the result by
+(program hash, data, metric, optimizer, parameters, model, seed) so an identical request returns at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+from pydantic import Field
+
+from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
+from agents.optimizers import (
+    ArtifactRef,
+    DSPyOptimizerManager,
+    OptimizationRequest,
+    OptimizationResult,
+    RunOutcome,
+)
+from agents.switcher_core import Selection, SelectRequest
+from bus import DspyrtError, Empty, Message, PermanentError
+from bus.streams import key_value, object_store
+from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
+
+ARTIFACT_FORMAT = "dspyrt.program/1"
+ACTIVE_KEY = "active"
+# Errors about the request itself: retrying cannot help.
+_PERMANENT_CODES = {"invalid_message", "not_found", "invalid_config", "no_eligible_model"}
+
+
+class OptimizerList(Message):
+    active: str
+    optimizers: list[str]
+
+
+class SetActive(Message):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class OptimizerStatsReply(Message):
+    active: str
+    stats: dict[str, dict[str, Any]]
+
+
+def artifact_bucket(agent: Agent) -> str:
+    return agent.bus.subjects.object_store("artifacts")
+
+
+class OptimizerAgent(Agent):
+    """The guide's DSPyOptimizerManager on the bus."""
+
+    name = "optimizer"
+    group = "optimizers"
+    description = "DSPy optimizers: optimize tasks, registry, stats"
+
+    manager: DSPyOptimizerManager
+    cache: KeyValue
+    settings: KeyValue
+    artifacts: ObjectStore
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        self.manager = DSPyOptimizerManager()
+        layout = self.config.stream_layout
+        self.cache = await key_value(self.bus, self.bus.subjects.bucket("optcache"), layout)
+        self.settings = await key_value(self.bus, self.bus.subjects.bucket("optimizer"), layout)
+        self.artifacts = await object_store(self.bus, artifact_bucket(self), layout)
+        yield
+
+    async def _active(self) -> str:
+        """The active optimizer is shared by every replica through KV."""
+        try:
+            entry = await self.settings.get(ACTIVE_KEY)
+            if entry.value:
+                return entry.value.decode()
+        except Exception:  # not set yet
+            pass
+        return self.manager.active
+
+    # --- endpoints ---------------------------------------------------------------------------------
+
+    @endpoint("list")
+    async def list(self, _: Empty) -> OptimizerList:
+        """Known optimizers and the active one."""
+        return OptimizerList(active=await self._active(), optimizers=self.manager.list_optimizers())
+
+    @endpoint("set_active")
+    async def set_active(self, request: SetActive) -> OptimizerList:
+        """Make an installed optimizer the default for requests that name none."""
+        self.manager.set_active_optimizer(request.name)
+        await self.settings.put(ACTIVE_KEY, request.name.encode())
+        return await self.list(Empty())
+
+    @endpoint("stats")
+    async def stats(self, _: Empty) -> OptimizerStatsReply:
+        """Runs, successes, failures, mean improvement and mean duration per optimizer (this instance)."""
+        return OptimizerStatsReply(active=await self._active(), stats=self.manager.get_stats())
+
+    # --- the task ----------------------------------------------------------------------------------
+
+    @task("optimize", ack_wait=60)
+    async def optimize(self, job: OptimizationRequest, ctx: TaskContext) -> OptimizationResult:
+        if job.optimizer is None:
+            job = job.model_copy(update={"optimizer": await self._active()})
+        try:
+            self.manager.prepare(job)  # fail fast: optimizer, parameters and metric exist
+            model = job.model or await self._select_model()
+        except DspyrtError as exc:
+            raise _permanent(exc) from exc
+        key = job.cache_key(model)
+        if not job.no_cache:
+            cached = await self._cached(key)
+            if cached is not None:
+                await ctx.progress("cached", step=1, total=1, best_score=cached.optimized_score)
+                return cached
+
+        meter = UsageMeter(max_calls=job.budget.max_lm_calls, max_cost=job.budget.max_cost)
+        lm = bus_lm(self.client, Routing(model=model, task_kind="optimize"), meter)
+        token = anyio.lowlevel.current_token()
+
+        def progress(phase: str, data: dict[str, Any]) -> None:
+            try:
+                anyio.from_thread.run(lambda: ctx.progress(phase, **data), token=token)
+            except Exception:  # progress is best effort; never fail the run for it
+                pass
+
+        try:
+            outcome: RunOutcome = await anyio.to_thread.run_sync(
+                self.manager.run, job, lm, meter, progress, model, abandon_on_cancel=True
+            )
+        except DspyrtError as exc:
+            raise _permanent(exc) from exc
+        finally:
+            # A run abandoned by shutdown must stop spending: its next LM call fails at once.
+            meter.exhausted = meter.exhausted or "run abandoned"
+        result = outcome.result
+        if outcome.state is not None:
+            result.artifact = await self._store_artifact(ctx.task_id, outcome)
+        if result.status == "completed":
+            await self.cache.put(key, result.model_dump_json().encode())
+        await self.publish_event(
+            f"optimization.{result.status}",
+            {"task_id": ctx.task_id, **result.model_dump(mode="json", exclude={"params"})},
+        )
+        return result
+
+    async def _select_model(self) -> str:
+        selection = await self.client.request(
+            "switcher", "select", SelectRequest(task_kind="optimize"), Selection, timeout=10
+        )
+        return selection.model
+
+    async def _cached(self, key: str) -> OptimizationResult | None:
+        try:
+            entry = await self.cache.get(key)
+        except Exception:
+            return None
+        if not entry.value:
+            return None
+        result = OptimizationResult.model_validate_json(entry.value)
+        result.cached = True
+        return result
+
+    async def _store_artifact(self, task_id: str, outcome: RunOutcome) -> ArtifactRef:
+        result = outcome.result
+        document = {
+            "format": ARTIFACT_FORMAT,
+            "program_name": result.program_name,
+            "program_hash": result.program_hash,
+            "spec": outcome.program_spec.model_dump(mode="json"),
+            "state": outcome.state,
+            "optimizer": result.optimizer,
+            "params": result.params,
+            "model": result.model,
+            "metric": result.metric,
+            "optimized_score": result.optimized_score,
+            "task_id": task_id,
+            "created_at": time.time(),
+        }
+        data = json.dumps(document, sort_keys=True).encode()
+        name = f"{result.program_name}/{task_id}.json"
+        await self.artifacts.put(name, data)
+        return ArtifactRef(
+            store=artifact_bucket(self),
+            name=name,
+            version=task_id,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+        )
+
+    async def health_checks(self) -> dict[str, CheckResult]:
+        return {"optimizers": CheckResult(ok=True, detail=f"{len(self.manager.optimizers)} installed")}
+
+
+def _permanent(exc: DspyrtError) -> Exception:
+    if exc.code in _PERMANENT_CODES or isinstance(exc, PermanentError):
+        error = PermanentError(exc.message, code=exc.code)
+        error.field_errors = getattr(exc, "field_errors", [])  # type: ignore[attr-defined]
+        return error
+    return exc

@@ -1,0 +1,589 @@
+"""The guide's optimizers in plain Python: ``DSPyOptimizerManager``, ``LabeledFewShotOptimizer``,
+``OptimizationResult``. ``agents.optimizer`` puts the manager on the bus as the durable ``optimize`` task.
+
+Every optimizer is DSPy's own (LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2,
+COPRO, SIMBA, GEPA); third-party ones come from the entry-point group ``dspyrt.optimizers``. Parameters are
+validated per optimizer (unknown or mistyped ones are errors, never passed through blindly).
+
+A run is synchronous (DSPy optimizers are) and is meant for a worker thread: build the program from its spec,
+split the data, score the baseline with ``dspy.Evaluate``, compile, score the result, dump the state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Literal, Protocol
+
+import dspy
+from dspy.utils.callback import BaseCallback
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agents.lm.bus_engine import BudgetExhaustedError, UsageMeter
+from agents.metrics import Metric, MetricRegistry
+from agents.programs import ProgramSpec, build_program, dump_program_state, parse_program_spec, program_hash
+from bus import ConfigurationError, Message, MessageValidationError, NotFoundError
+from bus.messages import field_errors_of
+
+ENTRY_POINT_GROUP = "dspyrt.optimizers"
+DEFAULT_OPTIMIZER = "labeled_fewshot"
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+class Budget(Message):
+    """Enforced: when spent, the run stops and reports what it measured so far."""
+
+    max_lm_calls: int | None = Field(default=None, ge=1)
+    max_cost: float | None = Field(default=None, gt=0)
+
+
+class OptimizationRequest(Message):
+    """The durable ``optimize`` task's input."""
+
+    program: ProgramSpec
+    program_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    trainset: list[dict[str, Any]] = Field(min_length=1, max_length=100_000)
+    valset: list[dict[str, Any]] | None = Field(default=None, max_length=100_000)
+    val_fraction: float = Field(default=0.3, gt=0, lt=1)
+    # Which example keys are inputs; default: the program's input fields.
+    input_fields: list[str] | None = None
+    metric: str = "exact_match"
+    metric_field: str | None = None
+    metric_params: dict[str, Any] = Field(default_factory=dict)
+    optimizer: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = None
+    budget: Budget = Field(default_factory=Budget)
+    seed: int = 0
+    num_threads: int = Field(default=4, ge=1, le=64)
+    no_cache: bool = False
+
+    @field_validator("program", mode="before")
+    @classmethod
+    def _program(cls, value: Any) -> Any:
+        return value if isinstance(value, ProgramSpec) else parse_program_spec(value)
+
+    @field_validator("trainset", "valset")
+    @classmethod
+    def _rows(cls, rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, row in enumerate(rows or []):
+            if not row:
+                raise ValueError(f"example {i} is empty")
+        return rows
+
+    def cache_key(self, model: str) -> str:
+        """Same spec, data, metric, optimizer, parameters, model and seed → same key."""
+        material = self.model_dump(mode="json", exclude={"no_cache", "num_threads", "program_name", "budget"})
+        material["program"] = program_hash(self.program)
+        material["model"] = model
+        canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ArtifactRef(Message):
+    store: str
+    name: str
+    version: str
+    sha256: str
+    size: int
+
+
+class OptimizationResult(Message):
+    """What an optimization produced, with what it cost."""
+
+    status: Literal["completed", "budget_exhausted"] = "completed"
+    stopped_reason: str | None = None
+    program_name: str
+    program_hash: str
+    optimizer: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    model: str
+    metric: str
+    baseline_score: float | None = None
+    optimized_score: float | None = None
+    improvement_score: float | None = None
+    trainset_size: int = 0
+    valset_size: int = 0
+    lm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    duration_s: float = 0.0
+    seed: int = 0
+    cached: bool = False
+    artifact: ArtifactRef | None = None
+
+
+# -------------------------------------------------------------------------------------- optimizers
+
+
+@dataclass
+class CompileContext:
+    """Everything an optimizer may use: the student program, the data, the metric and the LM."""
+
+    student: Any
+    trainset: list[Any]
+    valset: list[Any]
+    metric: Metric
+    seed: int
+    num_threads: int
+    lm: Any
+
+
+class Optimizer(Protocol):
+    """An optimizer plugin: validated parameters in, a compiled program out."""
+
+    def compile(self, ctx: CompileContext) -> Any: ...
+
+
+OptimizerFactory = Callable[[dict[str, Any]], Optimizer]
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _params(model: type[_Params], params: dict[str, Any], optimizer: str) -> Any:
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        raise MessageValidationError(f"invalid parameters for optimizer {optimizer}", field_errors_of(exc)) from exc
+
+
+class LabeledFewShotParams(_Params):
+    k: int = Field(default=16, ge=1, le=1000)
+    sample: bool = True
+
+
+class LabeledFewShotOptimizer:
+    """DSPy's LabeledFewShot with k=16 by default: up to k labelled examples become each predictor's demos."""
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: LabeledFewShotParams = _params(LabeledFewShotParams, params or {}, "labeled_fewshot")
+
+    def compile(self, ctx: CompileContext) -> Any:
+        teleprompter = dspy.LabeledFewShot(k=self.params.k)
+        return teleprompter.compile(ctx.student, trainset=ctx.trainset, sample=self.params.sample)
+
+
+class BootstrapParams(_Params):
+    max_bootstrapped_demos: int = Field(default=4, ge=0, le=64)
+    max_labeled_demos: int = Field(default=16, ge=0, le=256)
+    max_rounds: int = Field(default=1, ge=1, le=10)
+    metric_threshold: float | None = None
+
+
+class BootstrapFewShotOptimizer:
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: BootstrapParams = _params(BootstrapParams, params or {}, "bootstrap_fewshot")
+
+    def compile(self, ctx: CompileContext) -> Any:
+        p = self.params
+        teleprompter = dspy.BootstrapFewShot(
+            metric=ctx.metric,
+            metric_threshold=p.metric_threshold,
+            max_bootstrapped_demos=p.max_bootstrapped_demos,
+            max_labeled_demos=p.max_labeled_demos,
+            max_rounds=p.max_rounds,
+        )
+        return teleprompter.compile(ctx.student, trainset=ctx.trainset)
+
+
+class RandomSearchParams(BootstrapParams):
+    num_candidate_programs: int = Field(default=8, ge=1, le=64)
+    stop_at_score: float | None = None
+
+
+class RandomSearchOptimizer:
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: RandomSearchParams = _params(RandomSearchParams, params or {}, "random_search")
+
+    def compile(self, ctx: CompileContext) -> Any:
+        p = self.params
+        teleprompter = dspy.BootstrapFewShotWithRandomSearch(
+            metric=ctx.metric,
+            max_bootstrapped_demos=p.max_bootstrapped_demos,
+            max_labeled_demos=p.max_labeled_demos,
+            max_rounds=p.max_rounds,
+            num_candidate_programs=p.num_candidate_programs,
+            num_threads=ctx.num_threads,
+            stop_at_score=p.stop_at_score,
+            metric_threshold=p.metric_threshold,
+        )
+        return teleprompter.compile(ctx.student, trainset=ctx.trainset, valset=ctx.valset)
+
+
+class MiproParams(_Params):
+    auto: Literal["light", "medium", "heavy"] | None = "light"
+    num_candidates: int | None = Field(default=None, ge=1, le=64)
+    num_trials: int | None = Field(default=None, ge=1, le=500)
+    max_bootstrapped_demos: int = Field(default=4, ge=0, le=64)
+    max_labeled_demos: int = Field(default=4, ge=0, le=256)
+    minibatch: bool = True
+    minibatch_size: int = Field(default=35, ge=1)
+
+    @model_validator(mode="after")
+    def _auto_or_counts(self) -> MiproParams:
+        if self.auto is None and (self.num_candidates is None or self.num_trials is None):
+            raise ValueError("with auto=null give num_candidates and num_trials")
+        return self
+
+
+class MiproV2Optimizer:
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: MiproParams = _params(MiproParams, params or {}, "mipro_v2")
+
+    def compile(self, ctx: CompileContext) -> Any:
+        p = self.params
+        teleprompter = dspy.MIPROv2(
+            metric=ctx.metric,
+            auto=p.auto,
+            num_candidates=p.num_candidates,
+            max_bootstrapped_demos=p.max_bootstrapped_demos,
+            max_labeled_demos=p.max_labeled_demos,
+            num_threads=ctx.num_threads,
+            seed=ctx.seed,
+            verbose=False,
+        )
+        return teleprompter.compile(
+            ctx.student,
+            trainset=ctx.trainset,
+            valset=ctx.valset,
+            num_trials=p.num_trials,
+            minibatch=p.minibatch and len(ctx.valset) > p.minibatch_size,
+            minibatch_size=p.minibatch_size,
+            seed=ctx.seed,
+        )
+
+
+class CoproParams(_Params):
+    breadth: int = Field(default=4, ge=2, le=64)
+    depth: int = Field(default=2, ge=1, le=10)
+    init_temperature: float = Field(default=1.4, ge=0, le=2)
+
+
+class CoproOptimizer:
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: CoproParams = _params(CoproParams, params or {}, "copro")
+
+    def compile(self, ctx: CompileContext) -> Any:
+        p = self.params
+        teleprompter = dspy.COPRO(
+            metric=ctx.metric, breadth=p.breadth, depth=p.depth, init_temperature=p.init_temperature
+        )
+        return teleprompter.compile(
+            ctx.student, trainset=ctx.trainset, eval_kwargs={"num_threads": ctx.num_threads, "display_progress": False}
+        )
+
+
+class SimbaParams(_Params):
+    bsize: int = Field(default=8, ge=1, le=256)
+    num_candidates: int = Field(default=4, ge=1, le=64)
+    max_steps: int = Field(default=4, ge=1, le=100)
+    max_demos: int = Field(default=4, ge=0, le=64)
+
+
+class SimbaOptimizer:
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: SimbaParams = _params(SimbaParams, params or {}, "simba")
+
+    def compile(self, ctx: CompileContext) -> Any:
+        p = self.params
+        teleprompter = dspy.SIMBA(
+            metric=ctx.metric,
+            bsize=min(p.bsize, len(ctx.trainset)),
+            num_candidates=p.num_candidates,
+            max_steps=p.max_steps,
+            max_demos=p.max_demos,
+            num_threads=ctx.num_threads,
+        )
+        return teleprompter.compile(ctx.student, trainset=ctx.trainset, seed=ctx.seed)
+
+
+class GepaParams(_Params):
+    auto: Literal["light", "medium", "heavy"] | None = "light"
+    max_metric_calls: int | None = Field(default=None, ge=1)
+    reflection_minibatch_size: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> GepaParams:
+        if (self.auto is None) == (self.max_metric_calls is None):
+            raise ValueError("give exactly one of auto or max_metric_calls")
+        return self
+
+
+class GepaOptimizer:
+    """DSPy's GEPA; the run's own LM doubles as the reflection LM."""
+
+    def __init__(self, params: dict[str, Any] | None = None) -> None:
+        self.params: GepaParams = _params(GepaParams, params or {}, "gepa")
+
+    def compile(self, ctx: CompileContext) -> Any:
+        p = self.params
+        metric = ctx.metric
+
+        def feedback_metric(
+            gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None
+        ) -> Any:
+            return float(metric(gold, pred, trace))
+
+        teleprompter = dspy.GEPA(
+            metric=feedback_metric,
+            auto=p.auto,
+            max_metric_calls=p.max_metric_calls,
+            reflection_lm=ctx.lm,
+            reflection_minibatch_size=p.reflection_minibatch_size,
+            num_threads=ctx.num_threads,
+            seed=ctx.seed,
+        )
+        return teleprompter.compile(ctx.student, trainset=ctx.trainset, valset=ctx.valset)
+
+
+BUILTIN_OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "labeled_fewshot": LabeledFewShotOptimizer,
+    "bootstrap_fewshot": BootstrapFewShotOptimizer,
+    "random_search": RandomSearchOptimizer,
+    "mipro_v2": MiproV2Optimizer,
+    "copro": CoproOptimizer,
+    "simba": SimbaOptimizer,
+    "gepa": GepaOptimizer,
+}
+
+
+# ---------------------------------------------------------------------------------------- manager
+
+
+@dataclass
+class OptimizerStats:
+    runs: int = 0
+    successes: int = 0
+    failures: int = 0
+    improvement_total: float = 0.0
+    duration_total: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "successes": self.successes,
+            "failures": self.failures,
+            "mean_improvement": round(self.improvement_total / self.successes, 6) if self.successes else None,
+            "mean_duration_s": round(self.duration_total / self.runs, 3) if self.runs else None,
+        }
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+class ProgressCallback(BaseCallback):  # type: ignore[misc]
+    """Turns DSPy's own callbacks into progress reports: LM calls, evaluations, best score so far.
+
+    Reports are throttled (``every`` seconds) so a fast optimizer does not flood the bus.
+    """
+
+    def __init__(self, report: Progress, meter: UsageMeter, every: float = 0.5) -> None:
+        self.report = report
+        self.meter = meter
+        self.every = every
+        self.phase = "starting"
+        self.evaluations = 0
+        self.best_score: float | None = None
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def set_phase(self, phase: str, **data: Any) -> None:
+        self.phase = phase
+        self._emit(force=True, **data)
+
+    def _emit(self, force: bool = False, **data: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._last < self.every:
+                return
+            self._last = now
+        self.report(
+            self.phase,
+            {"evaluations": self.evaluations, "lm_calls": self.meter.calls, "best_score": self.best_score, **data},
+        )
+
+    def on_evaluate_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
+        score = getattr(outputs, "score", None)
+        with self._lock:
+            self.evaluations += 1
+            if isinstance(score, int | float) and (self.best_score is None or score > self.best_score):
+                self.best_score = float(score)
+        self._emit()
+
+    def on_lm_end(self, call_id: str, outputs: Any | None, exception: Exception | None = None) -> None:
+        self._emit()
+
+
+@dataclass
+class RunOutcome:
+    result: OptimizationResult
+    state: dict[str, Any] | None
+    program_spec: ProgramSpec
+
+
+@dataclass
+class DSPyOptimizerManager:
+    """Registry of optimizers (one active), their statistics, and the optimization run itself."""
+
+    metrics: MetricRegistry = field(default_factory=MetricRegistry.installed)
+    optimizers: dict[str, OptimizerFactory] = field(default_factory=lambda: dict(BUILTIN_OPTIMIZERS))
+    active: str = DEFAULT_OPTIMIZER
+    stats: dict[str, OptimizerStats] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            self.optimizers.setdefault(ep.name, ep.load())
+
+    def register_optimizer(self, name: str, factory: OptimizerFactory) -> None:
+        """Add an optimizer (the guide's ``register_optimizer``); ``factory(params)`` makes one run's optimizer."""
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigurationError(f"optimizer name {name!r} must be letters, digits, '_' or '-'")
+        self.optimizers[name] = factory
+
+    def set_active_optimizer(self, name: str) -> None:
+        self._factory(name)
+        self.active = name
+
+    def list_optimizers(self) -> list[str]:
+        return sorted(self.optimizers)
+
+    def get_stats(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {name: self.stats.get(name, OptimizerStats()).as_dict() for name in self.list_optimizers()}
+
+    def _factory(self, name: str) -> OptimizerFactory:
+        try:
+            return self.optimizers[name]
+        except KeyError:
+            raise NotFoundError(f"unknown optimizer {name!r}; known: {', '.join(self.list_optimizers())}") from None
+
+    def prepare(self, request: OptimizationRequest) -> tuple[Optimizer, Metric]:
+        """Check everything that can be checked before spending anything: optimizer, parameters, metric."""
+        name = request.optimizer or self.active
+        optimizer = self._factory(name)(request.params)
+        metric = self.metrics.get(request.metric, request.metric_field, **request.metric_params)
+        return optimizer, metric
+
+    def run(
+        self, request: OptimizationRequest, lm: Any, meter: UsageMeter, progress: Progress, model: str
+    ) -> RunOutcome:
+        """The optimization itself (blocking; run it in a worker thread)."""
+        name = request.optimizer or self.active
+        optimizer, metric = self.prepare(request)
+        started = time.perf_counter()
+        spec = request.program
+        student = build_program(spec)
+        inputs = request.input_fields or _input_fields(student)
+        trainset, valset = _split(request, inputs)
+        result = OptimizationResult(
+            program_name=request.program_name or f"program-{program_hash(spec)[:12]}",
+            program_hash=program_hash(spec),
+            optimizer=name,
+            params=request.params,
+            model=model,
+            metric=request.metric,
+            trainset_size=len(trainset),
+            valset_size=len(valset),
+            seed=request.seed,
+        )
+        state: dict[str, Any] | None = None
+        with self._lock:
+            self.stats.setdefault(name, OptimizerStats()).runs += 1
+        feed = ProgressCallback(progress, meter)
+        try:
+            with dspy.context(lm=lm, callbacks=[feed]):
+                feed.set_phase("baseline", step=0, total=3)
+                result.baseline_score = _score(student, valset, metric, request.num_threads, meter)
+                feed.set_phase("optimizing", step=1, total=3, baseline_score=result.baseline_score)
+                optimized = optimizer.compile(
+                    CompileContext(student, trainset, valset, metric, request.seed, request.num_threads, lm)
+                )
+                _check_budget(meter)
+                feed.set_phase("evaluating", step=2, total=3, baseline_score=result.baseline_score)
+                result.optimized_score = _score(optimized, valset, metric, request.num_threads, meter)
+                result.improvement_score = round(result.optimized_score - result.baseline_score, 6)
+                state = dump_program_state(optimized)
+                feed.best_score = max(feed.best_score or 0.0, result.optimized_score)
+                feed.set_phase("done", step=3, total=3)
+        except Exception as exc:
+            if meter.exhausted is None and not isinstance(exc, BudgetExhaustedError):
+                with self._lock:
+                    self.stats[name].failures += 1
+                raise
+            result.status = "budget_exhausted"
+            result.stopped_reason = meter.exhausted or str(exc)
+        finally:
+            result.lm_calls = meter.calls
+            result.input_tokens = meter.input_tokens
+            result.output_tokens = meter.output_tokens
+            result.cost = round(meter.cost, 6)
+            result.duration_s = round(time.perf_counter() - started, 3)
+            with self._lock:
+                self.stats[name].duration_total += result.duration_s
+        with self._lock:
+            if result.status == "completed":
+                self.stats[name].successes += 1
+                self.stats[name].improvement_total += result.improvement_score or 0.0
+            else:
+                self.stats[name].failures += 1
+        return RunOutcome(result, state, spec)
+
+
+def _input_fields(program: Any) -> list[str]:
+    names: list[str] = []
+    for _, predictor in program.named_predictors():
+        for name in predictor.signature.input_fields:
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise MessageValidationError("the program declares no input fields; give input_fields")
+    return names
+
+
+def _examples(rows: list[dict[str, Any]], inputs: list[str], what: str) -> list[Any]:
+    examples = []
+    for i, row in enumerate(rows):
+        missing = [k for k in inputs if k not in row]
+        if missing:
+            raise MessageValidationError(f"{what}[{i}] lacks input field(s) {', '.join(missing)}")
+        if not set(row) - set(inputs):
+            raise MessageValidationError(f"{what}[{i}] has no label (only input fields)")
+        examples.append(dspy.Example(**row).with_inputs(*inputs))
+    return examples
+
+
+def _split(request: OptimizationRequest, inputs: list[str]) -> tuple[list[Any], list[Any]]:
+    train = _examples(request.trainset, inputs, "trainset")
+    if request.valset:
+        return train, _examples(request.valset, inputs, "valset")
+    if len(train) < 2:
+        raise MessageValidationError("trainset needs at least 2 examples when no valset is given")
+    shuffled = train[:]
+    random.Random(request.seed).shuffle(shuffled)
+    n_val = min(len(shuffled) - 1, max(1, round(len(shuffled) * request.val_fraction)))
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+def _check_budget(meter: UsageMeter) -> None:
+    # DSPy counts a failed LM call as a failed example and carries on; a spent budget must stop the run.
+    if meter.exhausted is not None:
+        raise BudgetExhaustedError(meter.exhausted)
+
+
+def _score(program: Any, devset: list[Any], metric: Metric, num_threads: int, meter: UsageMeter) -> float:
+    """``dspy.Evaluate``'s score (percent of the devset's metric)."""
+    evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=num_threads, display_progress=False)
+    score = round(float(evaluate(program).score), 4)
+    _check_budget(meter)
+    return score

@@ -1,0 +1,175 @@
+"""The model switcher agent: ``<prefix>.switcher.select | complete | stats | models`` on the bus.
+
+Every LM call of every agent's DSPy program arrives here (see ``agents.lm.bus_engine``); the core
+``ModelSwitcher`` selects, limits, retries and falls back. Each call is published as an ``lm.call`` event and
+recorded as OpenTelemetry metrics (latency histogram, token and cost counters, labelled by model). Replicas
+share the load through the queue group; each reports the figures of the calls it served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from dspy import lm15
+from opentelemetry import metrics
+from pydantic import Field
+
+from agents.lm.models import ModelRegistry, ModelSpec, build_lm
+from agents.switcher_core import (
+    CompletionReply,
+    CompletionRequest,
+    ModelFigures,
+    ModelLike,
+    ModelSwitcher,
+    RateLimitedError,
+    Selection,
+    SelectRequest,
+    TokenUsage,
+)
+from bus import Empty, Message
+from runtime.agent import Agent, CheckResult, endpoint
+
+
+class SwitcherStats(Message):
+    instance_calls: int
+    models: list[ModelFigures]
+
+
+class ModelInfo(Message):
+    model: str
+    tags: list[str]
+    input_cost_per_million: float
+    output_cost_per_million: float
+    context_window: int
+    max_concurrency: int
+    rate_limit_per_minute: int | None
+    demo: bool
+
+
+class ModelList(Message):
+    models: list[ModelInfo] = Field(default_factory=list)
+
+
+class DspyModelCaller:
+    """Calls a model through its real ``dspy.LM`` (built once per model; keys only from the environment)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self._lms: dict[str, Any] = {}
+
+    def lm(self, spec: ModelSpec) -> Any:
+        if spec.model not in self._lms:
+            self._lms[spec.model] = build_lm(spec)
+        return self._lms[spec.model]
+
+    async def __call__(self, model: ModelLike, req: CompletionRequest) -> CompletionReply:
+        spec = self.registry.get(model.model)
+        options: dict[str, Any] = {}
+        if req.temperature is not None:
+            options["temperature"] = req.temperature
+        if req.max_tokens is not None:
+            options["max_tokens"] = req.max_tokens
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            response = await self.lm(spec).aforward(messages=messages, **options)
+        except lm15.RateLimitError as exc:
+            raise RateLimitedError(f"{spec.model} is rate limited: {exc}") from exc
+        choice = response.choices[0]
+        usage = getattr(response, "usage", None)
+        return CompletionReply(
+            model=spec.model,
+            text=str(choice.message.content or ""),
+            finish_reason=str(getattr(choice, "finish_reason", None) or "stop"),
+            usage=TokenUsage(
+                input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            ),
+        )
+
+
+class SwitcherAgent(Agent):
+    """The guide's ModelSwitcher on the bus."""
+
+    name = "switcher"
+    group = "models"
+    description = "model registry, selection, LM proxy with limits, retries and fallback"
+
+    registry: ModelRegistry
+    switcher: ModelSwitcher
+
+    def make_registry(self) -> ModelRegistry:
+        if self.config.models_file is not None:
+            return ModelRegistry.from_toml(self.config.models_file)
+        return ModelRegistry.default()
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        self.registry = self.make_registry()
+        meter = metrics.get_meter("dspyrt.switcher")
+        latency = meter.create_histogram("dspyrt.lm.latency", unit="ms", description="LM call latency")
+        tokens = meter.create_counter("dspyrt.lm.tokens", unit="{token}", description="LM tokens")
+        cost = meter.create_counter("dspyrt.lm.cost", unit="USD", description="LM cost")
+        failures = meter.create_counter("dspyrt.lm.failures", unit="{call}", description="failed LM calls")
+
+        async def on_call(model: str, reply: CompletionReply | None, error: str | None) -> None:
+            labels = {"model": model}
+            if reply is not None:
+                latency.record(reply.latency_ms, labels)
+                tokens.add(reply.usage.input_tokens, {**labels, "direction": "input"})
+                tokens.add(reply.usage.output_tokens, {**labels, "direction": "output"})
+                cost.add(reply.cost, labels)
+                data: dict[str, Any] = {
+                    "model": model,
+                    "ok": True,
+                    "latency_ms": reply.latency_ms,
+                    "input_tokens": reply.usage.input_tokens,
+                    "output_tokens": reply.usage.output_tokens,
+                    "cost": reply.cost,
+                }
+            else:
+                failures.add(1, {**labels, "error.type": error or "error"})
+                data = {"model": model, "ok": False, "error": error}
+            await self.publish_event("lm.call", data)
+
+        self.switcher = ModelSwitcher(list(self.registry), DspyModelCaller(self.registry), on_call=on_call)
+        yield
+
+    @endpoint("select")
+    async def select(self, request: SelectRequest) -> Selection:
+        """Pick a model for a task kind / role / tags / budget, and say why."""
+        return self.switcher.select(request)
+
+    @endpoint("complete")
+    async def complete(self, request: CompletionRequest) -> CompletionReply:
+        """One LM call, proxied with limits, retries and fallback."""
+        return await self.switcher.complete(request)
+
+    @endpoint("stats")
+    async def stats(self, _: Empty) -> SwitcherStats:
+        """Per-model figures of the calls this instance served."""
+        figures = self.switcher.figures()
+        return SwitcherStats(instance_calls=sum(f.calls for f in figures), models=figures)
+
+    @endpoint("models")
+    async def models(self, _: Empty) -> ModelList:
+        """The configured models (never their credentials)."""
+        return ModelList(
+            models=[
+                ModelInfo(
+                    model=s.model,
+                    tags=list(s.tags),
+                    input_cost_per_million=s.input_cost_per_million,
+                    output_cost_per_million=s.output_cost_per_million,
+                    context_window=s.context_window,
+                    max_concurrency=s.max_concurrency,
+                    rate_limit_per_minute=s.rate_limit_per_minute,
+                    demo=s.is_demo,
+                )
+                for s in self.registry
+            ]
+        )
+
+    async def health_checks(self) -> dict[str, CheckResult]:
+        return {"models": CheckResult(ok=len(self.registry) > 0, detail=f"{len(self.registry)} configured")}

@@ -1,0 +1,385 @@
+"""The guide's ModelSwitcher, in plain Python: model selection, the LM call with limits, retries and fallback,
+and per-model performance figures. ``agents.switcher`` puts it on the bus.
+
+Selection is a UCB1 bandit over the eligible models. A call's reward is its success, discounted by its latency
+and cost relative to the other candidates; a model never tried yet gets the exploration bonus first, so every
+eligible model is measured before the figures decide. Rules come first: required tags filter, a model tagged
+with the task kind or role is preferred to an untagged one, and a budget caps the price per million tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import anyio
+from pydantic import Field
+
+from bus import DspyrtError, Message, RetryableError
+
+
+class ModelLike(Protocol):
+    """What the switcher needs to know about a model (``agents.lm.models.ModelSpec`` satisfies it)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def tags(self) -> tuple[str, ...]: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def rate_limit_per_minute(self) -> int | None: ...
+    @property
+    def input_cost_per_million(self) -> float: ...
+    @property
+    def output_cost_per_million(self) -> float: ...
+    def cost(self, input_tokens: int, output_tokens: int) -> float: ...
+
+
+def price_per_million(model: ModelLike) -> float:
+    """One price to compare models by: the mean of the input and output price per million tokens."""
+    return (model.input_cost_per_million + model.output_cost_per_million) / 2
+
+
+# --------------------------------------------------------------------------------------------- wire
+
+
+class ChatMessage(Message):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class TokenUsage(Message):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class SelectRequest(Message):
+    task_kind: str | None = None
+    role: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    # Budget: the most a model may cost per million tokens (mean of input and output price).
+    max_price_per_million: float | None = Field(default=None, ge=0)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class CandidateScore(Message):
+    model: str
+    score: float
+    calls: int
+    success_rate: float | None
+    mean_latency_ms: float | None
+    price_per_million: float
+    note: str
+
+
+class Selection(Message):
+    model: str
+    reason: str
+    candidates: list[CandidateScore]
+
+
+class CompletionRequest(Message):
+    """One LM call, proxied. ``model`` pins a model; otherwise the switcher selects (with fallback)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    model: str | None = None
+    task_kind: str | None = None
+    role: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    max_price_per_million: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    # Falls back to other eligible models when the pinned/selected one fails.
+    fallback: bool = True
+
+
+class CompletionReply(Message):
+    model: str
+    text: str
+    finish_reason: str = "stop"
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    tried: list[str] = Field(default_factory=list)
+
+
+class ModelFigures(Message):
+    model: str
+    calls: int
+    successes: int
+    failures: int
+    rate_limited: int
+    success_rate: float | None
+    mean_latency_ms: float | None
+    p95_latency_ms: float | None
+    input_tokens: int
+    output_tokens: int
+    cost: float
+
+
+class RateLimitedError(RetryableError):
+    """The provider (or our own per-model limit) says slow down."""
+
+    code = "rate_limited"
+
+
+class AllModelsFailedError(DspyrtError):
+    code = "all_models_failed"
+
+
+class NoEligibleModelError(DspyrtError):
+    code = "no_eligible_model"
+
+
+# --------------------------------------------------------------------------------------- figures
+
+
+@dataclass
+class ModelStats:
+    calls: int = 0
+    successes: int = 0
+    failures: int = 0
+    rate_limited: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    latency_total_ms: float = 0.0
+    recent_latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.successes / self.calls if self.calls else None
+
+    @property
+    def mean_latency_ms(self) -> float | None:
+        return self.latency_total_ms / self.successes if self.successes else None
+
+    @property
+    def p95_latency_ms(self) -> float | None:
+        if not self.recent_latency_ms:
+            return None
+        ordered = sorted(self.recent_latency_ms)
+        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+class RateLimiter:
+    """Token bucket: ``per_minute`` calls a minute, bursting to the same number."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.capacity = float(per_minute)
+        self.tokens = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.updated = time.monotonic()
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await anyio.sleep((1 - self.tokens) / self.rate)
+
+
+ModelCaller = Callable[[ModelLike, CompletionRequest], Awaitable[CompletionReply]]
+
+
+class ModelSwitcher:
+    """Selects models, calls them within their limits, falls back when one fails, and keeps the figures."""
+
+    def __init__(
+        self,
+        models: list[ModelLike],
+        caller: ModelCaller,
+        *,
+        retries: int = 2,
+        retry_backoff: float = 0.2,
+        exploration: float = 0.5,
+        on_call: Callable[[str, CompletionReply | None, str | None], Awaitable[None]] | None = None,
+    ) -> None:
+        if not models:
+            raise NoEligibleModelError("no models configured")
+        self.models = {m.model: m for m in models}
+        self.caller = caller
+        self.retries = retries
+        self.retry_backoff = retry_backoff
+        self.exploration = exploration
+        self.on_call = on_call
+        self.stats = {name: ModelStats() for name in self.models}
+        self._limits = {name: anyio.CapacityLimiter(max(1, m.max_concurrency)) for name, m in self.models.items()}
+        self._rates = {
+            name: RateLimiter(m.rate_limit_per_minute) for name, m in self.models.items() if m.rate_limit_per_minute
+        }
+
+    # --- selection -----------------------------------------------------------------------------------
+
+    def eligible(self, req: SelectRequest) -> list[ModelLike]:
+        pool = [m for m in self.models.values() if m.model not in req.exclude]
+        if req.tags:
+            pool = [m for m in pool if set(req.tags) <= set(m.tags)]
+        if req.max_price_per_million is not None:
+            pool = [m for m in pool if price_per_million(m) <= req.max_price_per_million]
+        preferred = {t for t in (req.task_kind, req.role) if t}
+        if preferred:
+            tagged = [m for m in pool if preferred & set(m.tags)]
+            pool = tagged or pool
+        return pool
+
+    def rank(self, req: SelectRequest) -> list[CandidateScore]:
+        pool = self.eligible(req)
+        if not pool:
+            raise NoEligibleModelError(
+                f"no model matches tags={req.tags} max_price_per_million={req.max_price_per_million} "
+                f"(known: {', '.join(self.models)})"
+            )
+        total = sum(self.stats[m.model].calls for m in pool) or 1
+        latencies = [s.mean_latency_ms for m in pool if (s := self.stats[m.model]).mean_latency_ms is not None]
+        slowest = max(latencies, default=0.0) or 1.0
+        priciest = max((price_per_million(m) for m in pool), default=0.0) or 1.0
+        scored: list[CandidateScore] = []
+        for m in pool:
+            s = self.stats[m.model]
+            if s.calls == 0:
+                score, note = math.inf, "untried: explored first"
+            else:
+                reward = (s.success_rate or 0.0) * (
+                    1 - 0.3 * (s.mean_latency_ms or slowest) / slowest - 0.2 * price_per_million(m) / priciest
+                )
+                bonus = self.exploration * math.sqrt(math.log(total + 1) / s.calls)
+                score, note = reward + bonus, f"reward {reward:.3f} + exploration {bonus:.3f}"
+            scored.append(
+                CandidateScore(
+                    model=m.model,
+                    score=score if math.isfinite(score) else 1e9,
+                    calls=s.calls,
+                    success_rate=s.success_rate,
+                    mean_latency_ms=s.mean_latency_ms,
+                    price_per_million=price_per_million(m),
+                    note=note,
+                )
+            )
+        # Ties (e.g. all untried) break towards the cheaper model, then the name, so selection is deterministic.
+        scored.sort(key=lambda c: (-c.score, c.price_per_million, c.model))
+        return scored
+
+    def select(self, req: SelectRequest) -> Selection:
+        ranked = self.rank(req)
+        best = ranked[0]
+        rules = []
+        if req.tags:
+            rules.append(f"has tags {req.tags}")
+        if req.task_kind or req.role:
+            rules.append(
+                f"preferred for {req.task_kind or ''}{'/' if req.task_kind and req.role else ''}{req.role or ''}"
+            )
+        if req.max_price_per_million is not None:
+            rules.append(f"price <= {req.max_price_per_million}/M tokens")
+        why = f"{best.model}: {best.note}"
+        if best.success_rate is not None:
+            why += f"; success {best.success_rate:.0%}, mean latency {best.mean_latency_ms or 0:.0f} ms"
+        reason = f"{why}; {len(ranked)} eligible" + (f" ({', '.join(rules)})" if rules else "")
+        return Selection(model=best.model, reason=reason, candidates=ranked)
+
+    # --- calling -------------------------------------------------------------------------------------
+
+    def figures(self) -> list[ModelFigures]:
+        return [
+            ModelFigures(
+                model=name,
+                calls=s.calls,
+                successes=s.successes,
+                failures=s.failures,
+                rate_limited=s.rate_limited,
+                success_rate=s.success_rate,
+                mean_latency_ms=s.mean_latency_ms,
+                p95_latency_ms=s.p95_latency_ms,
+                input_tokens=s.input_tokens,
+                output_tokens=s.output_tokens,
+                cost=round(s.cost, 6),
+            )
+            for name, s in self.stats.items()
+        ]
+
+    def _order(self, req: CompletionRequest) -> list[str]:
+        select = SelectRequest(
+            task_kind=req.task_kind, role=req.role, tags=req.tags, max_price_per_million=req.max_price_per_million
+        )
+        if req.model is not None:
+            if req.model not in self.models:
+                raise NoEligibleModelError(f"unknown model {req.model!r}; known: {', '.join(self.models)}")
+            rest = [c.model for c in self.rank(select) if c.model != req.model] if req.fallback else []
+            return [req.model, *rest]
+        ranked = [c.model for c in self.rank(select)]
+        return ranked if req.fallback else ranked[:1]
+
+    async def complete(self, req: CompletionRequest) -> CompletionReply:
+        """Call the best model; retry transient failures with backoff, then fall back to the next one."""
+        tried: list[str] = []
+        errors: list[str] = []
+        for name in self._order(req):
+            spec = self.models[name]
+            tried.append(name)
+            for attempt in range(self.retries + 1):
+                try:
+                    reply = await self._call_once(spec, req)
+                except RateLimitedError as exc:
+                    errors.append(f"{name}: {exc.message}")
+                    await anyio.sleep(exc.delay or self.retry_backoff * 2**attempt)
+                    continue
+                except Exception as exc:
+                    errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                    if attempt < self.retries and _transient(exc):
+                        await anyio.sleep(self.retry_backoff * 2**attempt)
+                        continue
+                    break
+                reply.tried = tried
+                return reply
+        raise AllModelsFailedError(f"every model failed ({'; '.join(errors[-6:])})")
+
+    async def _call_once(self, spec: ModelLike, req: CompletionRequest) -> CompletionReply:
+        stats = self.stats[spec.model]
+        rate = self._rates.get(spec.model)
+        async with self._limits[spec.model]:
+            if rate is not None:
+                await rate.acquire()
+            started = time.perf_counter()
+            stats.calls += 1
+            try:
+                reply = await self.caller(spec, req)
+            except RateLimitedError as exc:
+                stats.failures += 1
+                stats.rate_limited += 1
+                if self.on_call:
+                    await self.on_call(spec.model, None, exc.code)
+                raise
+            except Exception as exc:
+                stats.failures += 1
+                if self.on_call:
+                    await self.on_call(spec.model, None, type(exc).__name__)
+                raise
+        latency = (time.perf_counter() - started) * 1000
+        reply.latency_ms = round(latency, 3)
+        reply.cost = spec.cost(reply.usage.input_tokens, reply.usage.output_tokens)
+        stats.successes += 1
+        stats.latency_total_ms += latency
+        stats.recent_latency_ms.append(latency)
+        stats.input_tokens += reply.usage.input_tokens
+        stats.output_tokens += reply.usage.output_tokens
+        stats.cost += reply.cost
+        if self.on_call:
+            await self.on_call(spec.model, reply, None)
+        return reply
+
+
+def _transient(exc: Exception) -> bool:
+    """Errors worth retrying on the same model: timeouts, connection trouble, server-side 5xx."""
+    name = type(exc).__name__.lower()
+    return isinstance(exc, (TimeoutError, ConnectionError, RetryableError)) or any(
+        word in name for word in ("timeout", "connection", "server", "unavailable", "transient")
+    )
