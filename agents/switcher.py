@@ -61,7 +61,8 @@ class DspyModelCaller:
 
     def lm(self, spec: ModelSpec) -> Any:
         if spec.model not in self._lms:
-            self._lms[spec.model] = build_lm(spec)
+            # The switcher owns retries and fallback: DSPy's own retry loop would hide failures from it.
+            self._lms[spec.model] = build_lm(spec, num_retries=0)
         return self._lms[spec.model]
 
     async def __call__(self, model: ModelLike, req: CompletionRequest) -> CompletionReply:
@@ -74,8 +75,10 @@ class DspyModelCaller:
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         try:
             response = await self.lm(spec).aforward(messages=messages, **options)
-        except lm15.RateLimitError as exc:
-            raise RateLimitedError(f"{spec.model} is rate limited: {exc}") from exc
+        except Exception as exc:
+            if _is_rate_limit(exc):
+                raise RateLimitedError(f"{spec.model} is rate limited: {exc}") from exc
+            raise
         choice = response.choices[0]
         usage = getattr(response, "usage", None)
         return CompletionReply(
@@ -87,6 +90,15 @@ class DspyModelCaller:
                 output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             ),
         )
+
+
+def _is_rate_limit(exc: BaseException | None) -> bool:
+    """DSPy wraps provider errors (``LMRateLimitError`` around ``lm15.RateLimitError``): look down the chain."""
+    while exc is not None:
+        if isinstance(exc, lm15.RateLimitError) or "RateLimit" in type(exc).__name__:
+            return True
+        exc = exc.__cause__
+    return False
 
 
 class SwitcherAgent(Agent):

@@ -164,10 +164,27 @@ class AsyncDemoFewShotEngine:
         return cls(DemoFewShotEngine.load_state(state))
 
 
-def demo_lm(model: str = MODEL, *, fallback: str = "unknown", min_similarity: float = 0.0) -> Any:
-    """A ``dspy.LM`` backed by the demo engine (sync and async), with DSPy's response cache off."""
-    engine = DemoFewShotEngine(fallback=fallback, min_similarity=min_similarity)
-    return dspy.LM(model, engine=engine, async_engine=AsyncDemoFewShotEngine(engine), cache=False)
+def demo_lm(
+    model: str = MODEL,
+    *,
+    fallback: str = "unknown",
+    min_similarity: float = 0.0,
+    faults: Any = None,
+    num_retries: int = 3,
+) -> Any:
+    """A ``dspy.LM`` backed by the demo engine (sync and async), with DSPy's response cache off.
+
+    ``faults`` (a ``FaultProfile``) puts the fault/latency wrapper in front of both engines, sharing one
+    injector so the sync and async paths draw from the same sequence.
+    """
+    engine: Any = DemoFewShotEngine(fallback=fallback, min_similarity=min_similarity)
+    async_engine: Any = AsyncDemoFewShotEngine(engine)
+    if faults is not None:
+        from agents.lm.faults import AsyncFaultyEngine, FaultInjector, FaultyEngine
+
+        injector = FaultInjector(faults)
+        engine, async_engine = FaultyEngine(engine, injector), AsyncFaultyEngine(async_engine, injector)
+    return dspy.LM(model, engine=engine, async_engine=async_engine, cache=False, num_retries=num_retries)
 
 
 def _parse_prompt(request: Request) -> _Prompt:

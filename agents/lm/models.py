@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agents.lm.demo import MODEL as DEMO_MODEL
 from agents.lm.demo import demo_lm
+from agents.lm.faults import FaultProfile
 from bus.errors import ConfigurationError, NotFoundError
 
 DEMO_PREFIX = "demo/"
@@ -52,6 +53,8 @@ class ModelSpec(BaseModel):
     api_base: str | None = Field(default=None, description="endpoint override, e.g. a local OpenAI-compatible server")
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, gt=0)
+    # Demo models only: injected latency and failures, for benchmarks and fault tests.
+    faults: FaultProfile | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -72,6 +75,12 @@ class ModelSpec(BaseModel):
         if value != value.strip() or (sep and not rest):
             raise ValueError("model must be 'provider/name' (or a bare name), without surrounding spaces")
         return value
+
+    @model_validator(mode="after")
+    def _faults_on_demo_only(self) -> ModelSpec:
+        if self.faults is not None and not self.is_demo:
+            raise ValueError("faults can only be injected into demo/... models")
+        return self
 
     @property
     def is_demo(self) -> bool:
@@ -155,7 +164,7 @@ class ModelRegistry:
         return f"ModelRegistry({sorted(self._models)})"
 
 
-def build_lm(spec: ModelSpec, *, environ: Mapping[str, str] | None = None) -> Any:
+def build_lm(spec: ModelSpec, *, environ: Mapping[str, str] | None = None, num_retries: int = 3) -> Any:
     """A ``dspy.LM`` for this spec.
 
     ``demo/...`` models get the offline demo engine (sync and async, response cache off). Any other model
@@ -163,7 +172,7 @@ def build_lm(spec: ModelSpec, *, environ: Mapping[str, str] | None = None) -> An
     ``os.environ``; a missing or empty variable is a :class:`ConfigurationError` naming the variable.
     """
     if spec.is_demo:
-        return demo_lm(spec.model)
+        return demo_lm(spec.model, faults=spec.faults, num_retries=num_retries)
     import dspy
 
     env = os.environ if environ is None else environ
@@ -185,6 +194,6 @@ def build_lm(spec: ModelSpec, *, environ: Mapping[str, str] | None = None) -> An
     from dspy.utils.exceptions import DSPyError
 
     try:
-        return dspy.LM(spec.model, **options)
+        return dspy.LM(spec.model, num_retries=num_retries, **options)
     except (TypeError, ValueError, DSPyError) as exc:
         raise ConfigurationError(f"model {spec.model!r} cannot be built: {exc}") from exc
