@@ -16,6 +16,7 @@ from dspy import lm15
 from opentelemetry import metrics
 from pydantic import Field
 
+from agents.deployments import DeployRegistry
 from agents.lm.models import ModelRegistry, ModelSpec, build_lm
 from agents.switcher_core import (
     CompletionReply,
@@ -110,6 +111,7 @@ class SwitcherAgent(Agent):
 
     registry: ModelRegistry
     switcher: ModelSwitcher
+    deployments: DeployRegistry
 
     def make_registry(self) -> ModelRegistry:
         if self.config.models_file is not None:
@@ -119,6 +121,7 @@ class SwitcherAgent(Agent):
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         self.registry = self.make_registry()
+        self.deployments = await DeployRegistry.open(self.bus, self.config.stream_layout)
         meter = metrics.get_meter("dspyrt.switcher")
         latency = meter.create_histogram("dspyrt.lm.latency", unit="ms", description="LM call latency")
         tokens = meter.create_counter("dspyrt.lm.tokens", unit="{token}", description="LM tokens")
@@ -150,8 +153,15 @@ class SwitcherAgent(Agent):
 
     @endpoint("select")
     async def select(self, request: SelectRequest) -> Selection:
-        """Pick a model for a task kind / role / tags / budget, and say why."""
-        return self.switcher.select(request)
+        """Pick a model for a task kind / role / tags / budget, and say why; with ``program``, the deployed
+        optimized version of it to use on that model."""
+        selection = self.switcher.select(request)
+        if request.program:
+            deployed = await self.deployments.active(request.program, selection.model)
+            if deployed is not None:
+                selection.deployed = deployed.model_dump(mode="json")
+                selection.reason += f"; deployed version {deployed.version} of {request.program}"
+        return selection
 
     @endpoint("complete")
     async def complete(self, request: CompletionRequest) -> CompletionReply:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 from pydantic import Field
@@ -65,6 +65,8 @@ class SelectRequest(Message):
     # Budget: the most a model may cost per million tokens (mean of input and output price).
     max_price_per_million: float | None = Field(default=None, ge=0)
     exclude: list[str] = Field(default_factory=list)
+    # With a program name the reply also says which deployed version of it to run on the chosen model.
+    program: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class CandidateScore(Message):
@@ -81,6 +83,7 @@ class Selection(Message):
     model: str
     reason: str
     candidates: list[CandidateScore]
+    deployed: dict[str, Any] | None = None
 
 
 class CompletionRequest(Message):

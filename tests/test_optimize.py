@@ -184,3 +184,25 @@ async def test_concurrent_tasks_with_different_models_keep_their_own_lm(models_c
         assert stats[model].calls == record.result["lm_calls"]
     assert records["demo/second"].result["cost"] > 0 == records["demo/fewshot"].result["cost"]
     assert optimizer_stats.stats["labeled_fewshot"]["runs"] == 2
+
+
+async def test_select_names_the_deployed_version_for_the_chosen_model(models_config: IntegrationConfig) -> None:
+    from agents.deployments import DeployedVersion, DeployRegistry
+    from agents.switcher_core import Selection, SelectRequest
+
+    async with serving(models_config, [SwitcherAgent]) as system:
+        registry = await DeployRegistry.open(system.bus)
+        await registry.point(DeployedVersion(program="topics", version=1, artifact_store="s", artifact_name="a/1"))
+        await registry.point(
+            DeployedVersion(program="topics", version=2, artifact_store="s", artifact_name="a/2", model="demo/fewshot")
+        )
+        chosen = await system.client.request(
+            "switcher", "select", SelectRequest(task_kind="optimize", program="topics"), Selection
+        )
+        other = await system.client.request(
+            "switcher", "select", SelectRequest(tags=["flaky"], program="topics"), Selection
+        )
+        none = await system.client.request("switcher", "select", SelectRequest(program="unknown"), Selection)
+    assert chosen.model == "demo/fewshot" and chosen.deployed is not None and chosen.deployed["version"] == 2
+    assert other.model == "demo/broken" and other.deployed is not None and other.deployed["version"] == 1
+    assert none.deployed is None and "eligible" in none.reason
