@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXAMPLE ?= examples/wordcount.json
+EXAMPLE ?= examples/optimize.json
 
 .PHONY: run test setup setup-test lint bench clean
 

@@ -7,6 +7,7 @@ per-endpoint counters and the instance's last health report, both carried in the
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -69,11 +70,12 @@ def _instance(stats: dict[str, Any]) -> InstanceStatus:
         requests += n
         errors += int(data.get("errors", ep.get("num_errors", 0)))
         latency_weighted += n * float(data.get("mean_latency_ms", 0.0))
+    started = str(stats.get("started", ""))
     return InstanceStatus(
         id=stats.get("id", "?"),
         version=stats.get("version", "?"),
-        started=stats.get("started", ""),
-        uptime_s=float(health.get("uptime_s", 0.0)),
+        started=started,
+        uptime_s=_uptime(started) if started else float(health.get("uptime_s", 0.0)),
         requests=requests,
         errors=errors,
         mean_latency_ms=round(latency_weighted / requests, 3) if requests else 0.0,
@@ -82,6 +84,17 @@ def _instance(stats: dict[str, Any]) -> InstanceStatus:
         tasks=health.get("tasks", {}),
         dropped_spans=int(health.get("dropped_spans", 0)),
     )
+
+
+def _uptime(started: str) -> float:
+    """Seconds since the micro service's ``started`` timestamp (RFC 3339, UTC)."""
+    try:
+        when = datetime.fromisoformat(started.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return round(max(0.0, (datetime.now(UTC) - when).total_seconds()), 1)
 
 
 async def collect_status(bus: Bus, config: IntegrationConfig, *, window: float = 1.0) -> SystemStatus:
