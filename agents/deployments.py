@@ -1,21 +1,25 @@
-"""The deploy registry's lookup: which optimized version of a program is active (for a model, or overall).
+"""The deploy registry: versioned program deployments, the active pointer per program (and per model), canaries.
 
-Pointers live in the KV bucket ``<PREFIX>_deployments``: key ``<program>`` holds the program's active version,
-and ``<program>.model.<model>`` a version optimized for one model, which wins when that model is chosen.
-The artifacts they point to are the optimizer's ``dump_state()`` documents in the object store. The loop's
-deploy phase writes pointers; the switcher reads them so callers get the optimized program for the model it
-picked (the guide's "optimizer integration").
+KV bucket ``<PREFIX>_deployments``:
+
+- ``<program>.v.<n>``         version n (immutable): the artifact it runs, its score, the model it was made for
+- ``<program>``               the pointer: the active version, and an optional canary with its traffic fraction
+- ``<program>.model.<model>`` the version optimized for one model, which wins when the switcher picks that model
+- ``<program>.latest``        the last version number handed out (compare-and-swap, so replicas never collide)
+
+Artifacts themselves are the optimizer's ``dump_state()`` documents in the object store.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
-from bus import Bus, Message, StreamLayout
+from bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
 from bus.streams import key_value
 
 
@@ -27,15 +31,30 @@ class DeployedVersion(Message):
     artifact_sha256: str = ""
     model: str | None = None
     score: float | None = None
+    baseline_score: float | None = None
+    cycle_id: str | None = None
     deployed_at: float = Field(default_factory=time.time)
+
+
+class ProgramPointer(Message):
+    program: str
+    active: DeployedVersion | None = None
+    canary: DeployedVersion | None = None
+    canary_fraction: float | None = None
+    updated_at: float = Field(default_factory=time.time)
+    note: str = ""
 
 
 def pointer_key(program: str, model: str | None = None) -> str:
     return f"{program}.model.{model}" if model else program
 
 
+def version_key(program: str, version: int) -> str:
+    return f"{program}.v.{version}"
+
+
 class DeployRegistry:
-    """Reads and writes active-version pointers."""
+    """Reads and writes versions and pointers. Every pointer change is compare-and-swap."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -44,20 +63,158 @@ class DeployRegistry:
     async def open(cls, bus: Bus, layout: StreamLayout | None = None) -> DeployRegistry:
         return cls(await key_value(bus, bus.subjects.bucket("deployments"), layout, history=16))
 
-    async def _get(self, key: str) -> DeployedVersion | None:
+    async def _raw(self, key: str) -> tuple[bytes | None, int]:
         try:
             entry = await self.kv.get(key)
         except KeyNotFoundError:
-            return None
-        return DeployedVersion.model_validate_json(entry.value) if entry.value else None
+            return None, 0
+        return entry.value, int(entry.revision or 0)
+
+    async def _put_cas(self, key: str, data: bytes, revision: int) -> None:
+        if revision:
+            await self.kv.update(key, data, last=revision)
+        else:
+            await self.kv.create(key, data)
+
+    # --- reading -------------------------------------------------------------------------------------
+
+    async def pointer(self, program: str) -> ProgramPointer | None:
+        raw, _ = await self._raw(pointer_key(program))
+        return ProgramPointer.model_validate_json(raw) if raw else None
+
+    async def version(self, program: str, version: int) -> DeployedVersion:
+        raw, _ = await self._raw(version_key(program, version))
+        if not raw:
+            raise NotFoundError(f"program {program} has no version {version}")
+        return DeployedVersion.model_validate_json(raw)
 
     async def active(self, program: str, model: str | None = None) -> DeployedVersion | None:
         """The version to run: the one deployed for ``model`` if any, else the program's active one."""
         if model is not None:
-            for_model = await self._get(pointer_key(program, model))
-            if for_model is not None:
-                return for_model
-        return await self._get(pointer_key(program))
+            raw, _ = await self._raw(pointer_key(program, model))
+            if raw:
+                return DeployedVersion.model_validate_json(raw)
+        pointer = await self.pointer(program)
+        return pointer.active if pointer else None
 
+    async def _keys(self) -> list[str]:
+        try:
+            return list(await self.kv.keys())
+        except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
+            if type(exc).__name__ == "NoKeysError":
+                return []
+            raise
+
+    async def programs(self) -> list[ProgramPointer]:
+        names = sorted({k for k in await self._keys() if "." not in k})
+        pointers = [await self.pointer(n) for n in names]
+        return [p for p in pointers if p is not None]
+
+    async def versions(self, program: str) -> list[DeployedVersion]:
+        prefix = f"{program}.v."
+        numbers = sorted(int(k[len(prefix) :]) for k in await self._keys() if k.startswith(prefix))
+        return [await self.version(program, n) for n in numbers]
+
+    # --- writing -------------------------------------------------------------------------------------
+
+    async def next_version(self, program: str) -> int:
+        key = f"{program}.latest"
+        for _ in range(50):
+            raw, revision = await self._raw(key)
+            number = int(raw or b"0") + 1
+            try:
+                await self._put_cas(key, str(number).encode(), revision)
+                return number
+            except KeyWrongLastSequenceError:
+                continue
+        raise DspyrtError(f"could not allocate a version of {program}: too much contention", code="conflict")
+
+    async def deploy(self, deployed: DeployedVersion, *, canary_fraction: float | None = None) -> ProgramPointer:
+        """Record the version and make it active (or the canary, taking ``canary_fraction`` of the traffic)."""
+        await self.kv.put(version_key(deployed.program, deployed.version), deployed.model_dump_json().encode())
+
+        def change(pointer: ProgramPointer) -> ProgramPointer:
+            if canary_fraction is not None and pointer.active is not None:
+                return pointer.model_copy(
+                    update={"canary": deployed, "canary_fraction": canary_fraction, "note": "canary"}
+                )
+            return pointer.model_copy(update={"active": deployed, "canary": None, "canary_fraction": None,
+                                              "note": f"deployed v{deployed.version}"})  # fmt: skip
+
+        pointer = await self._update_pointer(deployed.program, change)
+        if pointer.active is deployed or (pointer.active and pointer.active.version == deployed.version):
+            await self._point_model(deployed)
+        return pointer
+
+    async def promote(self, program: str) -> ProgramPointer:
+        """Make the canary the active version."""
+
+        def change(pointer: ProgramPointer) -> ProgramPointer:
+            if pointer.canary is None:
+                raise NotFoundError(f"program {program} has no canary")
+            return pointer.model_copy(update={"active": pointer.canary, "canary": None, "canary_fraction": None,
+                                              "note": f"promoted canary v{pointer.canary.version}"})  # fmt: skip
+
+        pointer = await self._update_pointer(program, change)
+        if pointer.active is not None:
+            await self._point_model(pointer.active)
+        return pointer
+
+    async def rollback(self, program: str, version: int | None = None) -> ProgramPointer:
+        """Drop the canary (when there is one and no version is named), or make ``version`` (default: the one
+        before the active one) active again."""
+        current = await self.pointer(program)
+        if current is None or current.active is None:
+            raise NotFoundError(f"program {program} is not deployed")
+        if version is None and current.canary is not None:
+            return await self._update_pointer(
+                program,
+                lambda p: p.model_copy(
+                    update={
+                        "canary": None,
+                        "canary_fraction": None,
+                        "note": f"canary v{p.canary.version} rolled back" if p.canary else "canary rolled back",
+                    }
+                ),
+            )
+        if version is None:
+            earlier = [v.version for v in await self.versions(program) if v.version < current.active.version]
+            if not earlier:
+                raise NotFoundError(f"program {program} has no version before v{current.active.version}")
+            version = max(earlier)
+        target = await self.version(program, version)
+        previous = current.active
+        pointer = await self._update_pointer(
+            program,
+            lambda p: p.model_copy(update={"active": target, "canary": None, "canary_fraction": None,
+                                           "note": f"rolled back from v{previous.version} to v{target.version}"}),
+        )  # fmt: skip
+        if previous.model and previous.model != target.model:
+            await self.kv.delete(pointer_key(program, previous.model))
+        await self._point_model(target)
+        return pointer
+
+    async def _point_model(self, deployed: DeployedVersion) -> None:
+        if deployed.model:
+            await self.kv.put(pointer_key(deployed.program, deployed.model), deployed.model_dump_json().encode())
+
+    async def _update_pointer(self, program: str, change: Callable[[ProgramPointer], ProgramPointer]) -> ProgramPointer:
+        key = pointer_key(program)
+        for _ in range(50):
+            raw, revision = await self._raw(key)
+            current = ProgramPointer.model_validate_json(raw) if raw else ProgramPointer(program=program)
+            new = change(current)
+            new.updated_at = time.time()
+            try:
+                await self._put_cas(key, new.model_dump_json().encode(), revision)
+                return new
+            except KeyWrongLastSequenceError:
+                continue
+        raise DspyrtError(f"could not update the pointer of {program}: too much contention", code="conflict")
+
+    # Kept for the switcher's lookup: a pointer written directly (tests, tools).
     async def point(self, deployed: DeployedVersion) -> None:
-        await self.kv.put(pointer_key(deployed.program, deployed.model), deployed.model_dump_json().encode())
+        if deployed.model:
+            await self._point_model(deployed)
+            return
+        await self._update_pointer(deployed.program, lambda p: p.model_copy(update={"active": deployed}))

@@ -8,8 +8,6 @@ program's ``dump_state()`` JSON as a versioned artifact in the object store, and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,9 +17,9 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 from nats.js.kv import KeyValue
-from nats.js.object_store import ObjectStore
 from pydantic import Field
 
+from agents.artifacts import ArtifactStore
 from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
 from agents.optimizers import (
     ArtifactRef,
@@ -32,10 +30,9 @@ from agents.optimizers import (
 )
 from agents.switcher_core import Selection, SelectRequest
 from bus import DspyrtError, Empty, Message, PermanentError
-from bus.streams import key_value, object_store
+from bus.streams import key_value
 from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
 
-ARTIFACT_FORMAT = "dspyrt.program/1"
 ACTIVE_KEY = "active"
 # Errors about the request itself: retrying cannot help.
 _PERMANENT_CODES = {"invalid_message", "not_found", "invalid_config", "no_eligible_model"}
@@ -55,10 +52,6 @@ class OptimizerStatsReply(Message):
     stats: dict[str, dict[str, Any]]
 
 
-def artifact_bucket(agent: Agent) -> str:
-    return agent.bus.subjects.object_store("artifacts")
-
-
 class OptimizerAgent(Agent):
     """The guide's DSPyOptimizerManager on the bus."""
 
@@ -69,7 +62,7 @@ class OptimizerAgent(Agent):
     manager: DSPyOptimizerManager
     cache: KeyValue
     settings: KeyValue
-    artifacts: ObjectStore
+    artifacts: ArtifactStore
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -77,7 +70,7 @@ class OptimizerAgent(Agent):
         layout = self.config.stream_layout
         self.cache = await key_value(self.bus, self.bus.subjects.bucket("optcache"), layout)
         self.settings = await key_value(self.bus, self.bus.subjects.bucket("optimizer"), layout)
-        self.artifacts = await object_store(self.bus, artifact_bucket(self), layout)
+        self.artifacts = await ArtifactStore.open(self.bus, layout)
         yield
 
     async def _active(self) -> str:
@@ -177,7 +170,6 @@ class OptimizerAgent(Agent):
     async def _store_artifact(self, task_id: str, outcome: RunOutcome) -> ArtifactRef:
         result = outcome.result
         document = {
-            "format": ARTIFACT_FORMAT,
             "program_name": result.program_name,
             "program_hash": result.program_hash,
             "spec": outcome.program_spec.model_dump(mode="json"),
@@ -190,16 +182,7 @@ class OptimizerAgent(Agent):
             "task_id": task_id,
             "created_at": time.time(),
         }
-        data = json.dumps(document, sort_keys=True).encode()
-        name = f"{result.program_name}/{task_id}.json"
-        await self.artifacts.put(name, data)
-        return ArtifactRef(
-            store=artifact_bucket(self),
-            name=name,
-            version=task_id,
-            sha256=hashlib.sha256(data).hexdigest(),
-            size=len(data),
-        )
+        return await self.artifacts.put(f"{result.program_name}/{task_id}.json", document)
 
     async def health_checks(self) -> dict[str, CheckResult]:
         return {"optimizers": CheckResult(ok=True, detail=f"{len(self.manager.optimizers)} installed")}

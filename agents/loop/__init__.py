@@ -1,0 +1,1 @@
+"""The optimization loop (the guide's FourPartOptimizationLoop): create → evaluate → optimize → deploy."""

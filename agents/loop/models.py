@@ -1,0 +1,231 @@
+"""Payloads of the loop phases, the cycle task and serving."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from agents.optimizers import ArtifactRef, Budget, OptimizationResult
+from agents.programs import ProgramSpec, parse_program_spec
+from bus import Message
+
+Severity = Literal["info", "warning", "error", "critical"]
+PROGRAM_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _spec(value: Any) -> Any:
+    return value if isinstance(value, ProgramSpec) else parse_program_spec(value)
+
+
+# ------------------------------------------------------------------------------------------ create
+
+
+class CreateRequest(Message):
+    program: ProgramSpec
+
+    _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
+
+
+class CreateResult(Message):
+    program_hash: str
+    module: str
+    predictors: list[str]
+    input_fields: list[str]
+    output_fields: list[str]
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+class ProgramRef(Message):
+    """A program to run: its spec, plus an optimized state (inline, or an artifact in the object store)."""
+
+    spec: ProgramSpec
+    state: dict[str, Any] | None = None
+    artifact: ArtifactRef | None = None
+
+    _check = field_validator("spec", mode="before")(classmethod(lambda cls, v: _spec(v)))
+
+
+class EvaluateRequest(Message):
+    """Score a program on a devset; the devset is split into shards that evaluator replicas score."""
+
+    program: ProgramRef
+    devset: list[dict[str, Any]] = Field(min_length=1, max_length=100_000)
+    input_fields: list[str] | None = None
+    metric: str = "exact_match"
+    metric_field: str | None = None
+    metric_params: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = None
+    shard_size: int = Field(default=25, ge=1, le=10_000)
+    num_threads: int = Field(default=8, ge=1, le=256)
+    # Evaluation id: shard task ids derive from it, so a repeated request reuses finished shards.
+    evaluation_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,100}$")
+
+
+class ShardRequest(Message):
+    program: ProgramRef
+    examples: list[dict[str, Any]] = Field(min_length=1)
+    offset: int = Field(ge=0)
+    input_fields: list[str]
+    metric: str
+    metric_field: str | None = None
+    metric_params: dict[str, Any] = Field(default_factory=dict)
+    model: str
+    num_threads: int = 8
+
+
+class ExampleResult(Message):
+    index: int
+    score: float
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    latency_ms: float = 0.0
+    error: str | None = None
+
+
+class ShardResult(Message):
+    offset: int
+    results: list[ExampleResult]
+    lm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    worker: str = ""
+
+
+class EvaluationResult(Message):
+    score: float  # percent, as dspy.Evaluate reports
+    examples: int
+    results: list[ExampleResult]
+    shards: int
+    model: str
+    lm_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p95_ms: float = 0.0
+    duration_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------ deploy
+
+
+class RequiredValidator(Message):
+    """A validator type whose failures at or above ``severity`` block the deploy."""
+
+    type: str
+    severity: Severity = "error"
+
+
+class Objectives(Message):
+    min_improvement: float | None = None  # percentage points over the baseline
+    min_score: float | None = None  # percent
+    max_cost: float | None = Field(default=None, ge=0)  # USD for the whole cycle
+    max_latency_p95_ms: float | None = Field(default=None, gt=0)
+    required_validators: list[RequiredValidator] = Field(default_factory=list)
+
+
+class ValidationSpec(Message):
+    """What the validators check the optimized program's outputs against (see the assertion framework)."""
+
+    output_schema: dict[str, Any] = Field(default_factory=dict)
+    invariants: list[dict[str, Any]] = Field(default_factory=list)
+    code_fields: list[str] = Field(default_factory=list)
+    types: list[str] | None = None  # validator types to run; default: every enabled one
+
+
+class DeployRequest(Message):
+    program_name: str = Field(pattern=PROGRAM_NAME)
+    program: ProgramSpec
+    artifact: ArtifactRef
+    model: str | None = None
+    baseline_score: float | None = None
+    optimized_score: float | None = None
+    cost: float = 0.0
+    latency_p95_ms: float | None = None
+    validation: dict[str, Any] | None = None  # the aggregated validation report
+    objectives: Objectives = Field(default_factory=Objectives)
+    canary_fraction: float | None = Field(default=None, gt=0, lt=1)
+    cycle_id: str | None = None
+
+    _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
+
+
+class DeployVerdict(Message):
+    deployed: bool
+    program_name: str
+    version: int | None = None
+    canary: bool = False
+    reasons: list[str] = Field(default_factory=list)  # why it was rejected (every one)
+    checks: dict[str, bool] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------- cycle
+
+
+class CycleRequest(Message):
+    """The durable ``cycle`` task (the guide's run_cycle input)."""
+
+    program_name: str = Field(pattern=PROGRAM_NAME)
+    program: ProgramSpec
+    trainset: list[dict[str, Any]] = Field(min_length=1)
+    valset: list[dict[str, Any]] | None = None
+    devset: list[dict[str, Any]] = Field(min_length=1)
+    input_fields: list[str] | None = None
+    metric: str = "exact_match"
+    metric_field: str | None = None
+    metric_params: dict[str, Any] = Field(default_factory=dict)
+    optimizer: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = None
+    budget: Budget = Field(default_factory=Budget)
+    seed: int = 0
+    objectives: Objectives = Field(default_factory=Objectives)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    canary_fraction: float | None = Field(default=None, gt=0, lt=1)
+    shard_size: int = Field(default=25, ge=1)
+
+    _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
+
+
+PhaseName = Literal["create", "evaluate_baseline", "optimize", "evaluate_optimized", "validate", "deploy"]
+PHASES: tuple[PhaseName, ...] = ("create", "evaluate_baseline", "optimize", "evaluate_optimized", "validate", "deploy")
+
+
+class CycleState(Message):
+    """Kept in KV per cycle: what each finished phase produced, so a replacement coordinator resumes."""
+
+    cycle_id: str
+    phases: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    runs: dict[str, int] = Field(default_factory=dict)  # how often each phase was executed (never re-run)
+
+
+class CycleResult(Message):
+    cycle_id: str
+    program_name: str
+    create: CreateResult
+    baseline: EvaluationResult
+    optimization: OptimizationResult
+    optimized: EvaluationResult | None = None
+    validation: dict[str, Any] | None = None
+    verdict: DeployVerdict
+    phase_runs: dict[str, int] = Field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+
+class PredictRequest(Message):
+    program: str = Field(pattern=PROGRAM_NAME)
+    inputs: dict[str, Any]
+    version: int | None = Field(default=None, ge=1)
+
+
+class PredictReply(Message):
+    program: str
+    version: int
+    model: str
+    outputs: dict[str, Any]
+    canary: bool = False
