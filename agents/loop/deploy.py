@@ -1,0 +1,119 @@
+"""The deploy phase (``<prefix>.loop-deploy.*``): the objectives gate, and the registry's public face.
+
+A candidate that meets every objective becomes the program's next version (or its canary); one that does not
+is rejected with every reason. Deploying is idempotent per cycle: a coordinator that retries the deploy of a
+cycle gets the version that cycle already made, never a second one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from pydantic import Field
+
+from agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
+from agents.loop.gate import check_objectives
+from agents.loop.models import PROGRAM_NAME, DeployRequest, DeployVerdict
+from bus import Empty, Message, NotFoundError
+from runtime.agent import Agent, endpoint
+
+
+class ProgramName(Message):
+    program: str = Field(pattern=PROGRAM_NAME)
+
+
+class RollbackRequest(Message):
+    program: str = Field(pattern=PROGRAM_NAME)
+    version: int | None = Field(default=None, ge=1)
+
+
+class ProgramList(Message):
+    programs: list[ProgramPointer]
+
+
+class ProgramDetail(Message):
+    pointer: ProgramPointer
+    versions: list[DeployedVersion]
+
+
+class DeployAgent(Agent):
+    name = "loop-deploy"
+    group = "loop"
+    description = "loop phase: the deploy gate and the deploy registry (list, show, rollback, promote)"
+
+    registry: DeployRegistry
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        self.registry = await DeployRegistry.open(self.bus, self.config.stream_layout)
+        yield
+
+    @endpoint("deploy")
+    async def deploy(self, request: DeployRequest) -> DeployVerdict:
+        """Check the objectives; deploy the next version if they hold, else say every reason."""
+        if request.cycle_id:
+            for existing in await self.registry.versions(request.program_name):
+                if existing.cycle_id == request.cycle_id:
+                    pointer = await self.registry.pointer(request.program_name)
+                    canary = bool(pointer and pointer.canary and pointer.canary.version == existing.version)
+                    return DeployVerdict(
+                        deployed=True, program_name=request.program_name, version=existing.version, canary=canary
+                    )
+        checks, reasons = check_objectives(request)
+        if reasons:
+            await self.publish_event(
+                "deploy.rejected", {"program": request.program_name, "reasons": reasons, "cycle_id": request.cycle_id}
+            )
+            return DeployVerdict(deployed=False, program_name=request.program_name, reasons=reasons, checks=checks)
+        version = await self.registry.next_version(request.program_name)
+        deployed = DeployedVersion(
+            program=request.program_name,
+            version=version,
+            artifact_store=request.artifact.store,
+            artifact_name=request.artifact.name,
+            artifact_sha256=request.artifact.sha256,
+            model=request.model,
+            score=request.optimized_score,
+            baseline_score=request.baseline_score,
+            cycle_id=request.cycle_id,
+        )
+        pointer = await self.registry.deploy(deployed, canary_fraction=request.canary_fraction)
+        canary = pointer.canary is not None and pointer.canary.version == version
+        await self.publish_event(
+            "deploy.completed",
+            {"program": request.program_name, "version": version, "canary": canary, "score": request.optimized_score,
+             "model": request.model, "cycle_id": request.cycle_id},
+        )  # fmt: skip
+        return DeployVerdict(
+            deployed=True, program_name=request.program_name, version=version, canary=canary, checks=checks
+        )
+
+    @endpoint("list")
+    async def list_programs(self, _: Empty) -> ProgramList:
+        """Every deployed program with its active version (and canary)."""
+        return ProgramList(programs=await self.registry.programs())
+
+    @endpoint("show")
+    async def show(self, request: ProgramName) -> ProgramDetail:
+        """One program's pointer and all its versions."""
+        pointer = await self.registry.pointer(request.program)
+        if pointer is None:
+            raise NotFoundError(f"program {request.program} is not deployed")
+        return ProgramDetail(pointer=pointer, versions=await self.registry.versions(request.program))
+
+    @endpoint("rollback")
+    async def rollback(self, request: RollbackRequest) -> ProgramPointer:
+        """Drop the canary, or make an earlier version active again (default: the one before)."""
+        pointer = await self.registry.rollback(request.program, request.version)
+        await self.publish_event(
+            "deploy.rollback",
+            {"program": request.program, "version": pointer.active.version if pointer.active else None,
+             "note": pointer.note},
+        )  # fmt: skip
+        return pointer
+
+    @endpoint("promote")
+    async def promote(self, request: ProgramName) -> ProgramPointer:
+        """Make the canary the active version."""
+        return await self.registry.promote(request.program)
