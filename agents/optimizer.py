@@ -104,7 +104,7 @@ class OptimizerAgent(Agent):
 
     # --- the task ----------------------------------------------------------------------------------
 
-    @task("optimize", ack_wait=60)
+    @task("optimize")
     async def optimize(self, job: OptimizationRequest, ctx: TaskContext) -> OptimizationResult:
         if job.optimizer is None:
             job = job.model_copy(update={"optimizer": await self._active()})

@@ -302,6 +302,95 @@ def status(as_json: JsonOption = False, config_file: ConfigOption = None) -> Non
     raise typer.Exit(0 if healthy else 1)
 
 
+# ---------------------------------------------------------------------------------------- programs
+
+programs_app = typer.Typer(help="Deployed programs: list, show, rollback, promote.", no_args_is_help=True)
+app.add_typer(programs_app, name="programs")
+DEPLOY_AGENT = "loop-deploy"
+
+
+def _deploy_call(config_file: Path | None, endpoint: str, payload: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    async def body(client: Client) -> dict[str, Any]:
+        msg = await client.bus.request_raw(
+            client.bus.subjects.endpoint(DEPLOY_AGENT, endpoint), json.dumps(payload).encode(), timeout=10
+        )
+        data: dict[str, Any] = json.loads(msg.data)
+        return data
+
+    data = _with_client(config_file, body)
+    if as_json:
+        console.print_json(json.dumps(data))
+    return data
+
+
+def _version_label(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    score = f" score={v['score']}" if v.get("score") is not None else ""
+    return f"v{v['version']}{score}" + (f" model={v['model']}" if v.get("model") else "")
+
+
+@programs_app.command("list")
+def programs_list(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
+    """Every deployed program with its active version and canary."""
+    data = _deploy_call(config_file, "list", {}, as_json)
+    if as_json:
+        return
+    table = Table("program", "active", "canary", "updated", "note")
+    for p in data["programs"]:
+        canary = f"{_version_label(p.get('canary'))} ({p.get('canary_fraction')})" if p.get("canary") else "-"
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["updated_at"]))
+        table.add_row(p["program"], _version_label(p.get("active")), canary, updated, p.get("note", ""))
+    console.print(table)
+
+
+@programs_app.command("show")
+def programs_show(
+    name: Annotated[str, typer.Argument(help="program name")],
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """One program: its pointer and every version."""
+    data = _deploy_call(config_file, "show", {"program": name}, as_json)
+    if as_json:
+        return
+    pointer = data["pointer"]
+    console.print(f"[bold]{name}[/bold] active {_version_label(pointer.get('active'))}  {pointer.get('note', '')}")
+    table = Table("version", "score", "baseline", "model", "cycle", "artifact", "deployed")
+    for v in data["versions"]:
+        active = " *" if pointer.get("active") and pointer["active"]["version"] == v["version"] else ""
+        table.add_row(f"v{v['version']}{active}", str(v.get("score")), str(v.get("baseline_score")),
+                      str(v.get("model") or "-"), str(v.get("cycle_id") or "-"), v["artifact_name"],
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["deployed_at"])))  # fmt: skip
+    console.print(table)
+
+
+@programs_app.command("rollback")
+def programs_rollback(
+    name: Annotated[str, typer.Argument(help="program name")],
+    version: Annotated[int | None, typer.Argument(help="version to restore (default: the one before)")] = None,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Drop the canary, or make an earlier version active again."""
+    payload: dict[str, Any] = {"program": name} | ({"version": version} if version is not None else {})
+    data = _deploy_call(config_file, "rollback", payload, as_json)
+    if not as_json:
+        console.print(f"{name}: {data.get('note')}; active {_version_label(data.get('active'))}")
+
+
+@programs_app.command("promote")
+def programs_promote(
+    name: Annotated[str, typer.Argument(help="program name")],
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Make the canary the active version."""
+    data = _deploy_call(config_file, "promote", {"program": name}, as_json)
+    if not as_json:
+        console.print(f"{name}: {data.get('note')}; active {_version_label(data.get('active'))}")
+
+
 # ------------------------------------------------------------------------------------------ traces
 
 

@@ -281,7 +281,7 @@ class CycleAgent(Agent):
         self.loop = FourPartOptimizationLoop(BusPhases(self), KvCycleStore(kv), auto_validate=self.config.auto_validate)
         yield
 
-    @task("cycle", ack_wait=60)
+    @task("cycle")
     async def cycle(self, req: CycleRequest, ctx: TaskContext) -> CycleResult:
         async def progress(phase: str, step: int, total: int) -> None:
             await ctx.progress(phase, step=step, total=total)

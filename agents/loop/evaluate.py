@@ -58,7 +58,7 @@ class EvaluatorAgent(Agent):
         self.artifacts = await ArtifactStore.open(self.bus, self.config.stream_layout)
         yield
 
-    @task("evaluate-shard", ack_wait=30)
+    @task("evaluate-shard", concurrency=2)
     async def evaluate_shard(self, shard: ShardRequest, ctx: TaskContext) -> ShardResult:
         try:
             program = await load_program(shard.program, self.artifacts)
@@ -93,7 +93,7 @@ class EvaluateAgent(Agent):
     group = "loop"
     description = "loop phase: distributed evaluation of a program on a devset"
 
-    @task("evaluate", ack_wait=60)
+    @task("evaluate")
     async def evaluate(self, job: EvaluateRequest, ctx: TaskContext) -> EvaluationResult:
         return await run_evaluation(self, job, job.evaluation_id or ctx.task_id, ctx)
 
