@@ -177,6 +177,12 @@ def demo_lm(
     ``faults`` (a ``FaultProfile``) puts the fault/latency wrapper in front of both engines, sharing one
     injector so the sync and async paths draw from the same sequence.
     """
+    engine, async_engine = demo_engines(fallback=fallback, min_similarity=min_similarity, faults=faults)
+    return dspy.LM(model, engine=engine, async_engine=async_engine, cache=False, num_retries=num_retries)
+
+
+def demo_engines(*, fallback: str = "unknown", min_similarity: float = 0.0, faults: Any = None) -> tuple[Any, Any]:
+    """The demo engine pair (sync, async), behind the fault wrapper when ``faults`` is given."""
     engine: Any = DemoFewShotEngine(fallback=fallback, min_similarity=min_similarity)
     async_engine: Any = AsyncDemoFewShotEngine(engine)
     if faults is not None:
@@ -184,7 +190,7 @@ def demo_lm(
 
         injector = FaultInjector(faults)
         engine, async_engine = FaultyEngine(engine, injector), AsyncFaultyEngine(async_engine, injector)
-    return dspy.LM(model, engine=engine, async_engine=async_engine, cache=False, num_retries=num_retries)
+    return engine, async_engine
 
 
 def _parse_prompt(request: Request) -> _Prompt:
