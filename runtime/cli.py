@@ -391,6 +391,36 @@ def programs_promote(
         console.print(f"{name}: {data.get('note')}; active {_version_label(data.get('active'))}")
 
 
+@app.command()
+def predict(
+    program: Annotated[str, typer.Argument(help="deployed program name")],
+    inputs: Annotated[str, typer.Argument(help="the inputs as a JSON object, a JSON file, or - for stdin")],
+    version: Annotated[int | None, typer.Option(help="run this version instead of the active one")] = None,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Run a deployed program (its active version, or its canary for the canary's share) on the inputs."""
+    text = inputs if inputs.lstrip().startswith("{") else None
+
+    async def body(client: Client) -> dict[str, Any]:
+        payload: dict[str, Any] = {"program": program, "inputs": json.loads(text) if text else _read_input(inputs)}
+        if version is not None:
+            payload["version"] = version
+        msg = await client.bus.request_raw(
+            client.bus.subjects.endpoint("serving", "predict"), json.dumps(payload).encode(), timeout=60
+        )
+        data: dict[str, Any] = json.loads(msg.data)
+        return data
+
+    data = _with_client(config_file, body)
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    canary = " (canary)" if data.get("canary") else ""
+    console.print(f"{program} v{data['version']}{canary} on {data['model']}")
+    console.print_json(json.dumps(data["outputs"]))
+
+
 # ------------------------------------------------------------------------------------------ traces
 
 
