@@ -17,6 +17,35 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 _propagator = TraceContextTextMapPropagator()
 _tracer = trace.get_tracer("dspyrt.bus")
+_live_for: tuple[int, bool] = (0, False)
+
+
+def live() -> bool:
+    """Whether spans can be recorded at all (an SDK provider whose sampler is not always-off).
+
+    When nothing can record, hops skip span creation; an upstream trace context is still passed on.
+    Cached per provider object, so installing the SDK later is noticed.
+    """
+    global _live_for
+    provider = trace.get_tracer_provider()
+    if _live_for[0] != id(provider):
+        sampler = getattr(provider, "sampler", None)
+        # "AlwaysOffSampler" or "ParentBased{root:AlwaysOffSampler,...}": no trace starts here.
+        recording = (
+            sampler is not None
+            and "root:AlwaysOffSampler" not in sampler.get_description()
+            and sampler.get_description() != "AlwaysOffSampler"
+        )
+        _live_for = (id(provider), recording)
+    return _live_for[1]
+
+
+def _sampled_upstream(headers: dict[str, str] | None) -> bool:
+    """A sampled caller's trace is recorded even where no trace would start (parent-based sampling)."""
+    if not headers or not headers.get(TRACEPARENT, "").endswith("-01"):
+        return False
+    return hasattr(trace.get_tracer_provider(), "sampler")
+
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -24,7 +53,8 @@ TRACESTATE = "tracestate"
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """Write the current trace context into ``headers`` (in place) and return them."""
-    _propagator.inject(headers)
+    if live() or trace.get_current_span().get_span_context().is_valid:
+        _propagator.inject(headers)
     return headers
 
 
@@ -54,6 +84,9 @@ def send_span(
     subject: str, *, size: int | None = None, message_id: str | None = None, expects_reply: bool = False
 ) -> Iterator[Span]:
     """A producer span; inject its context into the outgoing headers inside the ``with``."""
+    if not live():
+        yield trace.INVALID_SPAN
+        return
     kind = SpanKind.CLIENT if expects_reply else SpanKind.PRODUCER
     with _tracer.start_as_current_span(
         f"send {subject}", kind=kind, attributes=_attributes(subject, "send", size, message_id)
@@ -72,6 +105,16 @@ def process_span(
     is_request: bool = False,
 ) -> Iterator[Span]:
     """A consumer span that continues the sender's trace."""
+    if not live() and not _sampled_upstream(headers):
+        if not headers or TRACEPARENT not in headers:
+            yield trace.INVALID_SPAN
+            return
+        token = otel_context.attach(extract(headers))  # forward the caller's trace even when not recording
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            otel_context.detach(token)
+        return
     attrs = _attributes(subject, "process", size, message_id)
     if consumer_group:
         attrs["messaging.consumer.group.name"] = consumer_group
