@@ -265,3 +265,38 @@ async def _running_shards(store: Any, evaluation_id: str) -> bool:
     records = [await store.get(f"{evaluation_id}-s{i}") for i in range(4)]
     running = [r for r in records if r is not None and r.status is TaskStatus.RUNNING]
     return len(running) >= 3
+
+
+async def test_a_program_failing_a_required_validator_is_not_deployed(config: IntegrationConfig) -> None:
+    validators = [
+        "assertions",
+        "validator-code",
+        "validator-logic",
+        "validator-performance",
+        "validator-security",
+        "validator-custom",
+    ]
+    async with serving(config, agents(*LOOP, *validators)) as system:
+        bad = cycle(
+            objectives={"required_validators": [{"type": "logic", "severity": "error"}]},
+            validation={"output_schema": {"topic": {"type": "int"}}},
+        )
+        rejected = await system.client.run("cycle", bad, timeout=90)
+        assert rejected.status is TaskStatus.SUCCEEDED, rejected.error
+        verdict = rejected.result["verdict"]
+        assert verdict["deployed"] is False
+        assert verdict["checks"] == {"min_improvement": True, "min_score": True, "validator:logic": False}
+        assert any("logic/" in r and "should be int" in r for r in verdict["reasons"])
+        assert rejected.result["validation"]["passed"] is False
+        # The same cycle with the right schema passes the same validator and deploys.
+        good = cycle(
+            objectives={"required_validators": [{"type": "logic", "severity": "error"}]},
+            validation={
+                "output_schema": {
+                    "topic": {"type": "str", "choices": ["sports", "cooking", "technology", "finance", "weather"]}
+                }
+            },
+        )
+        accepted = await system.client.run("cycle", good, timeout=90)
+        assert accepted.result["verdict"]["deployed"] is True, accepted.result["verdict"]["reasons"]
+        assert accepted.result["verdict"]["checks"]["validator:logic"] is True

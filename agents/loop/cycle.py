@@ -202,6 +202,9 @@ class KvCycleStore:
         await self.kv.put(state.cycle_id, state.model_dump_json().encode())
 
 
+MAX_VALIDATION_CASES = 5000  # the assertion framework's limit per request
+
+
 class BusPhases:
     """The phases carried out by the phase agents."""
 
@@ -244,7 +247,7 @@ class BusPhases:
             }
             for r in evaluation.results
             if r.error is None
-        ]
+        ][:MAX_VALIDATION_CASES]
         payload: dict[str, Any] = {
             "cases": cases,
             "output_schema": req.validation.output_schema,

@@ -62,7 +62,7 @@ def check_objectives(req: DeployRequest) -> tuple[dict[str, bool], list[str]]:
             checks[name] = False
             reasons.append(f"validator {required.type} is required but no validation ran")
             continue
-        ran = required.type in (req.validation.get("types") or [])
+        ran = required.type in (req.validation.get("counts") or {})
         failures = blocking_failures(req.validation, required.type, required.severity)
         checks[name] = ran and not failures
         if not ran:

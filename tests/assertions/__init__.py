@@ -1,0 +1,1 @@
+"""Tests of the assertion framework (``agents.assertions``) and its agents (``agents.validators``)."""
