@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXAMPLE ?= examples/optimize.json
+EXAMPLE ?= examples/cycle.json
 
 .PHONY: run test setup setup-test lint bench clean
 

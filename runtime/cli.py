@@ -194,8 +194,54 @@ def _print_record(record: TaskRecord, as_json: bool) -> None:
     console.print(f"task {record.id} [{colour}]{record.status.value}[/{colour}] after {record.attempts} attempt(s)")
     if record.error:
         console.print(f"  error {record.error.code}: {record.error.message}")
-    if record.result is not None:
+    if isinstance(record.result, dict) and "verdict" in record.result and "baseline" in record.result:
+        _print_cycle(record.result)
+    elif record.result is not None:
         console.print_json(json.dumps(record.result, default=str))
+
+
+def _print_cycle(result: dict[str, Any]) -> None:
+    """A cycle's outcome in a few lines (``--json`` has everything, per-example results included)."""
+    opt = result.get("optimization") or {}
+    optimized = result.get("optimized") or {}
+    baseline = result.get("baseline") or {}
+    table = Table("phase", "runs", "outcome")
+    table.add_row(
+        "create", str(result["phase_runs"].get("create", 0)), f"program {result['create']['program_hash'][:12]}"
+    )
+    table.add_row(
+        "evaluate (baseline)",
+        str(result["phase_runs"].get("evaluate_baseline", 0)),
+        f"score {baseline.get('score')} on {baseline.get('examples')} examples in {baseline.get('shards')} shards",
+    )
+    table.add_row(
+        "optimize",
+        str(result["phase_runs"].get("optimize", 0)),
+        f"{opt.get('optimizer')} on {opt.get('model')}: {opt.get('status')}, {opt.get('lm_calls')} LM calls",
+    )
+    if optimized:
+        table.add_row(
+            "evaluate (optimized)",
+            str(result["phase_runs"].get("evaluate_optimized", 0)),
+            f"score {optimized.get('score')}, p95 {optimized.get('latency_p95_ms')} ms",
+        )
+    validation = result.get("validation")
+    if validation:
+        table.add_row(
+            "validate",
+            str(result["phase_runs"].get("validate", 0)),
+            f"{'passed' if validation.get('passed') else 'FAILED'} ({', '.join(validation.get('counts', {}))})",
+        )
+    verdict = result["verdict"]
+    outcome = (
+        f"[green]deployed v{verdict['version']}{' as canary' if verdict.get('canary') else ''}[/green]"
+        if verdict["deployed"]
+        else "[red]rejected[/red]"
+    )
+    table.add_row("deploy", str(result["phase_runs"].get("deploy", 0)), outcome)
+    console.print(table)
+    for reason in verdict.get("reasons", []):
+        console.print(f"  [red]✗[/red] {reason}")
 
 
 @app.command()
