@@ -269,6 +269,11 @@ class BusPhases:
         return await self.agent.client.request("loop-deploy", "deploy", req, DeployVerdict, timeout=30)
 
 
+def last_cycle_key(program_name: str) -> str:
+    """Key in the ``cycles`` bucket of the program's most recent ``CycleRequest``."""
+    return f"last.{program_name}"
+
+
 class CycleAgent(Agent):
     """The cycle coordinator: replicas share ``cycle`` tasks; a dead one's cycle resumes elsewhere."""
 
@@ -277,11 +282,14 @@ class CycleAgent(Agent):
     description = "optimization loop coordinator: create, evaluate, optimize, validate, deploy"
 
     loop: FourPartOptimizationLoop
+    states: KeyValue
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        kv = await key_value(self.bus, self.bus.subjects.bucket("cycles"), self.config.stream_layout)
-        self.loop = FourPartOptimizationLoop(BusPhases(self), KvCycleStore(kv), auto_validate=self.config.auto_validate)
+        self.states = await key_value(self.bus, self.bus.subjects.bucket("cycles"), self.config.stream_layout)
+        self.loop = FourPartOptimizationLoop(
+            BusPhases(self), KvCycleStore(self.states), auto_validate=self.config.auto_validate
+        )
         yield
 
     @task("cycle")
@@ -293,6 +301,8 @@ class CycleAgent(Agent):
 
         try:
             create_program(req.program)  # a spec that cannot build fails before anything is spent
+            # The program's latest cycle request: what a re-optimization (auto_optimize) runs again.
+            await self.states.put(last_cycle_key(req.program_name), req.model_dump_json().encode())
             result = await self.loop.run_cycle(ctx.task_id, req, progress)
         except DspyrtError as exc:
             if exc.code in {"invalid_message", "not_found", "invalid_config"}:
