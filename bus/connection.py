@@ -155,6 +155,22 @@ class Bus:
         self._js = self._nc.jetstream()
         return self
 
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Return once the server has processed everything sent so far, subscriptions included.
+
+        nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still queued for its
+        flusher task, so it can return before a subscription just made reaches the server. A message to
+        ourselves travels the same queue as everything before it.
+        """
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(inbox, b"")
+            await sub.next_msg(timeout=timeout)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
     async def close(self) -> None:
         """Drain (finish in-flight callbacks, flush publishes) and close. Safe to call twice."""
         self._closed = True

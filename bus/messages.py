@@ -19,6 +19,9 @@ CLIENT_HEADER = "Dspyrt-Client"
 
 # Leave room for headers under the server's max_payload.
 HEADER_ALLOWANCE = 4096
+# An error body lists at most this many field errors, so a huge malformed payload cannot make an error
+# reply (or dead letter, or task record) too large to send.
+MAX_FIELD_ERRORS = 50
 
 
 class Message(BaseModel):
@@ -32,9 +35,10 @@ class Empty(Message):
 
 
 def field_errors_of(exc: ValidationError) -> list[FieldError]:
+    """The first ``MAX_FIELD_ERRORS`` errors (``exc.error_count()`` has the total)."""
     return [
         FieldError(loc=".".join(str(p) for p in err["loc"]) or "(body)", message=err["msg"], type=err["type"])
-        for err in exc.errors(include_url=False)
+        for err in exc.errors(include_url=False)[:MAX_FIELD_ERRORS]
     ]
 
 
@@ -47,7 +51,7 @@ def decode(model: type[M], data: bytes) -> M:
         first = errors[0] if errors else None
         where = f" ({first.loc}: {first.message})" if first else ""
         raise MessageValidationError(
-            f"{model.__name__} payload is invalid: {len(errors)} error(s){where}", errors
+            f"{model.__name__} payload is invalid: {exc.error_count()} error(s){where}", errors
         ) from exc
 
 

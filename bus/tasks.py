@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -319,6 +320,9 @@ class TaskWorker:
     options: WorkerOptions = field(default_factory=WorkerOptions)
     worker_name: str = "worker"
     stats: WorkerStats = field(default_factory=WorkerStats)
+    # Each running handler's own (shielded) cancel scope: stopping the worker does not cancel handlers,
+    # the drain in ``run`` gives them ``drain_grace`` and then cancels what is left through these.
+    _running: set[anyio.CancelScope] = field(default_factory=set, init=False, repr=False)
 
     async def _subscribe(self) -> Any:
         s = self.bus.subjects
@@ -336,24 +340,36 @@ class TaskWorker:
 
     async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         psub = await self._subscribe()
-        await ExhaustedTaskWatcher(self.bus, self.store, self.kind).start()
+        watcher: Any = await ExhaustedTaskWatcher(self.bus, self.store, self.kind).start()
         limiter = anyio.Semaphore(self.options.concurrency)
-        async with anyio.create_task_group() as handlers:
-            task_status.started()
-            try:
-                await self._fetch_loop(psub, limiter, handlers)
-            finally:
-                # Stop fetching; give in-flight handlers a grace period, then cancel them (they nak).
-                with anyio.CancelScope(shield=True):
-                    with anyio.move_on_after(self.options.drain_grace):
-                        while self.stats.in_flight:
-                            await anyio.sleep(0.02)
-                    handlers.cancel_scope.cancel()
-        with anyio.CancelScope(shield=True):
-            try:
-                await psub.unsubscribe()
-            except Exception:
-                pass
+        try:
+            async with anyio.create_task_group() as handlers:
+                task_status.started()
+                try:
+                    await self._fetch_loop(psub, limiter, handlers)
+                finally:
+                    # Stop fetching; give in-flight handlers a grace period, then cancel them (they nak).
+                    with anyio.CancelScope(shield=True):
+                        # Unsubscribe first: a pull request of ours still open at the server would otherwise
+                        # take what the handlers hand back, and strand it here until its ack_wait.
+                        try:
+                            await psub.unsubscribe()
+                        except Exception:
+                            pass
+                        with anyio.move_on_after(self.options.drain_grace):
+                            while self.stats.in_flight:
+                                await anyio.sleep(0.02)
+                        for scope in self._running:
+                            scope.cancel()
+                        handlers.cancel_scope.cancel()
+        finally:
+            # In a finally: on cancellation nothing after the task group runs. Drain rather than
+            # unsubscribe: an advisory being handled now is never sent again.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.drain_grace):
+                try:
+                    await watcher.drain()
+                except Exception:
+                    pass
 
     async def _fetch_loop(self, psub: Any, limiter: anyio.Semaphore, handlers: anyio.abc.TaskGroup) -> None:
         errors = 0
@@ -385,23 +401,26 @@ class TaskWorker:
         self.stats.received += 1
         self.stats.in_flight += 1
         started = time.perf_counter()
-        try:
-            await self._process(msg)
-        except anyio.get_cancelled_exc_class():
-            # Shutdown: hand it back at once rather than after ack_wait.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await msg.nak()
-                except Exception:
-                    pass
-            raise
-        except Exception as exc:  # never let one message kill the worker
-            log.exception("task %s: unexpected worker failure", self.kind)
-            self.stats.last_error = repr(exc)
-        finally:
-            self.stats.in_flight -= 1
-            self.stats.busy_seconds += time.perf_counter() - started
-            limiter.release()
+        with anyio.CancelScope(shield=True) as scope:
+            self._running.add(scope)
+            try:
+                await self._process(msg)
+            except anyio.get_cancelled_exc_class():
+                # Drain grace is over: hand it back at once rather than after ack_wait.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await msg.nak()
+                    except Exception:
+                        pass
+                raise
+            except Exception as exc:  # never let one message kill the worker
+                log.exception("task %s: unexpected worker failure", self.kind)
+                self.stats.last_error = repr(exc)
+            finally:
+                self._running.discard(scope)
+                self.stats.in_flight -= 1
+                self.stats.busy_seconds += time.perf_counter() - started
+                limiter.release()
 
     async def _process(self, msg: Msg) -> None:
         subject = msg.subject
@@ -478,6 +497,7 @@ class TaskWorker:
     async def _run_with_heartbeat(self, envelope: TaskEnvelope, run: TaskRun) -> Any:
         interval = max(self.options.ack_wait / 3, 0.05)
         outcome: list[Any] = []
+        failure: Exception | None = None
         async with anyio.create_task_group() as tg:
 
             async def beat() -> None:
@@ -491,8 +511,14 @@ class TaskWorker:
             tg.start_soon(beat)
             try:
                 outcome.append(await self.handler(envelope, run))
+            except Exception as exc:
+                # Re-raised outside the task group, which would wrap it in an ExceptionGroup and so hide
+                # whether it is a PermanentError, a RetryableError (with its delay) or a validation error.
+                failure = exc
             finally:
                 tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return outcome[0]
 
     async def _succeed(self, msg: Msg, task_id: str, result: Any) -> None:
@@ -590,10 +616,13 @@ class ExhaustedTaskWatcher:
         self.store = store
         self.kind = kind
 
-    async def start(self) -> None:
+    async def start(self) -> Subscription:
+        """Subscribe to the advisories; unsubscribe the returned subscription to stop."""
         s = self.bus.subjects
         subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.task_stream}.{s.task_consumer(self.kind)}"
-        await self.bus.nc.subscribe(subject, queue=f"{s.task_consumer(self.kind)}-advisory", cb=self._on_advisory)
+        return await self.bus.nc.subscribe(
+            subject, queue=f"{s.task_consumer(self.kind)}-advisory", cb=self._on_advisory
+        )
 
     async def _on_advisory(self, msg: Msg) -> None:
         try:

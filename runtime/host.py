@@ -103,6 +103,9 @@ class AgentHost:
     consumers: list[EventConsumer] = field(default_factory=list)
     service: Service | None = None
     last_health: HealthReply | None = None
+    # Each request's own (shielded) cancel scope: shutdown answers requests in flight within
+    # ``shutdown_grace`` instead of cancelling them, then cancels what is left through these.
+    _running: set[anyio.CancelScope] = field(default_factory=set, init=False, repr=False)
 
     @property
     def instance_id(self) -> str:
@@ -141,6 +144,8 @@ class AgentHost:
                     with anyio.move_on_after(config.shutdown_grace):
                         while any(c.in_flight for c in self.counters.values()):
                             await anyio.sleep(0.02)
+                    for scope in self._running:
+                        scope.cancel()
                     requests.cancel_scope.cancel()
 
     async def _stop_service(self) -> None:
@@ -172,6 +177,9 @@ class AgentHost:
                 handler=self._dispatcher(spec, requests, limit),
                 metadata={"request": spec.request.__name__, "reply": spec.reply.__name__},
             )
+        # Without this round trip a request sent right after startup can reach the server before the
+        # endpoints' subscriptions do ("no responders").
+        await self.bus.flush()
         return service
 
     def _dispatcher(
@@ -186,27 +194,33 @@ class AgentHost:
 
         async def serve(req: Request) -> None:
             started = time.perf_counter_ns()
-            try:
-                with tracing.process_span(
-                    req.subject, req.headers, size=len(req.data), consumer_group=queue_group, is_request=True
-                ) as span:
-                    try:
-                        reply = await method(decode(spec.request, req.data))
-                        await req.respond(check_size(encode(reply), max_payload, f"reply of {spec.name}"))
-                    except Exception as exc:
-                        body = error_body(exc)
-                        counters.errors += 1
-                        counters.last_error = body.message
-                        tracing.mark_error(span, body.code, body.message)
-                        if body.code == "internal":
-                            log.exception("%s.%s failed", self.agent.name, spec.name)
-                        await req.respond_error(
-                            http_code(body.code), body.message, data=body.model_dump_json().encode()
-                        )
-            finally:
-                counters.in_flight -= 1
-                counters.processing_ns += time.perf_counter_ns() - started
-                limit.release()
+            with anyio.CancelScope(shield=True) as scope:
+                self._running.add(scope)
+                try:
+                    with tracing.process_span(
+                        req.subject, req.headers, size=len(req.data), consumer_group=queue_group, is_request=True
+                    ) as span:
+                        try:
+                            reply = await method(decode(spec.request, req.data))
+                            await req.respond(check_size(encode(reply), max_payload, f"reply of {spec.name}"))
+                        except Exception as exc:
+                            body = error_body(exc)
+                            counters.errors += 1
+                            counters.last_error = body.message
+                            tracing.mark_error(span, body.code, body.message)
+                            if body.code == "internal":
+                                log.exception("%s.%s failed", self.agent.name, spec.name)
+                            try:
+                                await req.respond_error(
+                                    http_code(body.code), body.message, data=body.model_dump_json().encode()
+                                )
+                            except Exception as reply_exc:  # no reply subject, connection gone: keep serving
+                                log.warning("%s.%s: error reply not sent: %s", self.agent.name, spec.name, reply_exc)
+                finally:
+                    self._running.discard(scope)
+                    counters.in_flight -= 1
+                    counters.processing_ns += time.perf_counter_ns() - started
+                    limit.release()
 
         async def dispatch(req: Request) -> None:
             # The micro callback handles one message at a time: hand each request to its own task.
@@ -229,7 +243,7 @@ class AgentHost:
             except ValidationError as exc:
                 errors = field_errors_of(exc)
                 raise MessageValidationError(
-                    f"{spec.input.__name__} input is invalid: {len(errors)} error(s)"
+                    f"{spec.input.__name__} input is invalid: {exc.error_count()} error(s)"
                     + (f" ({errors[0].loc}: {errors[0].message})" if errors else ""),
                     errors,
                 ) from exc

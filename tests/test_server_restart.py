@@ -1,0 +1,72 @@
+"""Kill the nats-server mid-run and start it again (same port, same store): agents recover by themselves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from bus import Bus, EmbeddedServer, TaskRecord, TaskStatus, free_port
+from runtime.client import Client
+from runtime.config import IntegrationConfig
+from tests.agent_proc import Sleeper, SleepJob
+from tests.helpers import serving, start_server, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server of this test's own, on a fixed port so a restart comes back at the same address."""
+    server = start_server(tmp_path / "nats" / "jetstream", port=free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_tasks_complete_across_a_server_crash(
+    nats_server: EmbeddedServer,
+    config: IntegrationConfig,
+    bus: Bus,
+    client: Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("TEST_AGENT_MARKERS", str(markers))
+    config = config.model_copy(update={"agent_concurrency": 2, "task_ack_wait": 1.0})
+    ids = [(await client.submit("sleep", SleepJob(seconds=0.3))).task_id for _ in range(10)]
+
+    records: dict[str, TaskRecord] = {}
+
+    async def wait_for(task_id: str) -> None:
+        records[task_id] = await client.result(task_id, timeout=30)
+
+    async with serving(config, [Sleeper]) as system:
+        host = system.supervisor.hosts["sleeper"]
+        async with anyio.create_task_group() as waiting:  # the client waits across the crash too
+            for task_id in ids:
+                waiting.start_soon(wait_for, task_id)
+            await wait_until(lambda: len(list(markers.glob("done-*"))) >= 2)
+
+            nats_server.kill()  # SIGKILL: no goodbye to anyone
+            await wait_until(lambda: not bus.connected and not host.bus.connected)
+            await anyio.sleep(0.5)
+            nats_server.start()
+
+        assert [records[task_id].status for task_id in ids] == [TaskStatus.SUCCEEDED] * 10
+        assert all(r.result is not None and r.result["attempt"] == r.attempts for r in records.values())
+        # the same agent instance did it all, over a reconnected connection: no restart
+        assert system.supervisor.hosts["sleeper"] is host
+        assert system.supervisor.restarts == {"sleeper": 0}
+        assert host.bus.reconnects >= 1
+        assert host.workers[0].stats.dead == 0
+
+        # and it keeps taking new work
+        record = await client.run("sleep", SleepJob(seconds=0), timeout=30)
+        assert record.status is TaskStatus.SUCCEEDED
+    assert await client.dead_letters() == []

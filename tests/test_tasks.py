@@ -1,0 +1,242 @@
+"""Durable tasks: retries, dead letters, exactly-one result per task id, malformed task messages."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import anyio
+import pytest
+from nats.js import api
+
+from bus import Bus, Message, PermanentError, RetryableError, TaskStatus
+from bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
+from bus.tasks import ExhaustedTaskWatcher, TaskEnvelope
+from runtime.agent import Agent, TaskContext, task
+from runtime.client import Client
+from runtime.config import IntegrationConfig
+from tests.helpers import dead_letters_of, hosting, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Job(Message):
+    n: int
+
+
+class Done(Message):
+    n: int
+    attempt: int
+
+
+class Worker(Agent):
+    """Task handlers whose behaviour each test picks; ``calls`` counts deliveries per (kind, task id)."""
+
+    name = "worker"
+
+    def __init__(self, config: IntegrationConfig) -> None:
+        super().__init__(config)
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    @task("double")
+    async def double(self, job: Job, ctx: TaskContext) -> Done:
+        self.calls["double", ctx.task_id] += 1
+        return Done(n=job.n * 2, attempt=ctx.attempt)
+
+    @task("flaky")
+    async def flaky(self, job: Job, ctx: TaskContext) -> Done:
+        """Fails its first delivery with an unexpected error (retried with the default backoff)."""
+        self.calls["flaky", ctx.task_id] += 1
+        if ctx.attempt == 1:
+            raise RuntimeError("transient glitch")
+        return Done(n=job.n, attempt=ctx.attempt)
+
+    @task("doomed", max_deliver=3)
+    async def doomed(self, job: Job, ctx: TaskContext) -> Done:
+        self.calls["doomed", ctx.task_id] += 1
+        raise RetryableError("upstream still down", delay=0.05)
+
+    @task("refused")
+    async def refused(self, job: Job, ctx: TaskContext) -> Done:
+        self.calls["refused", ctx.task_id] += 1
+        raise PermanentError(f"{job.n} is not allowed")
+
+
+async def test_task_succeeds(config: IntegrationConfig, client: Client) -> None:
+    async with hosting(Worker(config)) as host:
+        record = await client.run("double", Job(n=21), timeout=20)
+        assert record.status is TaskStatus.SUCCEEDED
+        assert record.result == {"n": 42, "attempt": 1}
+        assert record.attempts == 1
+        assert record.submitted_by == "test"
+        assert record.worker == f"worker/{host.instance_id}"
+
+
+async def test_failure_on_first_delivery_is_retried(config: IntegrationConfig, client: Client) -> None:
+    worker = Worker(config)
+    async with hosting(worker):
+        record = await client.run("flaky", Job(n=7), timeout=20)
+    assert record.status is TaskStatus.SUCCEEDED
+    assert record.attempts == 2
+    assert record.result == {"n": 7, "attempt": 2}
+    assert record.error is None
+    assert worker.calls["flaky", record.id] == 2
+    assert [letter for _, letter in await client.dead_letters() if letter.task_id == record.id] == []
+
+
+async def test_dead_letter_after_max_deliveries(config: IntegrationConfig, client: Client) -> None:
+    worker = Worker(config)
+    async with hosting(worker):
+        record = await client.run("doomed", Job(n=1), timeout=20)
+    assert record.status is TaskStatus.DEAD
+    assert record.attempts == 3
+    assert record.error is not None
+    assert record.error.code == "exhausted"
+    assert "upstream still down" in record.error.message
+    assert worker.calls["doomed", record.id] == 3
+
+    [letter] = await dead_letters_of(client, record.id)
+    assert letter.kind == "doomed"
+    assert letter.deliveries == 3
+    assert letter.reason.code == "exhausted"
+    assert "3 deliveries" in letter.reason.message
+    assert TaskEnvelope.model_validate_json(letter.envelope).input == {"n": 1}
+
+
+async def test_permanent_error_goes_straight_to_dead_letters(config: IntegrationConfig, client: Client) -> None:
+    worker = Worker(config)
+    async with hosting(worker):
+        record = await client.run("refused", Job(n=13), timeout=20)
+    assert record.status is TaskStatus.FAILED
+    assert record.attempts == 1
+    assert record.error is not None
+    assert (record.error.code, record.error.message) == ("permanent", "13 is not allowed")
+    assert worker.calls["refused", record.id] == 1
+
+    [letter] = await dead_letters_of(client, record.id)
+    assert (letter.reason.code, letter.deliveries) == ("permanent", 1)
+
+
+async def test_invalid_task_input_fails_with_field_errors(config: IntegrationConfig, client: Client) -> None:
+    worker = Worker(config)
+    async with hosting(worker):
+        record = await client.run("double", {"n": "many"}, timeout=20)
+        assert record.status is TaskStatus.FAILED
+        assert record.error is not None
+        assert record.error.code == "invalid_message"
+        assert [fe.loc for fe in record.error.field_errors] == ["n"]
+        assert worker.calls["double", record.id] == 0
+        [letter] = await dead_letters_of(client, record.id)
+        assert letter.reason.code == "invalid_message"
+        # still working
+        assert (await client.run("double", Job(n=2), timeout=20)).result == {"n": 4, "attempt": 1}
+
+
+async def test_malformed_task_message_is_dead_lettered(config: IntegrationConfig, bus: Bus, client: Client) -> None:
+    """Bytes that are not a task envelope (not JSON, not UTF-8) are dead-lettered; the worker carries on."""
+    async with hosting(Worker(config)) as host:
+        await bus.js.publish(config.subjects.task("double"), b"\xff\xfe not an envelope")
+        await wait_until(lambda: host.workers[0].stats.failed == 1)
+        [(_, letter)] = await client.dead_letters()
+        assert letter.task_id.startswith("invalid-")
+        assert letter.reason.code == "invalid_message"
+        assert letter.deliveries == 1
+        assert (await client.run("double", Job(n=5), timeout=20)).result == {"n": 10, "attempt": 1}
+
+
+async def test_same_task_id_runs_once(config: IntegrationConfig, bus: Bus, client: Client) -> None:
+    worker = Worker(config)
+    async with hosting(worker) as host:
+        first = await client.submit("double", Job(n=1), task_id="order-17")
+        again = await client.submit("double", Job(n=999), task_id="order-17")
+        assert (first.task_id, first.created) == ("order-17", True)
+        assert (again.task_id, again.created) == ("order-17", False)
+        record = await client.result("order-17", timeout=20)
+        assert record.result == {"n": 2, "attempt": 1}
+
+        # concurrent submissions of one new id: exactly one is created
+        async with anyio.create_task_group() as tg:
+            subs = []
+
+            async def submit() -> None:
+                subs.append(await client.submit("double", Job(n=3), task_id="order-18"))
+
+            for _ in range(5):
+                tg.start_soon(submit)
+        assert sorted(s.created for s in subs) == [False, False, False, False, True]
+        assert (await client.result("order-18", timeout=20)).result == {"n": 6, "attempt": 1}
+
+        # submitted again after it finished: still nothing runs, the stored result stands
+        assert not (await client.submit("double", Job(n=5), task_id="order-17")).created
+
+        # the stream itself drops a re-publish with the same Nats-Msg-Id
+        envelope = TaskEnvelope(id="order-17", kind="double", input={"n": 1})
+        ack = await bus.js.publish(
+            config.subjects.task("double"),
+            envelope.model_dump_json().encode(),
+            headers={MSG_ID_HEADER: "order-17", TASK_ID_HEADER: "order-17"},
+        )
+        assert ack.duplicate
+
+        # a copy under another message id reaches a worker, which sees the stored result and does not rerun it
+        await bus.js.publish(
+            config.subjects.task("double"),
+            envelope.model_dump_json().encode(),
+            headers={MSG_ID_HEADER: "order-17-copy", TASK_ID_HEADER: "order-17"},
+        )
+        await wait_until(lambda: host.workers[0].stats.duplicates == 1)
+        assert worker.calls["double", "order-17"] == 1
+        assert worker.calls["double", "order-18"] == 1
+        assert (await client.task("order-17")).result == {"n": 2, "attempt": 1}
+
+
+async def test_exhausted_deliveries_are_dead_lettered_by_the_watcher(
+    config: IntegrationConfig, bus: Bus, client: Client
+) -> None:
+    """A consumer that takes the task and never answers (a hung or crashed worker): after max_deliver
+    timed-out deliveries JetStream gives up, and the advisory watcher dead-letters the task."""
+    s = config.subjects
+    kind = "stuck"
+    watcher = await ExhaustedTaskWatcher(bus, client.store, kind).start()
+    consumer = api.ConsumerConfig(
+        durable_name=s.task_consumer(kind),
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=0.3,
+        max_deliver=2,
+        filter_subject=s.task(kind),
+    )
+    psub = await bus.js.pull_subscribe(
+        s.task(kind), durable=s.task_consumer(kind), stream=s.task_stream, config=consumer
+    )
+    submission = await client.submit(kind, Job(n=1))
+
+    deliveries = 0
+
+    async def take_and_drop() -> bool:
+        nonlocal deliveries
+        try:
+            deliveries += len(await psub.fetch(1, timeout=0.2))  # never acked
+        except TimeoutError:
+            pass
+        record = await client.task(submission.task_id)
+        return record.status.terminal
+
+    try:
+        await wait_until(take_and_drop, timeout=20)
+        assert deliveries == 2
+
+        record = await client.task(submission.task_id)
+        assert record.status is TaskStatus.DEAD
+        assert record.error is not None
+        assert record.error.code == "exhausted"
+        [letter] = await dead_letters_of(client, submission.task_id)
+        assert letter.deliveries == 2
+        assert letter.reason.code == "exhausted"
+        # moved, not copied: the work queue no longer holds it
+        await wait_until(lambda: _stream_empty(bus, s.task_stream))
+    finally:
+        await psub.unsubscribe()
+        await watcher.drain()
+
+
+async def _stream_empty(bus: Bus, stream: str) -> bool:
+    return (await bus.js.stream_info(stream)).state.messages == 0
