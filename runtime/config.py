@@ -60,6 +60,8 @@ class IntegrationConfig(BaseSettings):
     state_dir: Path = Path(".dspyrt")
     subject_prefix: str = "dspy"
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    # JetStream reserves the event stream's size up front; old events are discarded beyond it.
+    event_stream_max_mb: int = Field(default=256, ge=1, le=1_000_000)
 
     # LM models (TOML, [[models]] tables); unset: only the offline demo model.
     models_file: Path | None = None
@@ -135,7 +137,7 @@ class IntegrationConfig(BaseSettings):
 
     @property
     def stream_layout(self) -> StreamLayout:
-        return StreamLayout(replicas=self.stream_replicas)
+        return StreamLayout(replicas=self.stream_replicas, event_max_bytes=self.event_stream_max_mb * 1024 * 1024)
 
 
 def _config_file() -> Path | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bus import Bus, EmbeddedServer, StreamLayout, TaskStore, ensure_streams
+from bus import Bus, EmbeddedServer, TaskStore, ensure_streams
 from runtime.client import Client
 from runtime.config import IntegrationConfig
 from runtime.telemetry import Telemetry, setup_telemetry
@@ -65,6 +65,7 @@ def config(nats_server: EmbeddedServer, prefix: str, tmp_path: Path) -> Integrat
         subject_prefix=prefix,
         state_dir=tmp_path / "state",
         task_ack_wait=5.0,
+        event_stream_max_mb=8,
         shutdown_grace=5.0,
     )
 
@@ -77,7 +78,7 @@ async def bus(config: IntegrationConfig) -> AsyncIterator[Bus]:
     every test makes a deployment of its own on the module's server.
     """
     async with Bus(config.connection_options(name="test-client"), config.subjects) as connected:
-        await ensure_streams(connected, StreamLayout(event_max_bytes=8 * 1024 * 1024))
+        await ensure_streams(connected, config.stream_layout)
         yield connected
 
 

@@ -133,6 +133,7 @@ class AgentProcess:
             **os.environ,
             "DSPYRT_NATS_URLS": ",".join(config.nats_urls),
             "DSPYRT_SUBJECT_PREFIX": config.subject_prefix,
+            "DSPYRT_EVENT_STREAM_MAX_MB": str(config.event_stream_max_mb),
             "DSPYRT_STATE_DIR": str(self.state_dir),
             "DSPYRT_TASK_ACK_WAIT": str(config.task_ack_wait),
             "DSPYRT_SHUTDOWN_GRACE": str(config.shutdown_grace),

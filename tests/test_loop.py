@@ -148,6 +148,7 @@ def agent_processes(config: IntegrationConfig, workdir: Path, *names: str) -> It
         **os.environ,
         "DSPYRT_NATS_URLS": ",".join(config.nats_urls),
         "DSPYRT_SUBJECT_PREFIX": config.subject_prefix,
+        "DSPYRT_EVENT_STREAM_MAX_MB": str(config.event_stream_max_mb),
         "DSPYRT_STATE_DIR": str(workdir / "state"),
         "DSPYRT_TASK_ACK_WAIT": str(config.task_ack_wait),
         "DSPYRT_AUTO_VALIDATE": "false",
