@@ -200,7 +200,7 @@ class Bus:
         hdrs = dict(headers) if headers else {}
         with tracing.send_span(subject, size=len(data)):
             tracing.inject(hdrs)
-            await self.nc.publish(subject, data, headers=hdrs)
+            await self.nc.publish(subject, data, headers=hdrs or None)
 
     async def request(
         self,
@@ -229,7 +229,7 @@ class Bus:
         with tracing.send_span(subject, size=len(data), expects_reply=True) as span:
             tracing.inject(hdrs)
             try:
-                msg = await self.nc.request(subject, data, timeout=timeout, headers=hdrs)
+                msg = await self.nc.request(subject, data, timeout=timeout, headers=hdrs or None)
             except NoRespondersError as exc:
                 tracing.mark_error(span, "no_responders", subject)
                 raise BusUnavailableError(f"no agent is serving {subject}") from exc

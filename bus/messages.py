@@ -16,6 +16,7 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 MSG_ID_HEADER = "Nats-Msg-Id"
 TASK_ID_HEADER = "Dspyrt-Task-Id"
 CLIENT_HEADER = "Dspyrt-Client"
+RECORD_REV_HEADER = "Dspyrt-Record-Rev"
 
 # Leave room for headers under the server's max_payload.
 HEADER_ALLOWANCE = 4096

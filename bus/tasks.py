@@ -46,7 +46,16 @@ from bus.errors import (
 from bus.errors import (
     NotFoundError as TaskNotFoundError,
 )
-from bus.messages import CLIENT_HEADER, MSG_ID_HEADER, TASK_ID_HEADER, Message, check_size, decode, error_body
+from bus.messages import (
+    CLIENT_HEADER,
+    MSG_ID_HEADER,
+    RECORD_REV_HEADER,
+    TASK_ID_HEADER,
+    Message,
+    check_size,
+    decode,
+    error_body,
+)
 from bus.streams import key_value
 
 log = logging.getLogger("dspyrt.tasks")
@@ -146,32 +155,42 @@ class TaskStore:
             return None
         return TaskRecord.model_validate_json(entry.value), int(entry.revision or 0)
 
-    async def create(self, record: TaskRecord) -> bool:
-        """Store a new record; False if the id already exists."""
+    async def create(self, record: TaskRecord) -> int:
+        """Store a new record; its revision, or 0 if the id already exists."""
         try:
-            await self.kv.create(record.id, record.model_dump_json().encode())
+            return int(await self.kv.create(record.id, record.model_dump_json().encode()))
         except KeyWrongLastSequenceError:
-            return False
-        return True
+            return 0
 
     async def transition(
         self, task_id: str, change: Callable[[TaskRecord | None], TaskRecord | None]
     ) -> TaskRecord | None:
         """Apply ``change`` to the current record with CAS, retrying on races. ``None`` from change: no write."""
-        for _ in range(20):
-            current = await self._entry(task_id)
+        return (await self.transition_from(task_id, change))[0]
+
+    async def transition_from(
+        self,
+        task_id: str,
+        change: Callable[[TaskRecord | None], TaskRecord | None],
+        known: tuple[TaskRecord, int] | None = None,
+    ) -> tuple[TaskRecord | None, int]:
+        """``transition`` that may start from a record and revision the caller already knows (saving a read;
+        a stale guess costs one failed compare-and-swap, then the record is read). Returns the record and
+        its revision."""
+        current: tuple[TaskRecord, int] | None = known
+        for attempt in range(20):
+            if attempt or current is None:
+                current = await self._entry(task_id)
             record, revision = current if current else (None, 0)
             new = change(record)
             if new is None:
-                return record
+                return record, revision
             new.updated_at = time.time()
             data = new.model_dump_json().encode()
             try:
                 if current is None:
-                    await self.kv.create(task_id, data)
-                else:
-                    await self.kv.update(task_id, data, last=revision)
-                return new
+                    return new, int(await self.kv.create(task_id, data))
+                return new, int(await self.kv.update(task_id, data, last=revision))
             except KeyWrongLastSequenceError:
                 continue
         raise DspyrtError(f"task {task_id}: too many concurrent updates", code="conflict")
@@ -225,10 +244,12 @@ async def submit_task(
             submitted_by=submitted_by,
             trace_id=tracing.current_trace_id(),
         )
-        if not await store.create(record):
+        revision = await store.create(record)
+        if not revision:
             span.set_attribute("dspyrt.task.duplicate", True)
             return Submission(task_id, created=False)
-        headers = tracing.inject({MSG_ID_HEADER: task_id, TASK_ID_HEADER: task_id})
+        # The record's revision rides along, so the worker's first write needs no read.
+        headers = tracing.inject({MSG_ID_HEADER: task_id, TASK_ID_HEADER: task_id, RECORD_REV_HEADER: str(revision)})
         if submitted_by:
             headers[CLIENT_HEADER] = submitted_by
         try:
@@ -341,7 +362,7 @@ class TaskWorker:
     async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         psub = await self._subscribe()
         watcher: Any = await ExhaustedTaskWatcher(self.bus, self.store, self.kind).start()
-        limiter = anyio.Semaphore(self.options.concurrency)
+        limiter = anyio.Semaphore(self.options.concurrency, fast_acquire=True)
         try:
             async with anyio.create_task_group() as handlers:
                 task_status.started()
@@ -462,7 +483,14 @@ class TaskWorker:
                     }
                 )
 
-            record = await self.store.transition(envelope.id, start)
+            known = None
+            if attempt == 1 and headers.get(RECORD_REV_HEADER, "").isdigit():
+                pending = TaskRecord(
+                    id=envelope.id, kind=envelope.kind, status=TaskStatus.PENDING,
+                    submitted_by=envelope.submitted_by, submitted_at=envelope.submitted_at,
+                )  # fmt: skip
+                known = (pending, int(headers[RECORD_REV_HEADER]))
+            record, revision = await self.store.transition_from(envelope.id, start, known)
             if record is not None and record.status.terminal:
                 self.stats.duplicates += 1
                 await msg.ack()  # already finished by an earlier delivery: do not run twice
@@ -492,7 +520,7 @@ class TaskWorker:
                     return
                 await self._retry(msg, envelope.id, body, attempt, exc)
                 return
-            await self._succeed(msg, envelope.id, result)
+            await self._succeed(msg, envelope.id, result, (record, revision) if record is not None else None)
 
     async def _run_with_heartbeat(self, envelope: TaskEnvelope, run: TaskRun) -> Any:
         interval = max(self.options.ack_wait / 3, 0.05)
@@ -521,7 +549,9 @@ class TaskWorker:
             raise failure
         return outcome[0]
 
-    async def _succeed(self, msg: Msg, task_id: str, result: Any) -> None:
+    async def _succeed(
+        self, msg: Msg, task_id: str, result: Any, running: tuple[TaskRecord, int] | None = None
+    ) -> None:
         payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
         try:
             size = len(json.dumps(payload, default=str))
@@ -546,7 +576,7 @@ class TaskWorker:
             base = record or TaskRecord(id=task_id, kind=self.kind, status=TaskStatus.RUNNING)
             return base.model_copy(update={"status": TaskStatus.SUCCEEDED, "result": payload, "error": None})
 
-        await self.store.transition(task_id, done)
+        await self.store.transition_from(task_id, done, running)
         await msg.ack()
         self.stats.succeeded += 1
 

@@ -114,7 +114,8 @@ class AgentHost:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         agent, config = self.agent, self.agent.config
         agent.attach(self.bus, self.client)
-        limit = anyio.Semaphore(config.agent_concurrency)
+        # fast_acquire: a free slot must not cost a trip through the event loop per request.
+        limit = anyio.Semaphore(config.agent_concurrency, fast_acquire=True)
         async with agent.lifespan(), anyio.create_task_group() as requests:
             self.service = await self._register(requests, limit)
             try:
