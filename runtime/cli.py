@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from bus import DspyrtError, TaskRecord
+from runtime.cli_roles import roles_app
 from runtime.client import Client, connect_client
 from runtime.config import CONFIG_FILE_ENV, IntegrationConfig, load_config
 from runtime.registry import agents_for, available_agents
@@ -352,6 +353,7 @@ def status(as_json: JsonOption = False, config_file: ConfigOption = None) -> Non
 
 programs_app = typer.Typer(help="Deployed programs: list, show, rollback, promote.", no_args_is_help=True)
 app.add_typer(programs_app, name="programs")
+app.add_typer(roles_app, name="roles")
 DEPLOY_AGENT = "loop-deploy"
 
 

@@ -1,0 +1,188 @@
+"""The roles agent: ``RoleRefinementSystem`` on the bus, and the versioned roles other agents fetch.
+
+Endpoints (``<prefix>.roles.<name>``):
+
+- ``refine``  {role, target_context?, model?, use_lm?, save?, max_lm_calls?} → ``RoleRefinementResult``
+- ``check``   {role} → the corporate patterns in it (deterministic, no LM)
+- ``get``     {name, version?} → ``RoleRecord`` (the latest version unless one is named)
+- ``list``    {} → every role's pointer (latest version, score)
+
+Durable task ``refine-role`` takes the same input as ``refine`` (use it when the LM is slow or costs money); a
+redelivered task returns the version its first delivery stored. Every LM call goes through the switcher
+(task kind ``refine-role``), so the models tagged ``refine-role`` are preferred for it.
+
+A stored role is used by name: an agent playing the role fetches it with ``get`` and passes ``role=<name>`` to
+the switcher (``SelectRequest.role`` / ``CompletionRequest.role`` / ``Routing(role=...)``), which then prefers
+models tagged with that name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import anyio
+from pydantic import Field
+
+from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
+from agents.roles.core import (
+    CORPORATE_PATTERNS,
+    DEFAULT_TARGET_CONTEXT,
+    NAME_PATTERN,
+    Finding,
+    RoleDefinition,
+    RoleRefinementResult,
+    RoleRefinementSystem,
+    patterns_in,
+)
+from agents.roles.store import RolePointer, RoleStore
+from bus import DspyrtError, Empty, Message, PermanentError
+from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
+
+REFINE_TASK = "refine-role"
+# Errors about the request itself: retrying cannot help.
+_PERMANENT_CODES = {"invalid_message", "not_found", "invalid_config", "no_eligible_model", "budget_exhausted"}
+
+
+class RefineRequest(Message):
+    """Refine ``role`` for ``target_context``. ``use_lm=False`` runs the deterministic checks alone."""
+
+    role: RoleDefinition
+    target_context: str = Field(default=DEFAULT_TARGET_CONTEXT, min_length=1, max_length=200)
+    model: str | None = Field(default=None, description="pin a model; else the switcher selects for refine-role")
+    use_lm: bool = True
+    save: bool = Field(default=True, description="store the result as the role's next version")
+    max_lm_calls: int = Field(default=4, ge=1, le=20, description="budget: the adapters may retry a bad answer")
+
+
+class CheckRequest(Message):
+    role: RoleDefinition
+
+
+class CheckReply(Message):
+    name: str
+    clean: bool
+    patterns: list[str]
+    corporate_responsibilities: list[str]
+    findings: list[Finding]
+
+
+class GetRole(Message):
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int | None = Field(default=None, ge=1)
+
+
+class RoleRecord(Message):
+    """One stored version of a role: ``role`` is the refined definition, ``refinement`` how it was made."""
+
+    name: str
+    version: int
+    latest: int
+    versions: list[int]
+    role: RoleDefinition
+    refinement: RoleRefinementResult
+
+
+class RoleList(Message):
+    roles: list[RolePointer] = Field(default_factory=list)
+
+
+class RolesAgent(Agent):
+    """The guide's RoleRefinementSystem on the bus."""
+
+    name = "roles"
+    group = "roles"
+    description = "role refinement: corporate-pattern checks, DSPy rewrites, versioned roles"
+
+    system: RoleRefinementSystem
+    store: RoleStore
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        self.system = RoleRefinementSystem()
+        self.store = await RoleStore.open(self.bus, self.config.stream_layout)
+        yield
+
+    # --- refinement ----------------------------------------------------------------------------------
+
+    @endpoint("refine")
+    async def refine(self, request: RefineRequest) -> RoleRefinementResult:
+        """Refine a role now (one LM call through the switcher, then the deterministic checks)."""
+        return await self._refine(request, task_id=None)
+
+    @task(REFINE_TASK)
+    async def refine_role(self, job: RefineRequest, ctx: TaskContext) -> RoleRefinementResult:
+        await ctx.progress("refining", step=0, total=1)
+        try:
+            return await self._refine(job, task_id=ctx.task_id)
+        except DspyrtError as exc:
+            if exc.code in _PERMANENT_CODES:
+                error = PermanentError(exc.message, code=exc.code)
+                error.field_errors = getattr(exc, "field_errors", [])  # type: ignore[attr-defined]
+                raise error from exc
+            raise
+
+    async def _refine(self, request: RefineRequest, task_id: str | None) -> RoleRefinementResult:
+        meter = UsageMeter(max_calls=request.max_lm_calls)
+        lm = bus_lm(self.client, Routing(model=request.model, task_kind=REFINE_TASK), meter) if request.use_lm else None
+        run = partial(self.system.refine, request.role, request.target_context, lm=lm)
+        try:
+            result = await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        finally:
+            # A run abandoned by shutdown must stop spending: its next LM call fails at once.
+            meter.exhausted = meter.exhausted or "refinement over"
+        result.lm_calls = meter.calls
+        result.model = max(meter.models, key=meter.models.__getitem__) if meter.models else None
+        if request.save:
+            result = await self.store.save(result, task_id=task_id)
+        await self.publish_event(
+            "role.refined",
+            {
+                "name": result.name,
+                "version": result.version,
+                "score": result.score,
+                "lm_score": result.lm_score,
+                "patterns_found": result.patterns_found,
+                "patterns_remaining": result.patterns_remaining,
+                "task_id": task_id,
+            },
+        )
+        return result
+
+    @endpoint("check")
+    async def check(self, request: CheckRequest) -> CheckReply:
+        """The corporate patterns in a role (deterministic, no LM)."""
+        findings = self.system.check(request.role)
+        return CheckReply(
+            name=request.role.name,
+            clean=not findings,
+            patterns=list(dict.fromkeys(f.pattern for f in findings)),
+            corporate_responsibilities=[r for r in request.role.responsibilities if patterns_in(r)],
+            findings=findings,
+        )
+
+    # --- stored roles --------------------------------------------------------------------------------
+
+    @endpoint("get")
+    async def get(self, request: GetRole) -> RoleRecord:
+        """A stored role: its latest version, or the one named."""
+        refinement = await self.store.get(request.name, request.version)
+        versions = await self.store.versions(request.name)
+        return RoleRecord(
+            name=refinement.name,
+            version=refinement.version or 0,
+            latest=max(versions, default=refinement.version or 0),
+            versions=versions,
+            role=refinement.after,
+            refinement=refinement,
+        )
+
+    @endpoint("list")
+    async def list_roles(self, _: Empty) -> RoleList:
+        """Every stored role with its latest version."""
+        return RoleList(roles=await self.store.pointers())
+
+    async def health_checks(self) -> dict[str, CheckResult]:
+        demos = len(getattr(getattr(self.system.program, "refine", None), "demos", None) or [])
+        return {"roles": CheckResult(ok=True, detail=f"{len(CORPORATE_PATTERNS)} patterns, {demos} demos")}

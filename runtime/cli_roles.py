@@ -1,0 +1,212 @@
+"""``dspyrt roles``: list, show and refine agent roles, through the ``roles`` agent on the bus.
+
+Nothing here knows about DSPy or the agents' code: payloads are plain JSON, validated by the roles agent, whose
+structured errors (code, message, field errors) are printed as they come.
+
+``runtime.cli`` is imported inside the commands, not at module level, so ``runtime.cli`` can import this module
+wherever it likes (``app.add_typer(roles_app, name="roles")``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from bus import DspyrtError, RemoteError
+
+ROLES_AGENT = "roles"
+REFINE_TASK = "refine-role"
+
+roles_app = typer.Typer(help="Agent roles: list, show and refine them (through the roles agent).", no_args_is_help=True)
+
+# The same options as runtime.cli's (kept here so this module imports nothing from it at import time).
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """One request to the roles agent; its error reply is printed with its field errors (exit code 2)."""
+    from runtime.cli import _with_client
+    from runtime.client import Client
+
+    async def body(client: Client) -> dict[str, Any]:
+        subject = client.bus.subjects.endpoint(ROLES_AGENT, endpoint)
+        try:
+            msg = await client.bus.request_raw(subject, json.dumps(payload).encode(), timeout=timeout)
+        except RemoteError as exc:
+            _print_field_errors(exc.field_errors)
+            raise
+        data: dict[str, Any] = json.loads(msg.data)
+        return data
+
+    return _with_client(config_file, body)
+
+
+def _print_field_errors(field_errors: list[Any]) -> None:
+    from runtime.cli import err
+
+    for fe in field_errors:
+        loc, message = (fe.loc, fe.message) if hasattr(fe, "loc") else (fe.get("loc"), fe.get("message"))
+        err.print(f"  [red]✗[/red] {loc}: {message}")
+
+
+def _read_role_file(source: str) -> dict[str, Any]:
+    """A role definition (JSON object), or ``{"role": {...}, "target_context": ...}``; ``-`` reads stdin."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise DspyrtError(f"{source}: cannot read it ({exc})", code="invalid_message") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise DspyrtError(f"{source}: not JSON ({exc})", code="invalid_message") from exc
+    if not isinstance(data, dict):
+        raise DspyrtError(f"{source}: a role file holds a JSON object", code="invalid_message")
+    return data if isinstance(data.get("role"), dict) else {"role": data}
+
+
+def _label(pointer: dict[str, Any]) -> str:
+    return f"v{pointer['latest']}"
+
+
+@roles_app.command("list")
+def roles_list(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
+    """Every stored role with its latest version and score."""
+    from runtime.cli import console
+
+    data = _call(config_file, "list", {})
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    table = Table("role", "latest", "type", "target context", "score", "updated")
+    for p in data["roles"]:
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["updated_at"]))
+        table.add_row(p["name"], _label(p), p["role_type"], p["target_context"], f"{p['score']:.2f}", updated)
+    console.print(table)
+    if not data["roles"]:
+        console.print("[yellow]no roles stored yet[/yellow] (dspyrt roles refine FILE)")
+
+
+@roles_app.command("show")
+def roles_show(
+    name: Annotated[str, typer.Argument(help="role name")],
+    version: Annotated[int | None, typer.Option("--version", help="this version instead of the latest")] = None,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """One stored role: the refined definition, and how it was refined."""
+    from runtime.cli import console
+
+    payload: dict[str, Any] = {"name": name} | ({"version": version} if version is not None else {})
+    data = _call(config_file, "get", payload)
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    console.print(
+        f"[bold]{data['name']}[/bold] v{data['version']} (latest v{data['latest']}; "
+        f"versions {', '.join(f'v{v}' for v in data['versions'])})"
+    )
+    _print_role(data["role"])
+    _print_refinement(data["refinement"])
+
+
+@roles_app.command("refine")
+def roles_refine(
+    file: Annotated[str, typer.Argument(help="a role definition (JSON file), or - for stdin")],
+    context: Annotated[
+        str | None, typer.Option("--context", help="target context (default: the file's, else 'solo developer')")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="pin a model (default: the switcher selects)")] = None,
+    no_lm: Annotated[bool, typer.Option("--no-lm", help="run the deterministic checks alone")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="do not store a new version")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the result")] = 300.0,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """Refine a role for a target context, as a durable refine-role task; store it as the role's next version."""
+    from runtime.cli import _with_client, console, err
+    from runtime.client import Client
+
+    try:
+        payload = _read_role_file(file)
+    except DspyrtError as exc:
+        err.print(f"[red]error[/red] {exc}")
+        raise typer.Exit(2) from None
+    if context is not None:
+        payload["target_context"] = context
+    payload |= {"use_lm": not no_lm, "save": not dry_run} | ({"model": model} if model else {})
+
+    async def body(client: Client) -> dict[str, Any]:
+        # The role is checked first: a bad definition fails at once, with its field errors, and no task.
+        subject = client.bus.subjects.endpoint(ROLES_AGENT, "check")
+        try:
+            await client.bus.request_raw(subject, json.dumps({"role": payload["role"]}).encode(), timeout=10)
+        except RemoteError as exc:
+            _print_field_errors(exc.field_errors)
+            raise
+        record = await client.run(REFINE_TASK, payload, timeout=timeout)
+        return record.model_dump(mode="json")
+
+    record = _with_client(config_file, body)
+    if record["status"] != "succeeded":
+        error = record.get("error") or {}
+        err.print(
+            f"[red]refine-role task {record['id']} {record['status']}[/red] {error.get('code')}: {error.get('message')}"
+        )
+        _print_field_errors(error.get("field_errors") or [])
+        raise typer.Exit(1)
+    result = record["result"]
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    stored = f"stored as v{result['version']}" if result.get("version") else "not stored (--dry-run)"
+    console.print(f"[bold]{result['name']}[/bold] refined for '{result['target_context']}': {stored}")
+    _print_role(result["after"])
+    _print_refinement(result)
+
+
+def _print_role(role: dict[str, Any]) -> None:
+    from runtime.cli import console
+
+    console.print(f"  type    {role.get('custom_name') or role['role_type']}")
+    console.print(f"  focus   {role['focus']}")
+    console.print(f"  context {role['context']}")
+    console.print("  responsibilities")
+    for item in role["responsibilities"]:
+        console.print(f"    - {item}")
+
+
+def _print_refinement(result: dict[str, Any]) -> None:
+    from runtime.cli import console
+
+    found = ", ".join(result["patterns_found"]) or "none"
+    remaining = ", ".join(result["patterns_remaining"]) or "none"
+    lm = (
+        f"LM proposal {result['lm_score']:.2f} ({result['lm_calls']} call(s) on {result.get('model') or '-'})"
+        if result.get("lm_used")
+        else "no LM (checks only)"
+    )
+    console.print(f"  corporate patterns found: {found}; remaining: {remaining}")
+    console.print(f"  score {result['score']:.2f}; {lm}")
+    table = Table("change", "before", "after", "by", "note")
+    for change in result["changes"]:
+        if change["kind"] == "kept" and not change["note"]:
+            continue
+        table.add_row(
+            change["kind"],
+            change.get("before") or "",
+            change.get("after") or "",
+            change["source"],
+            change.get("note") or "",
+        )
+    console.print(table)
+    for warning in result.get("warnings") or []:
+        console.print(f"  [yellow]![/yellow] {warning}")
