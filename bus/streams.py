@@ -24,6 +24,7 @@ class StreamLayout:
     event_max_age: float = 7 * DAY
     event_max_bytes: int = 256 * 1024 * 1024
     dlq_max_age: float = 30 * DAY
+    audit_max_age: float = 365 * DAY
     task_record_ttl: float = 30 * DAY
 
 
@@ -75,6 +76,20 @@ async def ensure_streams(bus: Bus, layout: StreamLayout | None = None) -> None:
             max_age=layout.dlq_max_age,
             num_replicas=layout.replicas,
             description="dead-lettered tasks with their reason and delivery count",
+        ),
+    )
+    await _ensure_stream(
+        bus,
+        api.StreamConfig(
+            name=s.audit_stream,
+            subjects=[s.all_audit],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=layout.audit_max_age,
+            num_replicas=layout.replicas,
+            deny_delete=True,
+            deny_purge=True,
+            description="audit trail: who submitted, deployed or rolled back what, and when",
         ),
     )
     await key_value(bus, s.task_bucket, layout, ttl=layout.task_record_ttl)

@@ -6,6 +6,7 @@ With the default prefix ``dspy``:
 - ``dspy.<agent>.<endpoint>``        request/reply endpoints (micro service ``dspy-<agent>``)
 - ``dspy.event.<topic>``             fan-out events (limits stream ``DSPY_EVENTS``)
 - ``dspy.dlq.<kind>``                dead letters (stream ``DSPY_DLQ``)
+- ``dspy.audit.<action>``            who did what when (stream ``DSPY_AUDIT``)
 - KV ``DSPY_tasks``                  task status and results, keyed by task id
 
 Two deployments share one NATS account by choosing different prefixes.
@@ -61,6 +62,10 @@ class Subjects:
         return f"{self._upper}_DLQ"
 
     @property
+    def audit_stream(self) -> str:
+        return f"{self._upper}_AUDIT"
+
+    @property
     def task_bucket(self) -> str:
         return f"{self._upper}_tasks"
 
@@ -93,6 +98,14 @@ class Subjects:
     @property
     def all_dlq(self) -> str:
         return f"{self.prefix}.dlq.>"
+
+    # --- audit
+    def audit(self, action: str) -> str:
+        return f"{self.prefix}.audit.{check_dotted(action, 'audit action')}"
+
+    @property
+    def all_audit(self) -> str:
+        return f"{self.prefix}.audit.>"
 
     # --- events
     def event(self, topic: str) -> str:

@@ -35,6 +35,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, field_validator
 
 from bus import tracing
+from bus.audit import record_audit
 from bus.connection import Bus
 from bus.errors import (
     DspyrtError,
@@ -257,6 +258,7 @@ async def submit_task(
         except BaseException:
             await store.delete(task_id)  # nothing was queued: leave no orphan record
             raise
+        await record_audit(bus, "task.submit", task_id, identity=submitted_by, detail={"kind": kind})
     return Submission(task_id, created=True)
 
 

@@ -22,6 +22,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_type_hints
 
@@ -117,6 +118,14 @@ def on_event(pattern: str, *, replay: bool = False) -> Callable[[F], F]:
         return fn
 
     return mark
+
+
+_caller: ContextVar[str | None] = ContextVar("dspyrt_caller", default=None)
+
+
+def current_caller() -> str | None:
+    """The identity the requesting client declared (``Dspyrt-Client`` header), inside an endpoint handler."""
+    return _caller.get()
 
 
 class CheckResult(BaseModel):

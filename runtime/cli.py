@@ -320,6 +320,30 @@ def dlq(
 
 
 @app.command()
+def audit(
+    limit: Annotated[int, typer.Option(help="how many of the newest records")] = 50,
+    as_json: JsonOption = False,
+    config_file: ConfigOption = None,
+) -> None:
+    """The audit trail: who submitted, deployed, rolled back or promoted what, and when."""
+    from bus.audit import read_audit
+
+    async def body(client: Client) -> None:
+        records = await read_audit(client.bus, limit)
+        if as_json:
+            console.print_json(json.dumps([r.model_dump(mode="json") for r in records]))
+            return
+        table = Table("when", "action", "target", "nats user", "identity", "detail")
+        for r in records:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.time))
+            detail = ", ".join(f"{k}={v}" for k, v in r.detail.items())
+            table.add_row(when, r.action, r.target, r.nats_user or "-", r.identity or "-", detail)
+        console.print(table)
+
+    _with_client(config_file, body)
+
+
+@app.command()
 def status(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """Every agent instance: version, uptime, requests, errors, mean latency, health; mode and flags."""
 

@@ -29,7 +29,7 @@ from bus import (
     wait_for_task,
 )
 from bus.events import follow_events
-from bus.messages import encode
+from bus.messages import CLIENT_HEADER, encode
 from bus.tasks import Submission, replay_dead_letter
 from runtime.config import IntegrationConfig
 
@@ -56,7 +56,10 @@ class Client:
         timeout: float = 10.0,
     ) -> R:
         data = encode(payload) if isinstance(payload, BaseModel) else json.dumps(payload).encode()
-        return await self.bus.request(self.bus.subjects.endpoint(agent, endpoint), data, reply_model, timeout=timeout)
+        headers = {CLIENT_HEADER: self.identity} if self.identity else None
+        return await self.bus.request(
+            self.bus.subjects.endpoint(agent, endpoint), data, reply_model, timeout=timeout, headers=headers
+        )
 
     async def submit(self, kind: str, input: BaseModel | dict[str, Any], *, task_id: str | None = None) -> Submission:
         payload = input.model_dump(mode="json") if isinstance(input, BaseModel) else input

@@ -36,8 +36,8 @@ from bus import (
     WorkerOptions,
     tracing,
 )
-from bus.messages import Empty, check_size, decode, encode, error_body, field_errors_of
-from runtime.agent import Agent, CheckResult, EndpointSpec, TaskContext, TaskSpec
+from bus.messages import CLIENT_HEADER, Empty, check_size, decode, encode, error_body, field_errors_of
+from runtime.agent import Agent, CheckResult, EndpointSpec, TaskContext, TaskSpec, _caller
 from runtime.client import Client
 from runtime.telemetry import current_telemetry
 
@@ -202,6 +202,8 @@ class AgentHost:
                         req.subject, req.headers, size=len(req.data), consumer_group=queue_group, is_request=True
                     ) as span:
                         try:
+                            if req.headers and CLIENT_HEADER in req.headers:
+                                _caller.set(req.headers[CLIENT_HEADER])  # this request's own task context
                             reply = await method(decode(spec.request, req.data))
                             await req.respond(check_size(encode(reply), max_payload, f"reply of {spec.name}"))
                         except Exception as exc:

@@ -16,7 +16,8 @@ from agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
 from agents.loop.gate import check_objectives
 from agents.loop.models import PROGRAM_NAME, DeployRequest, DeployVerdict
 from bus import Empty, Message, NotFoundError
-from runtime.agent import Agent, endpoint
+from bus.audit import record_audit
+from runtime.agent import Agent, current_caller, endpoint
 
 
 class ProgramName(Message):
@@ -79,6 +80,13 @@ class DeployAgent(Agent):
             cycle_id=request.cycle_id,
         )
         pointer = await self.registry.deploy(deployed, canary_fraction=request.canary_fraction)
+        await record_audit(
+            self.bus,
+            "deploy",
+            request.program_name,
+            identity=current_caller(),
+            detail={"version": version, "cycle_id": request.cycle_id, "canary": request.canary_fraction is not None},
+        )
         canary = pointer.canary is not None and pointer.canary.version == version
         await self.publish_event(
             "deploy.completed",
@@ -106,6 +114,13 @@ class DeployAgent(Agent):
     async def rollback(self, request: RollbackRequest) -> ProgramPointer:
         """Drop the canary, or make an earlier version active again (default: the one before)."""
         pointer = await self.registry.rollback(request.program, request.version)
+        await record_audit(
+            self.bus,
+            "rollback",
+            request.program,
+            identity=current_caller(),
+            detail={"requested_version": request.version, "note": pointer.note},
+        )
         await self.publish_event(
             "deploy.rollback",
             {"program": request.program, "version": pointer.active.version if pointer.active else None,
@@ -116,4 +131,8 @@ class DeployAgent(Agent):
     @endpoint("promote")
     async def promote(self, request: ProgramName) -> ProgramPointer:
         """Make the canary the active version."""
-        return await self.registry.promote(request.program)
+        pointer = await self.registry.promote(request.program)
+        await record_audit(
+            self.bus, "promote", request.program, identity=current_caller(), detail={"note": pointer.note}
+        )
+        return pointer

@@ -1,0 +1,48 @@
+"""The audit trail: every submitted task, deploy and rollback, with who, what and when, in ``DSPY_AUDIT``.
+
+"Who" is what the connection knows: the NATS user it authenticated as (when user/password auth is used) and the
+identity the client declared. The stream denies deletes and purges.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bus.connection import Bus
+
+
+class AuditRecord(BaseModel):
+    action: str  # task.submit, deploy, rollback, promote, ...
+    target: str  # what it acted on: a task id, a program
+    nats_user: str | None = None
+    identity: str | None = None
+    time: float = Field(default_factory=time.time)
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+async def record_audit(
+    bus: Bus, action: str, target: str, *, identity: str | None = None, detail: dict[str, Any] | None = None
+) -> None:
+    """Append one record. A JetStream publish: it is stored (acknowledged) before this returns."""
+    record = AuditRecord(
+        action=action, target=target, nats_user=bus.options.user, identity=identity, detail=detail or {}
+    )
+    await bus.js.publish(bus.subjects.audit(action), record.model_dump_json().encode())
+
+
+async def read_audit(bus: Bus, limit: int = 100) -> list[AuditRecord]:
+    """The newest ``limit`` records, oldest first."""
+    info = await bus.js.stream_info(bus.subjects.audit_stream)
+    first, last = info.state.first_seq, info.state.last_seq
+    records: list[AuditRecord] = []
+    for seq in range(max(first, last - limit + 1), last + 1):
+        try:
+            raw = await bus.js.get_msg(bus.subjects.audit_stream, seq)
+        except Exception:
+            continue
+        if raw.data:
+            records.append(AuditRecord.model_validate_json(raw.data))
+    return records

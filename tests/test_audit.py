@@ -1,0 +1,41 @@
+"""The audit trail records task submissions, deploys and rollbacks with who, what and when."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
+from agents.loop.deploy import RollbackRequest
+from bus.audit import read_audit
+from runtime.client import Client
+from runtime.config import IntegrationConfig
+from runtime.registry import available_agents
+from tests.helpers import serving
+
+
+async def test_submissions_deploys_and_rollbacks_are_audited(config: IntegrationConfig) -> None:
+    known = available_agents()
+    async with serving(config, [known["example"], known["loop-deploy"]]) as system:
+        alice = Client(system.bus, system.client.store, identity="alice")
+        submission = await alice.submit("wordcount", {"text": "a b a"})
+        await alice.result(submission.task_id, timeout=20)
+        registry = await DeployRegistry.open(system.bus)
+        for version in (1, 2):
+            await registry.deploy(DeployedVersion(program="p", version=version, artifact_store="s", artifact_name="a"))
+        await alice.request("loop-deploy", "rollback", RollbackRequest(program="p"), ProgramPointer)
+        records = await read_audit(system.bus)
+    actions: list[tuple[str, str, Any]] = [(r.action, r.target, r.identity) for r in records]
+    assert ("task.submit", submission.task_id, "alice") in actions
+    assert ("rollback", "p", "alice") in actions
+    rollback = next(r for r in records if r.action == "rollback")
+    assert "rolled back from v2 to v1" in rollback.detail["note"]
+    assert all(r.time > 0 for r in records)
+    assert json.loads(records[0].model_dump_json())["action"]
+
+
+def test_audit_stream_name_follows_the_prefix(tmp_path: Path) -> None:
+    config = IntegrationConfig(subject_prefix="acme", state_dir=tmp_path)
+    assert config.subjects.audit_stream == "ACME_AUDIT"
+    assert config.subjects.audit("task.submit") == "acme.audit.task.submit"
