@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from bus import DspyrtError, TaskRecord
+from runtime.cli_dashboard import dashboard_command
 from runtime.cli_roles import roles_app
 from runtime.client import Client, connect_client
 from runtime.config import CONFIG_FILE_ENV, IntegrationConfig, load_config
@@ -378,6 +379,7 @@ def status(as_json: JsonOption = False, config_file: ConfigOption = None) -> Non
 programs_app = typer.Typer(help="Deployed programs: list, show, rollback, promote.", no_args_is_help=True)
 app.add_typer(programs_app, name="programs")
 app.add_typer(roles_app, name="roles")
+app.command("dashboard")(dashboard_command)
 DEPLOY_AGENT = "loop-deploy"
 
 

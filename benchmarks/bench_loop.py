@@ -1,0 +1,741 @@
+"""Loop benchmark: distributed evaluation on the bus next to ``dspy.Evaluate`` in one process.
+
+The work: 400 topic examples (examples/optimize.json's valset, each text in 20 wordings), scored with
+``exact_match`` by the example's ``text -> topic`` program carrying a LabeledFewShot(k=16) state inline (as in the
+evaluator-kill test of tests/test_loop.py), on the demo model behind the fault wrapper's fixed 50 ms latency per LM
+call (a stand-in for a provider's round trip).
+
+E. ``dspy.Evaluate(devset, metric, num_threads=N)`` in this process, the LM being
+   ``agents.lm.demo.demo_lm(faults=FaultProfile(latency=fixed 50 ms))``: N=8 (the reference), and N equal to the
+   total LM concurrency of each distributed row.
+D. One ``evaluate`` task submitted to ``loop-evaluate`` (hosted in this process by ``runtime.supervisor.serve``),
+   which splits the devset into ``evaluate-shard`` tasks scored by 1, 2 and 4 ``evaluator`` processes
+   (``python -m runtime.cli agent evaluator``: 2 shards at once per process, ``num_threads`` threads per shard);
+   every LM call goes over NATS to ``switcher`` process(es) (``python -m runtime.cli agent switcher``) serving the
+   same demo model with the same 50 ms latency from a models TOML. Total LM concurrency is
+   processes x 2 x num_threads. The 4-process row is run with 1 and then 2 switcher processes.
+
+Defaults: shard_size=50 and num_threads=10, so the 400 examples make 8 shards, which is exactly the 8 shard slots
+of 4 evaluator processes (one wave), and each shard's 50 examples are 5 full rounds of 10 LM calls (no part-empty
+round). Total LM concurrency is then 20, 40 and 80 for 1, 2 and 4 processes, and the equal-concurrency baselines
+are dspy.Evaluate(num_threads=20/40/80). The switcher processes get agent_concurrency and the model's
+max_concurrency of 256, so neither limit (defaults 32 and 4) caps the calls in flight.
+
+Each row is the median of ``--reps`` repetitions (after an uncounted warm-up); the in-process and distributed runs
+are interleaved so drift hits both alike. Every run's score and per-example scores are checked against
+``dspy.Evaluate``'s. CPU seconds come from /proc (each process; the whole machine from /proc/stat, so CPU spent by
+processes that are not ours shows too). The second table gives each row's floors (LM latency alone; CPU over the
+usable cores) and splits the distributed wall time using the task records' KV updates (evaluate task and shards).
+
+    .venv/bin/python benchmarks/bench_loop.py            # ~2 minutes
+    .venv/bin/python benchmarks/bench_loop.py --quick    # ~1 minute, 1 repetition
+    OTEL_TRACES_SAMPLER=always_off .venv/bin/python benchmarks/bench_loop.py   # without tracing (all processes)
+
+This is a benchmark, not a test: nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import dspy
+
+from agents.lm.demo import demo_lm
+from agents.lm.faults import FaultProfile, FixedLatency
+from agents.loop.evaluate import EvaluateAgent
+from agents.metrics import MetricRegistry
+from agents.programs import build_program, dump_program_state, load_program_state, parse_program_spec
+from bus import EmbeddedServer
+from runtime.config import IntegrationConfig
+from runtime.supervisor import RunningSystem, serve
+from runtime.system import collect_status
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_FILE = ROOT / "examples" / "optimize.json"
+MODEL = "demo/slow50ms"
+# Neutral wordings that vary every valset text into 20 examples (the demo model answers by word overlap).
+WORDINGS = [
+    "",
+    "today",
+    "this week",
+    "reports say",
+    "according to the news",
+    "again",
+    "last night",
+    "this morning",
+    "in the city",
+    "once more",
+    "on monday",
+    "as expected",
+    "said a spokesperson",
+    "in the north",
+    "for the second time",
+    "late on friday",
+    "early this year",
+    "we heard",
+    "in our town",
+    "at last",
+]
+
+
+# ----------------------------------------------------------------------------- data and program
+
+
+def make_devset(valset: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` rows: each valset text in each wording, in turn (deterministic)."""
+    rows = []
+    for i in range(n):
+        base = valset[i % len(valset)]
+        wording = WORDINGS[(i // len(valset)) % len(WORDINGS)]
+        text = f"{base['text']} {wording}".strip() if wording else base["text"]
+        rows.append({"text": text, "topic": base["topic"]})
+    return rows
+
+
+def trained_state(example: dict[str, Any]) -> dict[str, Any]:
+    """The program's state after LabeledFewShot(k=16) on the example's trainset (no LM calls)."""
+    spec = parse_program_spec(example["program"])
+    train = [dspy.Example(**r).with_inputs("text") for r in example["trainset"]]
+    return dump_program_state(dspy.LabeledFewShot(k=16).compile(build_program(spec), trainset=train))
+
+
+# ----------------------------------------------------------------------------- CPU accounting
+
+
+def proc_cpu(pid: int | None) -> float:
+    """utime + stime of a process from /proc, seconds (0 where /proc is not available)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (all cores, /proc/stat), 0 where unavailable."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Cpu:
+    """CPU seconds during one run, by role."""
+
+    evaluators: float = 0.0
+    switchers: float = 0.0
+    nats: float = 0.0
+    bench: float = 0.0  # this process: dspy.Evaluate (E rows) or loop-evaluate + client (D rows)
+    machine: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.evaluators + self.switchers + self.nats + self.bench
+
+
+class CpuMeter:
+    def __init__(self, fleet: Fleet, server_pid: int | None) -> None:
+        self.fleet = fleet
+        self.server_pid = server_pid
+
+    def sample(self) -> Cpu:
+        return Cpu(
+            evaluators=sum(proc_cpu(p) for p in self.fleet.pids("evaluator")),
+            switchers=sum(proc_cpu(p) for p in self.fleet.pids("switcher")),
+            nats=proc_cpu(self.server_pid),
+            bench=time.process_time(),
+            machine=machine_busy(),
+        )
+
+    @staticmethod
+    def delta(a: Cpu, b: Cpu) -> Cpu:
+        return Cpu(
+            b.evaluators - a.evaluators, b.switchers - a.switchers, b.nats - a.nats, b.bench - a.bench,
+            b.machine - a.machine,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- agent processes
+
+
+class Fleet:
+    """``python -m runtime.cli agent NAME`` processes, as an operator runs them; every one is stopped at the end."""
+
+    def __init__(self, config: IntegrationConfig, workdir: Path) -> None:
+        self.workdir = workdir
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DSPYRT_")}
+        self.env = {
+            **base,
+            "DSPYRT_NATS_URLS": ",".join(config.nats_urls),
+            "DSPYRT_SUBJECT_PREFIX": config.subject_prefix,
+            "DSPYRT_MODELS_FILE": str(config.models_file),
+            "DSPYRT_LOG_LEVEL": "WARNING",
+        }
+        self.processes: dict[str, list[subprocess.Popen[bytes]]] = {}
+
+    def start(self, name: str, **settings: object) -> subprocess.Popen[bytes]:
+        number = len(self.processes.get(name, []))
+        folder = self.workdir / f"{name}-{number}"
+        folder.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "DSPYRT_STATE_DIR": str(folder / "state")}
+        env.update({f"DSPYRT_{k.upper()}": str(v) for k, v in settings.items()})
+        with open(folder / "agent.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "runtime.cli", "agent", name], cwd=ROOT, env=env, stdout=log, stderr=log
+            )
+        self.processes.setdefault(name, []).append(process)
+        return process
+
+    def pids(self, name: str) -> list[int]:
+        return [p.pid for p in self.processes.get(name, []) if p.poll() is None]
+
+    def check(self) -> None:
+        for name, processes in self.processes.items():
+            for number, p in enumerate(processes):
+                if p.poll() is not None:
+                    log = (self.workdir / f"{name}-{number}" / "agent.log").read_text(errors="replace")
+                    raise RuntimeError(f"{name} process {p.pid} exited with {p.returncode}:\n{log[-3000:]}")
+
+    def stop_all(self) -> None:
+        everyone = [p for ps in self.processes.values() for p in ps]
+        for p in everyone:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # drain, as an operator's stop would
+        for p in everyone:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+async def wait_instances(system: RunningSystem, fleet: Fleet, name: str, count: int, timeout: float = 60.0) -> None:
+    """Until ``count`` instances of agent ``name`` answer ``$SRV.STATS``."""
+    with anyio.fail_after(timeout):
+        while True:
+            fleet.check()
+            status = await collect_status(system.bus, system.config, window=0.3)
+            if sum(len(a.instances) for a in status.agents if a.name == name) >= count:
+                return
+            await anyio.sleep(0.2)
+
+
+@asynccontextmanager
+async def serving(config: IntegrationConfig) -> AsyncIterator[RunningSystem]:
+    """``runtime.supervisor.serve`` with the ``loop-evaluate`` coordinator, in this process, for the block."""
+    ready = anyio.Event()
+    systems: list[RunningSystem] = []
+
+    async def on_ready(system: RunningSystem) -> None:
+        systems.append(system)
+        ready.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            partial(serve, config, [EvaluateAgent], on_ready=on_ready, handle_signals=False, process_name="bench-loop")
+        )
+        with anyio.fail_after(30):
+            await ready.wait()
+        try:
+            yield systems[0]
+        finally:
+            systems[0].stop()
+
+
+# ----------------------------------------------------------------------------- one run of each kind
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: Cpu
+    score: float
+    scores: list[float]
+    # Distributed runs only: where the time went (seconds from submit) and how the shards spread.
+    marks: dict[str, float] = field(default_factory=dict)
+    shard_runs: list[float] = field(default_factory=list)
+    shard_waits: list[float] = field(default_factory=list)
+    per_worker: list[int] = field(default_factory=list)
+    example_p50_ms: float = 0.0
+    lm_calls: int = 0
+
+
+def evaluate_in_process(
+    spec: dict[str, Any], state: dict[str, Any], rows: list[dict[str, Any]], num_threads: int, latency: float
+) -> tuple[float, float, list[float]]:
+    """``dspy.Evaluate`` on the same program (spec + state) and data, the demo LM with the same fixed latency."""
+    program = load_program_state(parse_program_spec(spec), state)
+    devset = [dspy.Example(**r).with_inputs("text") for r in rows]
+    metric = MetricRegistry.installed().get("exact_match")
+    lm = demo_lm(faults=FaultProfile(latency=FixedLatency(seconds=latency)))
+    t0 = time.perf_counter()
+    with dspy.context(lm=lm):
+        result = dspy.Evaluate(devset=devset, metric=metric, num_threads=num_threads, display_progress=False)(program)
+    wall = time.perf_counter() - t0
+    return wall, float(result.score), [float(score) for _, _, score in result.results]
+
+
+async def run_local(
+    meter: CpuMeter, job: dict[str, Any], rows: list[dict[str, Any]], num_threads: int, latency: float
+) -> Run:
+    before = meter.sample()
+    wall, score, scores = await anyio.to_thread.run_sync(
+        evaluate_in_process, job["program"]["spec"], job["program"]["state"], rows, num_threads, latency
+    )
+    return Run(wall=wall, cpu=meter.delta(before, meter.sample()), score=score, scores=scores)
+
+
+_STATUS = re.compile(rb'"status":"(\w+)"')
+_WORKER = re.compile(rb'"worker":"([^"]*)"')
+
+
+async def run_distributed(system: RunningSystem, meter: CpuMeter, job: dict[str, Any]) -> Run:
+    """Submit one ``evaluate`` task and wait for its result; KV updates of it and its shards time the phases."""
+    client = system.client
+    task_id = uuid.uuid4().hex
+    updates: list[tuple[float, str, str, str]] = []  # (time, key, status, worker)
+
+    async def on_update(msg: Any) -> None:
+        key = msg.subject.rsplit(".", 1)[1]
+        if key.startswith(task_id):
+            head = msg.data[:400]
+            status, worker = _STATUS.search(head), _WORKER.search(head)
+            updates.append(
+                (
+                    time.perf_counter(),
+                    key,
+                    status.group(1).decode() if status else "?",
+                    worker.group(1).decode() if worker else "",
+                )
+            )
+
+    sub = await system.bus.nc.subscribe(f"$KV.{client.store.bucket}.*", cb=on_update)
+    await system.bus.nc.flush()
+    try:
+        before = meter.sample()
+        t0 = time.perf_counter()
+        await client.submit("evaluate", job, task_id=task_id)
+        record = await client.result(task_id, timeout=300)
+        wall = time.perf_counter() - t0
+        cpu = meter.delta(before, meter.sample())
+        await anyio.sleep(0.05)  # the last KV notifications
+    finally:
+        await sub.unsubscribe()
+    if record.status.value != "succeeded":
+        raise RuntimeError(f"evaluate task {task_id} ended {record.status.value}: {record.error}")
+    result = record.result
+
+    first: dict[tuple[str, str], float] = {}
+    workers: dict[str, str] = {}
+    for when, key, status, worker in updates:
+        first.setdefault((key, status), when - t0)
+        if status == "running" and worker:
+            workers.setdefault(key, worker)
+    shard_keys = sorted({k for k, _ in first if k != task_id})
+    runs = [first[(k, "succeeded")] - first[(k, "running")] for k in shard_keys if (k, "running") in first]
+    waits = [first[(k, "running")] - first[(k, "pending")] for k in shard_keys if (k, "pending") in first]
+    marks = {
+        "coordinator running": first.get((task_id, "running"), float("nan")),
+        "first shard pending": min((first[(k, "pending")] for k in shard_keys if (k, "pending") in first), default=0),
+        "last shard pending": max((first[(k, "pending")] for k in shard_keys if (k, "pending") in first), default=0),
+        "first shard running": min((first[(k, "running")] for k in shard_keys if (k, "running") in first), default=0),
+        "last shard done": max((first[(k, "succeeded")] for k in shard_keys if (k, "succeeded") in first), default=0),
+        "coordinator done": first.get((task_id, "succeeded"), float("nan")),
+        "result in hand": wall,
+    }
+    per_worker: dict[str, int] = {}
+    for key, worker in workers.items():
+        if key != task_id:  # the evaluate task's own record names the coordinator
+            per_worker[worker] = per_worker.get(worker, 0) + 1
+    return Run(
+        wall=wall,
+        cpu=cpu,
+        score=float(result["score"]),
+        scores=[float(r["score"]) for r in result["results"]],
+        marks=marks,
+        shard_runs=runs,
+        shard_waits=waits,
+        per_worker=sorted(per_worker.values(), reverse=True),
+        example_p50_ms=float(result["latency_p50_ms"]),
+        lm_calls=int(result["lm_calls"]),
+    )
+
+
+# ----------------------------------------------------------------------------- rows and the table
+
+
+@dataclass
+class Row:
+    id: str
+    label: str
+    concurrency: int
+    runs: list[Run]
+    reference: Row | None = None  # dspy.Evaluate(num_threads=8)
+    equal: Row | None = None  # dspy.Evaluate at the same total concurrency
+    distributed: bool = False
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(r.wall for r in self.runs)
+
+    def cpu(self, attr: str) -> float:
+        return float(statistics.median(getattr(r.cpu, attr) for r in self.runs))
+
+    @property
+    def cpu_total(self) -> float:
+        return statistics.median(r.cpu.total for r in self.runs)
+
+    @property
+    def machine_cores(self) -> float:
+        return statistics.median(r.cpu.machine / r.wall for r in self.runs)
+
+    @property
+    def other_cores(self) -> float:
+        """CPU of processes that are not ours (other work on the machine) per second of wall time."""
+        return statistics.median(max(0.0, r.cpu.machine - r.cpu.total) / r.wall for r in self.runs)
+
+
+def render(header: tuple[str, ...], lines: Sequence[tuple[str, ...]], left: set[int]) -> None:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def one(cells: tuple[str, ...]) -> str:
+        padded = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded).rstrip()
+
+    print(one(header))
+    print("  ".join("-" * w for w in widths))
+    for line in lines:
+        print(one(line))
+
+
+def print_main(rows: list[Row], examples: int) -> None:
+    header = (
+        "id", "run", "LM in flight", "wall s (median)", "min-max", "x faster than E8", "/ Evaluate same conc.",
+        "CPU s eval/switch/nats/bench", "CPU ms/ex", "machine cores", "not ours", "score",
+    )  # fmt: skip
+    lines = []
+    for r in rows:
+        walls = [x.wall for x in r.runs]
+        faster = f"{r.reference.wall / r.wall:.2f}x" if r.reference is not None else ""
+        same = f"{r.wall / r.equal.wall:.2f}x" if r.equal is not None else ""
+        if r.distributed:
+            split = "/".join(f"{r.cpu(a):.2f}" for a in ("evaluators", "switchers", "nats", "bench"))
+        else:
+            split = f"-/-/-/{r.cpu('bench'):.2f}"
+        lines.append(
+            (
+                r.id, r.label, str(r.concurrency), f"{r.wall:.3f}", f"{min(walls):.2f}-{max(walls):.2f}", faster, same,
+                split, f"{1e3 * r.cpu_total / examples:.2f}", f"{r.machine_cores:.2f}", f"{r.other_cores:.2f}",
+                f"{r.runs[0].score:g}",
+            )
+        )  # fmt: skip
+    render(header, lines, {0, 1})
+
+
+def latency_floor(row: Row, args: argparse.Namespace) -> float:
+    """Seconds the LM latency alone takes at this row's concurrency (each thread waits latency per call)."""
+    examples, shard_size, threads = int(args.examples), int(args.shard_size), int(args.num_threads)
+    latency = float(args.latency)
+    if not row.distributed:
+        return math.ceil(examples / row.concurrency) * latency
+    waves = math.ceil(math.ceil(examples / shard_size) / (row.concurrency // threads))  # slots: processes x 2
+    return waves * math.ceil(shard_size / threads) * latency
+
+
+def print_breakdown(rows: list[Row], args: argparse.Namespace) -> None:
+    header = (
+        "id", "wall", "LM latency floor", "CPU floor", "pickup", "split+submit", "shard wait max p50/worst",
+        "shard run p50/max", "merge+store", "notify", "shards per evaluator process", "example p50 ms",
+    )  # fmt: skip
+    cores = os.cpu_count() or 1
+    lines = []
+    for r in rows:
+        # One Python process runs Python on about one core (the GIL); the bus rows can use every core.
+        cpu_floor = r.cpu_total / (cores if r.distributed else 1)
+        first = (r.id, f"{r.wall:.3f}", f"{latency_floor(r, args):.3f}", f"{cpu_floor:.3f}")
+        if not r.distributed:
+            lines.append((*first, *[""] * 8))
+            continue
+
+        def med(fn: Any, row: Row = r) -> float:
+            return float(statistics.median(fn(x) for x in row.runs))
+
+        pickup = med(lambda x: x.marks["coordinator running"])
+        split = med(lambda x: x.marks["last shard pending"] - x.marks["coordinator running"])
+        waits = [max(x.shard_waits, default=0.0) for x in r.runs]
+        wait = f"{statistics.median(waits):.3f}/{max(waits):.3f}"
+        run50 = med(lambda x: statistics.median(x.shard_runs) if x.shard_runs else 0.0)
+        runmax = med(lambda x: max(x.shard_runs, default=0.0))
+        merge = med(lambda x: x.marks["coordinator done"] - x.marks["last shard done"])
+        notify = med(lambda x: x.marks["result in hand"] - x.marks["coordinator done"])
+        patterns: dict[str, int] = {}
+        for x in r.runs:
+            key = "/".join(str(n) for n in x.per_worker)
+            patterns[key] = patterns.get(key, 0) + 1
+        spread = ", ".join(f"{k} x{n}" for k, n in sorted(patterns.items(), key=lambda kv: -kv[1]))
+        lines.append(
+            (
+                *first, f"{pickup:.3f}", f"{split:.3f}", wait, f"{run50:.3f}/{runmax:.3f}", f"{merge:.3f}",
+                f"{notify:.3f}", spread, f"{med(lambda x: x.example_p50_ms):.1f}",
+            )
+        )  # fmt: skip
+    render(header, lines, {0, 10})
+
+
+def load_average() -> str:
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def versions() -> str:
+    parts = []
+    for name in ["dspy", "nats-py", "anyio", "pydantic", "opentelemetry-sdk"]:
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} ?")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@contextmanager
+def quiet_dspy() -> Iterator[None]:
+    logger = logging.getLogger("dspy")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # Evaluate logs every score at INFO
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+async def run(args: argparse.Namespace, server: EmbeddedServer, workdir: Path) -> None:
+    example = json.loads(EXAMPLE_FILE.read_text())["input"]
+    rows = make_devset(example["valset"], args.examples)
+    job = {
+        "program": {"spec": example["program"], "state": trained_state(example)},
+        "devset": rows,
+        "metric": "exact_match",
+        "model": MODEL,
+        "shard_size": args.shard_size,
+        "num_threads": args.num_threads,
+    }
+    models_file = workdir / "models.toml"
+    models_file.write_text(
+        f'[[models]]\nmodel = "{MODEL}"\nmax_concurrency = {args.switcher_concurrency}\n'
+        f'faults = {{ latency = {{ kind = "fixed", seconds = {args.latency} }} }}\n'
+    )
+    config = IntegrationConfig(
+        nats_urls=[server.url],
+        subject_prefix=f"bl{uuid.uuid4().hex[:8]}",
+        state_dir=workdir / "bench-state",
+        models_file=models_file,
+        auto_validate=False,
+    )
+    fleet = Fleet(config, workdir)
+    meter = CpuMeter(fleet, server.pid)
+    table: list[Row] = []
+    local_rows: dict[int, Row] = {}
+    t_start = time.perf_counter()
+
+    def local_row(threads: int) -> Row:
+        if threads not in local_rows:
+            local_rows[threads] = Row(f"E{threads}", f"dspy.Evaluate(num_threads={threads}), one process", threads, [])
+            table.append(local_rows[threads])
+        return local_rows[threads]
+
+    async def local(threads: int) -> None:
+        local_row(threads).runs.append(await run_local(meter, job, rows, threads, args.latency))
+
+    try:
+        async with serving(config) as system:
+            print(f"loop-evaluate up (this process); spans -> {system.telemetry.span_destination}", flush=True)
+            reference = local_row(args.local_threads)
+            print(f"  E warm-up, dspy.Evaluate(num_threads={args.local_threads}) ...", flush=True)
+            await run_local(meter, job, rows, args.local_threads, args.latency)
+            stages = [(p, 1) for p in args.evaluators] + [(max(args.evaluators), 2)]
+            for processes, switchers in stages:
+                started = time.perf_counter()
+                while len(fleet.pids("switcher")) < switchers:
+                    fleet.start("switcher", agent_concurrency=args.switcher_concurrency)
+                while len(fleet.pids("evaluator")) < processes:
+                    fleet.start("evaluator")
+                await wait_instances(system, fleet, "switcher", switchers)
+                await wait_instances(system, fleet, "evaluator", processes)
+                concurrency = processes * 2 * args.num_threads
+                up = time.perf_counter() - started
+                print(
+                    f"  D {processes} evaluator(s), {switchers} switcher(s) up in {up:.1f} s;"
+                    f" {concurrency} LM calls in flight, x{args.reps} ...",
+                    flush=True,
+                )
+                label = (
+                    f"bus: {processes} evaluator proc x 2 shards x {args.num_threads} thr, "
+                    f"{switchers} switcher proc{'s' if switchers > 1 else ''}"
+                )
+                row = Row(f"D{len([r for r in table if r.distributed]) + 1}", label, concurrency, [], distributed=True)
+                row.reference = reference
+                for _ in range(args.warmups):  # every new process serves a shard / call before it counts
+                    await run_distributed(system, meter, job)
+                equal = local_row(concurrency) if switchers == 1 else local_rows.get(concurrency)
+                row.equal = equal
+                for _ in range(args.reps):  # interleaved with the in-process runs it is compared with
+                    row.runs.append(await run_distributed(system, meter, job))
+                    if switchers == 1 and equal is not None:
+                        await local(concurrency)
+                    if len(reference.runs) < args.reps:
+                        await local(args.local_threads)
+                table.append(row)
+    finally:
+        fleet.stop_all()
+    elapsed = time.perf_counter() - t_start
+
+    # Evaluate rows first, then the distributed ones, in the order they ran.
+    ordered = [r for r in table if not r.distributed] + [r for r in table if r.distributed]
+    print()
+    print(
+        f"Distributed evaluation vs dspy.Evaluate: {args.examples} examples, LabeledFewShot k=16 program, "
+        f"demo model + fixed {args.latency * 1e3:.0f} ms per LM call; shard_size={args.shard_size}, "
+        f"num_threads={args.num_threads} per shard; median of {args.reps}"
+    )
+    print_main(ordered, args.examples)
+    print()
+    print("Where the time goes (seconds, median over reps; bus phases from the task records' KV updates)")
+    print_breakdown(ordered, args)
+    print()
+    print(
+        "x faster than E8: dspy.Evaluate(num_threads=8)'s wall / this row's. / Evaluate same conc.: this row's wall /"
+        " dspy.Evaluate's with as many LM calls in flight (processes x 2 shards x num_threads). CPU s: process CPU"
+        " per run by role (bench = this process: Evaluate itself in E rows, loop-evaluate + client in D rows);"
+        " machine cores: CPU busy on the whole machine / wall; not ours: the part of it spent by other processes."
+    )
+    print(
+        "LM latency floor: the wall time if CPU were free (rounds of LM calls x latency). CPU floor: CPU s of our"
+        f" processes / cores usable ({os.cpu_count()} for the bus rows, 1 for one Python process). pickup: submit ->"
+        " evaluate task running; split+submit: -> last shard queued; shard wait: queued -> running; merge+store:"
+        " last shard done -> evaluation stored; notify: -> result in the client's hand. Shards per evaluator process:"
+        " how many shards each process ran, per run (a process runs 2 at once)."
+    )
+    check_scores(ordered, reference)
+    verdict(ordered, reference, args)
+    print(f"measured in {elapsed:.0f} s; load average {load_average()} at the end")
+
+
+def check_scores(rows: list[Row], reference: Row) -> None:
+    expected = reference.runs[0]
+    bad = [
+        f"{r.id} run {i + 1} ({x.score:g})"
+        for r in rows
+        for i, x in enumerate(r.runs)
+        if abs(x.score - expected.score) > 0.005 or x.scores != expected.scores
+    ]
+    if bad:
+        print(f"WARNING: score differs from dspy.Evaluate's {expected.score:g}: {', '.join(bad)}")
+    else:
+        runs = sum(len(r.runs) for r in rows)
+        print(f"scores: all {runs} runs score {expected.score:g} with identical per-example scores (dspy.Evaluate's)")
+
+
+def verdict(rows: list[Row], reference: Row, args: argparse.Namespace) -> None:
+    most = max(args.evaluators)
+    top = [r for r in rows if r.distributed and r.concurrency == most * 2 * args.num_threads]
+    if top:
+        best = min(top, key=lambda r: r.wall)
+        speedup = reference.wall / best.wall
+        print(
+            f"target >= 4x faster than dspy.Evaluate(num_threads={args.local_threads}) with {most} evaluator"
+            f" processes: {speedup:.2f}x ({best.id}, the faster of {', '.join(r.id for r in top)}) -> "
+            f"{'met' if speedup >= 4 else 'NOT met'}"
+        )
+        needed, floor = reference.wall / 4, best.cpu_total / (os.cpu_count() or 1)
+        print(
+            f"  4x means {needed:.3f} s; the CPU the bus path spends ({1e3 * best.cpu_total / args.examples:.2f} ms"
+            f" per example over {os.cpu_count()} cores) alone takes {floor:.3f} s here"
+        )
+    for r in rows:
+        if r.distributed and r.equal is not None:
+            ratio = r.wall / r.equal.wall
+            print(
+                f"target <= 1.1x dspy.Evaluate's time at equal concurrency ({r.concurrency} in flight): {r.id} "
+                f"{ratio:.2f}x -> {'met' if ratio <= 1.1 else 'NOT met'}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=400, help="devset size")
+    parser.add_argument("--latency", type=float, default=0.05, help="fixed seconds per LM call")
+    parser.add_argument("--evaluators", default="1,2,4", help="evaluator process counts, ascending")
+    parser.add_argument("--shard-size", type=int, default=50, help="examples per evaluate-shard task")
+    parser.add_argument("--num-threads", type=int, default=10, help="threads per shard")
+    parser.add_argument("--local-threads", type=int, default=8, help="the reference dspy.Evaluate's num_threads")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per row")
+    parser.add_argument("--warmups", type=int, default=1, help="uncounted distributed runs per stage")
+    parser.add_argument(
+        "--switcher-concurrency", type=int, default=256, help="switcher agent_concurrency and model max_concurrency"
+    )
+    parser.add_argument("--quick", action="store_true", help="1 repetition (~1 minute)")
+    args = parser.parse_args()
+    args.evaluators = sorted(int(n) for n in args.evaluators.split(","))
+    if args.quick:
+        args.reps = 1
+
+    print(
+        f"bench_loop: {platform.python_implementation()} {platform.python_version()} on {platform.machine()}, "
+        f"{os.cpu_count()} cores ({platform.platform()}); load average {load_average()} at start"
+    )
+    print(f"versions: {versions()}")
+    print(
+        f"settings: {args.examples} examples, {args.latency * 1e3:g} ms per LM call, evaluators {args.evaluators}, "
+        f"shard_size {args.shard_size}, num_threads {args.num_threads}, {args.reps} reps; switcher processes run with "
+        f"agent_concurrency={args.switcher_concurrency} and the model's max_concurrency={args.switcher_concurrency}; "
+        f"OTEL_TRACES_SAMPLER={os.environ.get('OTEL_TRACES_SAMPLER', '(default: parentbased_always_on)')}",
+        flush=True,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    server = EmbeddedServer(workdir / "jetstream", log_file=workdir / "nats-server.log")
+    try:
+        server.start()
+        with quiet_dspy():
+            anyio.run(run, args, server, workdir)
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Helpers of the dashboard tests: a dashboard agent with quick loops, and reading what the event stream holds."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+
+from agents.dashboard.agent import DashboardAgent, DashboardSettings
+from agents.dashboard.core import DashboardSnapshot, SnapshotQuery
+from bus import Bus, Event, publish_event
+from bus.events import follow_events
+from runtime.client import Client
+from runtime.config import IntegrationConfig
+from tests.helpers import hosting, wait_until
+
+
+def quick_settings(*, alerts_file: Path | None = None, web: bool = False) -> DashboardSettings:
+    """Evaluate every 0.1 s, read queues every 0.2 s; a web view on a free port only when asked."""
+    return DashboardSettings(
+        alerts_file=alerts_file,
+        dashboard_port=0 if web else None,
+        dashboard_poll=0.3,
+        dashboard_eval_interval=0.1,
+        dashboard_queue_interval=0.2,
+    )
+
+
+@asynccontextmanager
+async def dashboard(
+    config: IntegrationConfig, settings: DashboardSettings | None = None
+) -> AsyncIterator[DashboardAgent]:
+    """A dashboard agent on its own connection for the block, once it has replayed the stream."""
+    agent = DashboardAgent(config, settings or quick_settings())
+    async with hosting(agent):
+        await wait_until(lambda: not agent.replaying, what="dashboard replayed the event stream")
+        yield agent
+
+
+async def emit(bus: Bus, topic: str, data: dict[str, Any], source: str = "test") -> None:
+    await publish_event(bus, topic, data, source=source)
+
+
+async def snapshot(client: Client, **query: Any) -> DashboardSnapshot:
+    return await client.request("dashboard", "snapshot", SnapshotQuery(**query), DashboardSnapshot)
+
+
+async def stream_events(bus: Bus, pattern: str) -> list[Event]:
+    """Every event on ``pattern`` the stream holds now (flushed first, so nothing published before is missed)."""
+    await bus.flush()
+    s = bus.subjects
+    info = await bus.js.stream_info(s.event_stream, subjects_filter=s.event_pattern(pattern))
+    expected = sum((info.state.subjects or {}).values())
+    events: list[Event] = []
+    if expected:
+        with anyio.fail_after(5):
+            followed = cast(AsyncGenerator[Event, None], follow_events(bus, pattern, replay=True))
+            async with aclosing(followed) as stream:
+                async for event in stream:
+                    events.append(event)
+                    if len(events) >= expected:
+                        break
+    return events
+
+
+async def wait_for_events(bus: Bus, pattern: str, count: int, *, what: str = "") -> list[Event]:
+    found: list[Event] = []
+
+    async def enough() -> bool:
+        found[:] = await stream_events(bus, pattern)
+        return len(found) >= count
+
+    await wait_until(enough, what=what or f"{count} event(s) on {pattern}")
+    return found
