@@ -312,6 +312,10 @@ class WorkerOptions:
     backoff: tuple[float, ...] = (1.0, 5.0, 15.0, 60.0)
     concurrency: int = 8
     fetch_timeout: float = 1.0
+    # Messages pulled per fetch (at most the free slots). More than one lets a burst land on one busy replica
+    # while others idle (nats-py keeps a second pull open); 1 spreads long tasks evenly. Raise it for many
+    # tiny tasks, where the round trip per fetch dominates.
+    fetch_batch: int = 1
     # In-flight handlers get this long to finish on shutdown; the rest stay unacked for redelivery.
     drain_grace: float = 10.0
 
@@ -399,7 +403,7 @@ class TaskWorker:
         while True:
             await limiter.acquire()
             slots = 1
-            while slots < 16:
+            while slots < self.options.fetch_batch:
                 try:
                     limiter.acquire_nowait()
                 except anyio.WouldBlock:
