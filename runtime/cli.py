@@ -105,6 +105,14 @@ def up(
         console.print(f"  state dir  {cfg.state_dir.resolve()}")
         console.print(f"  traces     {system.telemetry.span_destination}")
         console.print(f"  agents     {', '.join(c.name for c in classes)}")
+        dashboard = system.supervisor.hosts.get("dashboard")
+        if dashboard is not None:
+            for _ in range(50):  # the web view binds a moment after the agent is up
+                url = getattr(dashboard.agent, "web_url", None)
+                if url:
+                    console.print(f"  dashboard  {url}")
+                    break
+                await anyio.sleep(0.1)
         if example is not None:
             kind, payload = _read_task_file(example)
             submission = await system.client.submit(kind, payload)
