@@ -28,6 +28,7 @@ import anyio
 from anyio.abc import TaskStatus as AnyioTaskStatus
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -262,13 +263,24 @@ async def submit_task(
     return Submission(task_id, created=True)
 
 
+async def _read_through_failover(store: TaskStore, task_id: str) -> TaskRecord | None:
+    """Read a record; a cluster fail-over or reconnect (timeouts, no responders) is waited out, not reported."""
+    delay = 0.1
+    while True:
+        try:
+            return await store.get(task_id)
+        except (NatsTimeoutError, TimeoutError, NoRespondersError, OutboundBufferLimitError):
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 async def wait_for_task(bus: Bus, store: TaskStore, task_id: str, timeout: float | None = None) -> TaskRecord:
     """Wait until the task reaches a terminal state, watching its KV key (no polling)."""
     # Subscribe before the first read so no update can slip between them.
     sub = await bus.nc.subscribe(store.key_subject(check_task_id(task_id)))
     try:
         with anyio.fail_after(timeout):
-            record = await store.get(task_id)
+            record = await _read_through_failover(store, task_id)
             if record is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             while not record.status.terminal:
@@ -276,7 +288,7 @@ async def wait_for_task(bus: Bus, store: TaskStore, task_id: str, timeout: float
                     await sub.next_msg(timeout=1.0)
                 except NatsTimeoutError:
                     pass
-                record = await store.get(task_id) or record
+                record = await _read_through_failover(store, task_id) or record
             return record
     finally:
         with anyio.CancelScope(shield=True):

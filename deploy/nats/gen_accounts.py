@@ -1,0 +1,446 @@
+"""Generate ``accounts.conf``: the NATS accounts, users and per-agent subject permissions of one deployment.
+
+    python deploy/nats/gen_accounts.py > deploy/nats/accounts.conf              # prefix dspy
+    python deploy/nats/gen_accounts.py --prefix acme > accounts.conf             # another deployment
+    python deploy/nats/gen_accounts.py --check deploy/nats/accounts.conf         # exit 1 if out of date
+    python deploy/nats/gen_accounts.py --env-example > deploy/example.env         # the password variables
+
+Standard library only, so it runs anywhere. The table ``AGENTS`` below says what each agent does on the bus
+besides serving its own endpoints; the permissions follow from it. When an agent starts to call another agent,
+submit a new task kind, publish a new event or open a new bucket, add it here and regenerate (the permission
+test in ``tests/test_deploy_configs.py`` fails on any permission violation the server logs).
+
+Passwords are never in the file: each user's password is the environment variable ``NATS_PW_<USER>`` of the
+nats-server process (``-`` becomes ``_``, upper case), e.g. ``NATS_PW_LOOP_CREATE``. nats-server parses the
+variable's value as a config value, so a password must be a plain token that starts with a letter and does not
+look like a number, size or boolean: ``pw-`` followed by hex digits (``echo pw-$(openssl rand -hex 24)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one agent does on the bus besides serving its own endpoints (``<prefix>.<agent>.*``)."""
+
+    tasks: tuple[str, ...] = ()  # task kinds it consumes (its own durable consumer on the task stream)
+    submits: tuple[str, ...] = ()  # task kinds it submits and waits for
+    calls: tuple[str, ...] = ()  # "agent.endpoint" it sends requests to
+    events: tuple[str, ...] = ()  # event topics it publishes (``*``/``>`` allowed); task progress is implied
+    buckets: tuple[str, ...] = ()  # KV buckets it writes (and reads); the task bucket is everyone's
+    reads: tuple[str, ...] = ()  # KV buckets it only reads (opening a missing one creates it)
+    objects: tuple[str, ...] = ()  # object stores it writes (and reads)
+    reads_objects: tuple[str, ...] = ()  # object stores it only reads
+    audits: tuple[str, ...] = ()  # audit actions it records (``<prefix>.audit.<action>``)
+    follows_events: bool = False  # reads the whole event stream with an ordered consumer (dashboard)
+    discovery: bool = False  # asks every service instance ($SRV.PING|INFO|STATS), e.g. for system status
+
+
+VALIDATORS = ("validator-code", "validator-logic", "validator-performance", "validator-security", "validator-custom")
+SWITCHER_LM = ("switcher.select", "switcher.complete")
+
+# Agent name -> what it does. Names are the entry points of the ``dspyrt.agents`` group.
+AGENTS: dict[str, Access] = {
+    "system": Access(discovery=True),
+    "example": Access(tasks=("wordcount",)),
+    "switcher": Access(events=("lm.call",), reads=("deployments",)),
+    "optimizer": Access(
+        tasks=("optimize",),
+        calls=SWITCHER_LM,
+        events=("optimization.*",),
+        buckets=("optcache", "optimizer"),
+        objects=("artifacts",),
+    ),
+    "loop-create": Access(),
+    "loop-evaluate": Access(tasks=("evaluate",), submits=("evaluate-shard",), calls=("switcher.select",)),
+    "evaluator": Access(tasks=("evaluate-shard",), calls=("switcher.complete",), reads_objects=("artifacts",)),
+    "loop-deploy": Access(events=("deploy.*",), buckets=("deployments",), audits=("deploy", "rollback", "promote")),
+    "cycle": Access(
+        tasks=("cycle",),
+        submits=("evaluate", "optimize"),
+        calls=("loop-create.create", "assertions.validate", "loop-deploy.deploy"),
+        events=("cycle.*",),
+        buckets=("cycles",),
+    ),
+    "serving": Access(
+        calls=SWITCHER_LM, events=("predict.served",), reads=("deployments",), reads_objects=("artifacts",)
+    ),
+    "assertions": Access(calls=tuple(f"{v}.validate" for v in VALIDATORS)),
+    **{v: Access() for v in VALIDATORS},
+    "roles": Access(tasks=("refine-role",), calls=SWITCHER_LM, events=("role.refined",), buckets=("roles",)),
+    "dashboard": Access(
+        submits=("cycle",),
+        calls=("loop-deploy.rollback",),
+        events=("alert.*", "dashboard.*", "queue.depth"),
+        buckets=("dashboard",),
+        reads=("cycles", "deployments"),
+        follows_events=True,
+    ),
+}
+
+# Task kinds a client may submit (the others are submitted by agents to agents, e.g. evaluate-shard).
+PUBLIC_TASKS = ("optimize", "cycle", "evaluate", "refine-role", "wordcount")
+
+# Request/reply endpoints a client (the ``client`` user: people and programs that submit work) may call.
+PUBLIC_ENDPOINTS = (
+    "system.status",
+    "example.echo",
+    "serving.predict",
+    "loop-deploy.list",
+    "loop-deploy.show",
+    "optimizer.list",
+    "optimizer.stats",
+    "switcher.models",
+    "switcher.stats",
+    "assertions.validate",
+    "roles.refine",
+    "roles.check",
+    "roles.get",
+    "roles.list",
+    "dashboard.snapshot",
+    "dashboard.alerts",
+    "dashboard.rules",
+    "dashboard.metrics",
+)
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class Names:
+    """The subject, stream and bucket names of one deployment (the same rules as ``bus/subjects.py``)."""
+
+    def __init__(self, prefix: str) -> None:
+        if not _TOKEN.match(prefix):
+            raise ValueError(f"prefix {prefix!r} must be letters, digits, '_' or '-'")
+        self.prefix = prefix
+        self.upper = prefix.upper().replace("-", "_")
+
+    @property
+    def streams(self) -> list[str]:
+        return [f"{self.upper}_{s}" for s in ("TASKS", "EVENTS", "DLQ", "AUDIT")]
+
+    @property
+    def task_stream(self) -> str:
+        return f"{self.upper}_TASKS"
+
+    @property
+    def event_stream(self) -> str:
+        return f"{self.upper}_EVENTS"
+
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self.upper}_DLQ"
+
+    @property
+    def audit_stream(self) -> str:
+        return f"{self.upper}_AUDIT"
+
+    def bucket(self, name: str) -> str:
+        return f"{self.upper}_{name}"
+
+    def task(self, kind: str) -> str:
+        return f"{self.prefix}.task.{kind}"
+
+    def endpoint(self, dotted: str) -> str:
+        return f"{self.prefix}.{dotted}"
+
+    def event(self, topic: str) -> str:
+        return f"{self.prefix}.event.{topic}"
+
+    def service(self, agent: str) -> str:
+        return f"{self.prefix}-{agent}"
+
+
+def password_variable(user: str) -> str:
+    return "NATS_PW_" + user.upper().replace("-", "_")
+
+
+# ----------------------------------------------------------------------------- JetStream building blocks
+
+
+def _api(*parts: str) -> str:
+    return "$JS.API." + ".".join(parts)
+
+
+def ensure_stream(stream: str) -> list[str]:
+    """Open a stream or bucket, creating it (or bringing its settings up to date) when needed."""
+    return [_api("STREAM.INFO", stream), _api("STREAM.CREATE", stream), _api("STREAM.UPDATE", stream)]
+
+
+def open_stream(stream: str) -> list[str]:
+    """Open an existing stream or bucket, creating it if missing (``bus.streams.key_value``/``object_store``)."""
+    return [_api("STREAM.INFO", stream), _api("STREAM.CREATE", stream)]
+
+
+def read_messages(stream: str) -> list[str]:
+    """Get single messages by sequence or last-by-subject (KV get, dead letters, audit records)."""
+    return [_api("STREAM.MSG.GET", stream), _api("DIRECT.GET", stream), _api("DIRECT.GET", stream, ">")]
+
+
+def ordered_consumer(stream: str) -> list[str]:
+    """An ephemeral ordered consumer (KV keys/watch, object get, replaying events), its flow control and
+    its clean-up; the messages themselves arrive on the client's own ``_INBOX``."""
+    return [
+        _api("CONSUMER.CREATE", stream),
+        _api("CONSUMER.CREATE", stream, "*"),
+        _api("CONSUMER.CREATE", stream, "*", ">"),
+        _api("CONSUMER.INFO", stream, "*"),
+        _api("CONSUMER.DELETE", stream, "*"),
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def durable_consumer(stream: str, consumer: str) -> list[str]:
+    """A shared durable pull consumer: create/look up, fetch, acknowledge."""
+    return [
+        _api("CONSUMER.INFO", stream, consumer),
+        _api("CONSUMER.CREATE", stream, consumer),
+        _api("CONSUMER.CREATE", stream, consumer, ">"),
+        _api("CONSUMER.DURABLE.CREATE", stream, consumer),
+        _api("CONSUMER.MSG.NEXT", stream, consumer),
+        f"$JS.ACK.{stream}.{consumer}.>",
+    ]
+
+
+def kv_read(bucket: str, *, create: bool = True) -> list[str]:
+    stream = f"KV_{bucket}"
+    opening = open_stream(stream) if create else [_api("STREAM.INFO", stream)]
+    return [*opening, *read_messages(stream), *ordered_consumer(stream)]
+
+
+def kv_write(bucket: str) -> list[str]:
+    return [*kv_read(bucket), f"$KV.{bucket}.>"]
+
+
+def object_read(store: str) -> list[str]:
+    stream = f"OBJ_{store}"
+    # Reading an object subscribes to its chunks without naming the stream: nats-py looks it up by subject.
+    return [*open_stream(stream), *read_messages(stream), *ordered_consumer(stream), _api("STREAM.NAMES")]
+
+
+def object_write(store: str) -> list[str]:
+    # A put of an existing name purges the old chunks.
+    return [*object_read(store), f"$O.{store}.>", _api("STREAM.PURGE", f"OBJ_{store}")]
+
+
+# ----------------------------------------------------------------------------- permissions per user
+
+
+@dataclass
+class Permissions:
+    publish: list[str]
+    subscribe: list[str]
+
+    def add(self, publish: list[str] | None = None, subscribe: list[str] | None = None) -> None:
+        for subject in publish or []:
+            if subject not in self.publish:
+                self.publish.append(subject)
+        for subject in subscribe or []:
+            if subject not in self.subscribe:
+                self.subscribe.append(subject)
+
+
+def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
+    n = names
+    perms = Permissions([], [])
+    # Every agent process: creates/updates the deployment's streams and the task bucket at start
+    # (runtime.supervisor.serve -> bus.streams.ensure_streams), reads and writes task records.
+    for stream in n.streams:
+        perms.add(ensure_stream(stream))
+    perms.add(kv_write(n.bucket("tasks")))
+    # Its micro service: discovery requests for all services, this service and this instance; its endpoints.
+    service = n.service(agent)
+    perms.add(
+        subscribe=[
+            "$SRV.PING",
+            "$SRV.INFO",
+            "$SRV.STATS",
+            f"$SRV.*.{service}",
+            f"$SRV.*.{service}.*",
+            f"{n.prefix}.{agent}.*",
+        ]
+    )
+    # Replies to its own requests (and JetStream API answers) arrive on its inbox; it answers requests on the
+    # requester's inbox. Its health probe (deploy/k8s/probe.py, same user) asks its own service.
+    perms.add(
+        publish=["_INBOX.>", f"$SRV.PING.{service}", f"$SRV.INFO.{service}", f"$SRV.STATS.{service}"],
+        subscribe=["_INBOX.>"],
+    )
+
+    for kind in access.tasks:
+        consumer = f"tasks_{kind}"
+        perms.add(durable_consumer(n.task_stream, consumer))
+        # Dead-lettering: publish the letter; move tasks whose every delivery crashed (advisory, get, delete).
+        perms.add(
+            [
+                f"{n.prefix}.dlq.{kind}",
+                _api("STREAM.MSG.GET", n.task_stream),
+                _api("STREAM.MSG.DELETE", n.task_stream),
+            ],
+            [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{n.task_stream}.{consumer}"],
+        )
+    if access.tasks:
+        perms.add([n.event("task.progress.*")])
+    if access.submits:
+        perms.add(
+            [n.task(kind) for kind in access.submits] + [f"{n.prefix}.audit.task.submit"],
+            [f"$KV.{n.bucket('tasks')}.>"],  # waiting for the result watches the record's key
+        )
+    perms.add([n.endpoint(call) for call in access.calls])
+    perms.add([n.event(topic) for topic in access.events])
+    perms.add([f"{n.prefix}.audit.{action}" for action in access.audits])
+    for bucket in access.buckets:
+        perms.add(kv_write(n.bucket(bucket)))
+    for bucket in access.reads:
+        perms.add(kv_read(n.bucket(bucket)))
+    for store in access.objects:
+        perms.add(object_write(n.bucket(store)))
+    for store in access.reads_objects:
+        perms.add(object_read(n.bucket(store)))
+    if access.follows_events:
+        perms.add(ordered_consumer(n.event_stream))
+    if access.discovery:
+        perms.add(["$SRV.PING", "$SRV.INFO", "$SRV.STATS"])
+    return perms
+
+
+def client_permissions(names: Names) -> Permissions:
+    """People and programs that submit work: submit the public task kinds, follow a task's progress, read task
+    records, call the public endpoints, discover services. No stream/consumer management, no agent-internal
+    endpoints or task kinds (``switcher.complete``, ``loop-deploy.deploy``, ``evaluate-shard``, ...), no dead
+    letters, no event publishing, no other bucket.
+
+    Not expressible with subject permissions: *whose* task a record is. A client can read (and, since creating
+    a record is a KV write, overwrite) any task record; keys do not name their submitter."""
+    n = names
+    tasks = n.bucket("tasks")
+    perms = Permissions([], [])
+    perms.add(
+        [
+            *[n.task(kind) for kind in PUBLIC_TASKS],
+            f"{n.prefix}.audit.task.submit",
+            f"$KV.{tasks}.*",  # create the pending record of a task it submits
+            *kv_read(tasks, create=False),
+            _api("STREAM.INFO", n.task_stream),
+            _api("STREAM.INFO", n.event_stream),
+            *ordered_consumer(n.event_stream),  # progress of a task (dspyrt submit --wait)
+            *[n.endpoint(e) for e in PUBLIC_ENDPOINTS],
+            *[n.endpoint(f"{agent}.health") for agent in AGENTS],
+            "$SRV.PING",
+            "$SRV.INFO",
+            "$SRV.STATS",
+            "$SRV.PING.*",
+            "$SRV.INFO.*",
+            "$SRV.STATS.*",
+        ],
+        [f"$KV.{tasks}.*", "_INBOX.>"],
+    )
+    return perms
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _quoted(subjects: list[str], indent: str) -> str:
+    return "\n".join(f'{indent}"{s}"' for s in subjects)
+
+
+def _user(user: str, perms: Permissions | None, comment: str) -> str:
+    lines = [f"      # {comment}", "      {", f'        user: "{user}"']
+    lines.append(f"        password: ${password_variable(user)}")
+    if perms is not None:
+        lines += [
+            "        permissions: {",
+            "          publish: { allow: [",
+            _quoted(perms.publish, "            "),
+            "          ] }",
+            "          subscribe: { allow: [",
+            _quoted(perms.subscribe, "            "),
+            "          ] }",
+            "        }",
+        ]
+    lines.append("      }")
+    return "\n".join(lines)
+
+
+def render(prefix: str = "dspy") -> str:
+    names = Names(prefix)
+    account = names.upper
+    users = [
+        _user(agent, agent_permissions(names, agent, access), f"agent {agent}: dspyrt agent {agent}")
+        for agent, access in AGENTS.items()
+    ]
+    users.append(_user("client", client_permissions(names), "submits tasks, reads results, public endpoints"))
+    users.append(_user("admin", None, "operators: everything in this account (nats CLI, dlq replay, rollback)"))
+    header = f"""\
+# Generated by deploy/nats/gen_accounts.py --prefix {prefix}; edit the table there, not this file.
+#
+# Account {account}: the deployment (subject prefix "{prefix}"), with JetStream.
+#   - one user per agent, named after it, allowed only the subjects it uses;
+#   - "client" for whoever submits tasks and reads results; "admin" for operators.
+# Account SYS: the system account (server monitoring: nats server report/list, $SYS.>).
+#
+# Passwords come from the nats-server's environment, one variable per user: NATS_PW_<USER> ("-" -> "_"),
+# e.g. NATS_PW_LOOP_CREATE. Use values like pw-<48 hex digits> (see gen_accounts.py for why).
+# An agent connects with DSPYRT_NATS_USER=<agent name> and DSPYRT_NATS_PASSWORD=<its password>.
+"""
+    body = "\n".join(users)
+    return f"""{header}
+accounts {{
+  {account} {{
+    jetstream: enabled
+    users: [
+{body}
+    ]
+  }}
+  SYS {{
+    users: [
+      {{ user: "sys", password: $NATS_PW_SYS }}
+    ]
+  }}
+}}
+system_account: SYS
+"""
+
+
+def users() -> list[str]:
+    """Every user of the deployment's account, and the system account's."""
+    return [*AGENTS, "client", "admin", "sys"]
+
+
+def render_env_example() -> str:
+    """``example.env``: one password variable per user, with values that are obviously not to be used."""
+    lines = [
+        "# Example passwords for deploy/compose.yaml: copy to deploy/.env and replace EVERY value, e.g. with",
+        "#   for v in $(grep -o '^NATS_PW_[A-Z_]*' example.env); do echo $v=pw-$(openssl rand -hex 24); done > .env",
+        "# (a value must start with a letter and be letters, digits, '-' or '_': nats-server reads it as a config",
+        "# value). The same values go to the nats-servers (accounts.conf reads them) and to each agent.",
+    ]
+    lines += [f"{password_variable(user)}=pw-example-{user}-change-me" for user in users()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefix", default="dspy", help="subject prefix of the deployment (default dspy)")
+    parser.add_argument("--check", type=Path, help="compare with this file; exit 1 if it is out of date")
+    parser.add_argument("--env-example", action="store_true", help="print example.env (the password variables)")
+    args = parser.parse_args(argv)
+    text = render_env_example() if args.env_example else render(args.prefix)
+    if args.check is not None:
+        if args.check.read_text() != text:
+            print(f"{args.check} is out of date: regenerate it with {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

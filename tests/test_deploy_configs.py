@@ -1,0 +1,547 @@
+"""deploy/: the NATS configs are valid and their permissions let every agent work and refuse the rest; the
+collector, Prometheus, compose and Kubernetes files parse and agree with each other and with the agents.
+
+The permission tests run a real nats-server with ``deploy/nats/accounts.conf`` (passwords generated here) and
+look at what the server logs: every permission violation is an ``[ERR] ... Violation`` line naming the user and
+the subject, so "the agents ran without one" is checked on the server's word, not the client's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import nats
+import pytest
+import yaml
+
+from bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus, TaskStore
+from bus.server import nats_server_binary
+from runtime.agent import Agent
+from runtime.client import Client
+from runtime.config import IntegrationConfig
+from runtime.registry import available_agents
+from runtime.system import collect_status
+from tests.helpers import serving, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+NATS_DIR = DEPLOY / "nats"
+K8S = DEPLOY / "k8s"
+PASSWORD_VAR = re.compile(r"\$(NATS_PW_[A-Z0-9_]+)")
+# Agents that exist but are not (yet) registered under the dspyrt.agents entry points.
+UNREGISTERED = {"dashboard": ("agents.dashboard.agent", "DashboardAgent")}
+
+
+def _load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_accounts", NATS_DIR / "gen_accounts.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+gen = _load_generator()
+
+
+def all_agents() -> dict[str, type[Agent]]:
+    known = dict(available_agents())
+    for name, (module, attr) in UNREGISTERED.items():
+        if name not in known:
+            try:
+                known[name] = getattr(importlib.import_module(module), attr)
+            except ImportError:
+                pass
+    return known
+
+
+def password_variables() -> set[str]:
+    return set(PASSWORD_VAR.findall((NATS_DIR / "accounts.conf").read_text()))
+
+
+def env_file(path: Path) -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {key: value for key, value in pairs}
+
+
+def nats_test(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(config)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+# --------------------------------------------------------------------------------------------- NATS configs
+
+
+def test_accounts_conf_and_example_env_are_generated_from_the_table() -> None:
+    assert (NATS_DIR / "accounts.conf").read_text() == gen.render("dspy"), "run deploy/nats/gen_accounts.py"
+    assert (DEPLOY / "example.env").read_text() == gen.render_env_example()
+
+
+def test_the_table_knows_every_agent_and_what_it_consumes_and_calls() -> None:
+    agents = all_agents()
+    assert set(agents) <= set(gen.AGENTS), f"agents without a NATS user: {set(agents) - set(gen.AGENTS)}"
+    for name, cls in agents.items():
+        assert {t.kind for t in cls.tasks()} == set(gen.AGENTS[name].tasks), name
+    endpoints = {name: {e.name for e in cls.endpoints()} | {"health"} for name, cls in agents.items()}
+    calls = [c for access in gen.AGENTS.values() for c in access.calls] + list(gen.PUBLIC_ENDPOINTS)
+    for call in calls:
+        agent, endpoint = call.split(".")
+        if agent in endpoints:
+            assert endpoint in endpoints[agent], f"{call} is not an endpoint of {agent}"
+    kinds = {t.kind for cls in agents.values() for t in cls.tasks()}
+    for name, access in gen.AGENTS.items():
+        assert set(access.submits) <= kinds, f"{name} submits a kind nobody consumes"
+    assert set(gen.PUBLIC_TASKS) <= kinds
+
+
+@pytest.mark.parametrize("prefix", ["dspy", "acme-prod"])
+def test_the_generator_names_things_as_the_bus_does(prefix: str) -> None:
+    names, subjects = gen.Names(prefix), Subjects(prefix)
+    assert names.streams == [subjects.task_stream, subjects.event_stream, subjects.dlq_stream, subjects.audit_stream]
+    assert names.bucket("tasks") == subjects.task_bucket
+    assert names.bucket("artifacts") == subjects.object_store("artifacts")
+    assert names.task("cycle") == subjects.task("cycle")
+    assert names.event("lm.call") == subjects.event("lm.call")
+    assert names.endpoint("switcher.select") == subjects.endpoint("switcher", "select")
+    assert names.service("optimizer") == subjects.service_name("optimizer")
+    assert f"{prefix}.dlq.optimize" == subjects.dlq("optimize")
+    assert f"{prefix}.audit.deploy" == subjects.audit("deploy")
+    # the cycle coordinator and the client submit optimize tasks
+    assert gen.render(prefix).count(f'"{subjects.task("optimize")}"') == 2
+
+
+@pytest.mark.parametrize("node", ["nats-1.conf", "nats-2.conf", "nats-3.conf"])
+def test_node_configs_are_valid(node: str) -> None:
+    result = nats_test(NATS_DIR / node, env_file(DEPLOY / "example.env"))
+    assert result.returncode == 0, result.stderr + result.stdout
+    text = (NATS_DIR / node).read_text() + (NATS_DIR / "cluster.conf").read_text()
+    assert f"server_name: {node.removesuffix('.conf')}" in text
+    for peer in ("nats-1", "nats-2", "nats-3"):
+        assert f"nats-route://{peer}:6222" in text
+
+
+def test_a_missing_password_stops_the_server_with_its_name() -> None:
+    env = env_file(DEPLOY / "example.env")
+    del env["NATS_PW_OPTIMIZER"]
+    os_env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_PW_")}
+    result = subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(NATS_DIR / "nats-1.conf")],
+        env={**os_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "NATS_PW_OPTIMIZER" in result.stderr + result.stdout
+
+
+def test_every_password_variable_is_in_example_env_compose_and_the_k8s_secret() -> None:
+    variables = password_variables()
+    assert variables == {gen.password_variable(u) for u in gen.users()}
+    assert set(env_file(DEPLOY / "example.env")) == variables
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert set(compose["x-nats-passwords"]) == variables
+    secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    assert set(secret["stringData"]) == variables
+    for value in [*env_file(DEPLOY / "example.env").values(), *secret["stringData"].values()]:
+        assert "example" in value and "change-me" in value  # committed passwords are obviously placeholders
+
+
+# ------------------------------------------------------------------------------ the permissions, for real
+
+
+class SecuredServer:
+    def __init__(self, server: EmbeddedServer, passwords: dict[str, str], log: Path) -> None:
+        self.server = server
+        self.passwords = passwords
+        self.log = log
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def config(self, user: str, state_dir: Path, password: str | None = None) -> IntegrationConfig:
+        return IntegrationConfig(
+            nats_urls=[self.url],
+            nats_user=user,
+            nats_password=password or self.passwords[gen.password_variable(user)],
+            state_dir=state_dir,
+            event_stream_max_mb=8,
+            task_ack_wait=5.0,
+            shutdown_grace=2.0,
+        )
+
+    def violations(self) -> list[str]:
+        """``(user, kind, subject)`` lines of every permission violation the server logged."""
+        found = re.findall(r'"DSPY/user:([^"]+)" - (\w+) Violation - Subject "([^"]+)"', self.log.read_text())
+        return sorted({f"{user} {kind} {subject}" for user, kind, subject in found})
+
+
+@pytest.fixture
+def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SecuredServer]:
+    """A nats-server with the deployment's accounts.conf (prefix dspy) and passwords of its own."""
+    directory = tmp_path / "nats"
+    directory.mkdir()
+    shutil.copy(NATS_DIR / "accounts.conf", directory / "accounts.conf")
+    (directory / "server.conf").write_text("include ./accounts.conf\n")
+    passwords = {var: f"pw-{secrets.token_hex(16)}" for var in password_variables()}
+    for var, value in passwords.items():
+        monkeypatch.setenv(var, value)  # the server reads them from its environment
+    log = directory / "server.log"
+    server = EmbeddedServer(
+        directory / "jetstream", extra_args=["-c", str(directory / "server.conf")], log_file=log
+    ).start()
+    try:
+        yield SecuredServer(server, passwords, log)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def client_of(secured: SecuredServer, tmp_path: Path) -> AsyncIterator[Client]:
+    config = secured.config("client", tmp_path / "client")
+    async with Bus(config.connection_options(name="client"), config.subjects) as bus:
+        yield Client(bus, await TaskStore.open(bus), identity="someone")
+
+
+async def test_an_agent_and_a_client_can_do_their_work_under_their_users(
+    secured: SecuredServer, tmp_path: Path
+) -> None:
+    from agents.example import EchoReply, EchoRequest, ExampleAgent, WordCountInput
+
+    async with serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]):
+        config = secured.config("client", tmp_path / "client")
+        async with Bus(config.connection_options(name="client"), config.subjects) as bus:
+            client = Client(bus, await TaskStore.open(bus), identity="someone")
+            submission = await client.submit("wordcount", WordCountInput(text="to be or not to be"))
+            progress = client.progress(submission.task_id)
+            with anyio.fail_after(20):
+                event = await progress.__anext__()
+                await progress.aclose()
+            assert event.data["task_id"] == submission.task_id
+            record = await client.result(submission.task_id, timeout=20)
+            assert record.status is TaskStatus.SUCCEEDED
+            assert record.result["words"] == 6
+            reply = await client.request("example", "echo", EchoRequest(text="hi"), EchoReply)
+            assert reply.text == "hi"
+            assert submission.task_id in [r.id for r in await client.tasks()]
+            status = await collect_status(bus, config)
+            assert [a.name for a in status.agents] == ["example"] and status.healthy
+            # a task the agent refuses is dead-lettered by the agent's user
+            refused = await client.run("wordcount", {"text": ""}, timeout=20)
+            assert refused.status is TaskStatus.FAILED
+    assert secured.violations() == []
+
+
+async def _check_refused(secured: SecuredServer, user: str, publish: list[str], subscribe: list[str]) -> None:
+    """Each publish and subscription is refused: nats-py reports the server's -ERR through the error callback."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    def reported(expected: str) -> bool:
+        return any(expected in error for error in errors)
+
+    password = secured.passwords[gen.password_variable(user)]
+    nc = await nats.connect(secured.url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    try:
+        for subject in publish:
+            await nc.publish(subject, b"{}")
+            await nc.flush()
+            expected = f'permissions violation for publish to "{subject.lower()}"'
+            await wait_until(partial(reported, expected), timeout=5, what=f"{user} refused publish to {subject}")
+        for subject in subscribe:
+            await nc.subscribe(subject)
+            await nc.flush()
+            expected = f'permissions violation for subscription to "{subject.lower()}"'
+            await wait_until(partial(reported, expected), timeout=5, what=f"{user} refused subscription {subject}")
+        # a refused request is never answered: the caller times out
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request("$JS.API.STREAM.DELETE.DSPY_TASKS", b"", timeout=0.5)
+        assert nc.is_connected  # refusals do not cost the connection
+    finally:
+        await nc.close()
+
+
+async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer, tmp_path: Path) -> None:
+    from agents.example import ExampleAgent
+
+    for user, password in (("client", "pw-wrong"), ("nobody", "pw-wrong")):
+        with pytest.raises(BusUnavailableError):
+            await Bus(secured.config(user, tmp_path, password).connection_options()).connect()
+
+    async with serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]):
+        for user, forbidden_publish, forbidden_subscribe in (
+            (
+                "client",
+                [
+                    "$JS.API.STREAM.DELETE.DSPY_TASKS",  # stream management
+                    "$JS.API.STREAM.PURGE.DSPY_TASKS",
+                    "$JS.API.CONSUMER.DELETE.DSPY_TASKS.tasks_wordcount",
+                    "$JS.API.STREAM.MSG.GET.DSPY_DLQ",  # dead letters are for operators
+                    "dspy.switcher.complete",  # an agent-internal endpoint (spends money)
+                    "dspy.loop-deploy.rollback",
+                    "dspy.event.cycle.completed",  # forging events
+                    "dspy.dlq.wordcount",
+                    "dspy.task.evaluate-shard",  # an internal task kind
+                    "$KV.DSPY_deployments.topic-classifier",
+                ],
+                ["dspy.example.echo", "dspy.task.wordcount", "$SRV.PING"],  # posing as an agent
+            ),
+            (
+                "example",
+                [
+                    "$JS.API.STREAM.DELETE.DSPY_TASKS",
+                    "dspy.optimizer.set_active",  # another agent's endpoint it has no business with
+                    "dspy.task.optimize",  # a kind it does not submit
+                    "$JS.API.CONSUMER.MSG.NEXT.DSPY_TASKS.tasks_optimize",  # another agent's work
+                    "$KV.DSPY_roles.planner",  # another agent's bucket
+                ],
+                ["dspy.optimizer.list", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.DSPY_TASKS.tasks_optimize"],
+            ),
+        ):
+            await _check_refused(secured, user, forbidden_publish, forbidden_subscribe)
+
+        # nothing was deleted, and the agent still works
+        config = secured.config("client", tmp_path / "client")
+        async with Bus(config.connection_options(name="client"), config.subjects) as bus:
+            client = Client(bus, await TaskStore.open(bus))
+            assert (await client.run("wordcount", {"text": "still here"}, timeout=20)).status is TaskStatus.SUCCEEDED
+    logged = secured.violations()
+    assert logged and all(line.split()[0] in ("client", "example") for line in logged)
+    assert "client Publish $JS.API.STREAM.DELETE.DSPY_TASKS" in logged
+
+
+async def test_every_agent_runs_under_its_own_user(
+    secured: SecuredServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole system, each agent on its own connection with its own user: a full optimization cycle (create,
+    evaluate on shards, optimize, validate, deploy), predict, an optimize task, a role refinement, status and the
+    dashboard. Not one permission violation."""
+    monkeypatch.setenv("DSPYRT_DASHBOARD_PORT", "off")
+    agents = all_agents()
+    assert set(agents) >= set(gen.AGENTS) - set(UNREGISTERED)
+    cycle = json.loads((ROOT / "examples" / "cycle.json").read_text())["input"]
+    optimize = json.loads((ROOT / "examples" / "optimize.json").read_text())["input"]
+    role = json.loads((ROOT / "examples" / "roles" / "planner.json").read_text())
+    async with AsyncExitStack() as stack:
+        for name, cls in sorted(agents.items()):
+            await stack.enter_async_context(serving(secured.config(name, tmp_path / name), [cls]))
+        config = secured.config("client", tmp_path / "client")
+        async with Bus(config.connection_options(name="client"), config.subjects) as bus:
+            client = Client(bus, await TaskStore.open(bus), identity="someone")
+            record = await client.run("cycle", cycle, timeout=90)
+            assert record.status is TaskStatus.SUCCEEDED, record.error
+            assert record.result["verdict"]["deployed"]
+            predicted = await bus.request_raw(
+                "dspy.serving.predict",
+                json.dumps({"program": "topic-classifier", "inputs": {"text": "stocks fell"}}).encode(),
+                timeout=30,
+            )
+            assert json.loads(predicted.data)["version"] == 1
+            for kind, payload in (("optimize", optimize), ("refine-role", {"role": role})):
+                record = await client.run(kind, payload, timeout=60)
+                assert record.status is TaskStatus.SUCCEEDED, (kind, record.error)
+            status = json.loads((await bus.request_raw("dspy.system.status", b"{}", timeout=10)).data)
+            assert {a["name"] for a in status["agents"]} == set(agents)
+            if "dashboard" in agents:
+                snapshot = await bus.request_raw("dspy.dashboard.snapshot", b"{}", timeout=10)
+                assert json.loads(snapshot.data)
+    assert secured.violations() == []
+
+
+async def _probe(mode: str, agent: str, config: IntegrationConfig) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPYRT_")}
+    env.update(
+        DSPYRT_NATS_URLS=",".join(config.nats_urls),
+        DSPYRT_NATS_USER=config.nats_user or "",
+        DSPYRT_NATS_PASSWORD=config.nats_password.get_secret_value() if config.nats_password else "",
+        DSPYRT_STATE_DIR=str(config.state_dir),
+    )
+    result = await anyio.run_process(
+        [sys.executable, str(K8S / "probe.py"), mode, agent], env=env, check=False, cwd=config.state_dir.parent
+    )
+    return result.returncode, result.stdout.decode() + result.stderr.decode()
+
+
+async def test_the_k8s_probe_says_live_and_ready(secured: SecuredServer, tmp_path: Path) -> None:
+    from agents.example import ExampleAgent
+
+    example = secured.config("example", tmp_path / "example")
+    roles = secured.config("roles", tmp_path / "roles")
+    async with serving(example, [ExampleAgent]):
+        code, out = await _probe("live", "example", example)
+        assert code == 0 and "alive" in out, out
+        code, out = await _probe("ready", "example", example)
+        assert code == 0, out
+        assert "ready" in out
+        code, out = await _probe("live", "roles", roles)  # no roles agent is running
+        assert code == 1 and "dead" in out, out
+        assert (await _probe("ready", "roles", roles))[0] == 1
+    assert secured.violations() == []
+    secured.server.stop()
+    code, out = await _probe("live", "example", example)
+    assert code == 0 and "NATS unreachable" in out, out  # a NATS outage is no reason to restart agents
+    assert (await _probe("ready", "example", example))[0] == 1
+
+
+# ----------------------------------------------------------------------------- collector, compose, k8s
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def test_the_collector_pipelines_are_wired() -> None:
+    config = _yaml(DEPLOY / "otel" / "collector.yaml")
+    pipelines = config["service"]["pipelines"]
+    connectors = set(config.get("connectors", {}))
+    for name, pipeline in pipelines.items():
+        for role, section in (("receivers", "receivers"), ("processors", "processors"), ("exporters", "exporters")):
+            for component in pipeline.get(role, []):
+                assert component in config.get(section, {}) or component in connectors, f"{name}: {component}"
+    # spanmetrics: fed by a traces pipeline, feeding the metrics pipeline that Prometheus scrapes
+    assert any("spanmetrics" in p["exporters"] for n, p in pipelines.items() if n.startswith("traces"))
+    assert "spanmetrics" in pipelines["metrics"]["receivers"]
+    assert "otlp" in pipelines["metrics"]["receivers"]  # the agents' own dspyrt.* metrics
+    assert "prometheus" in pipelines["metrics"]["exporters"]
+    assert "otlp/jaeger" in pipelines["traces"]["exporters"]
+    assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
+    assert config["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    for pipeline in pipelines.values():
+        assert pipeline["processors"][0] == "memory_limiter"
+
+    prometheus = _yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
+    port = config["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
+    assert f"otel-collector:{port}" in targets
+
+
+def test_compose_runs_every_agent_against_the_cluster() -> None:
+    compose = _yaml(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    for node in ("nats-1", "nats-2", "nats-3"):
+        assert services[node]["command"] == ["-c", f"/etc/nats/{node}.conf"]
+        assert "./nats:/etc/nats:ro" in services[node]["volumes"]
+        assert (NATS_DIR / f"{node}.conf").is_file()
+    for agent in gen.AGENTS:
+        service = services[agent]
+        env = service["environment"]
+        assert service["command"] == ["agent", agent]
+        assert env["DSPYRT_NATS_USER"] == agent
+        assert env["DSPYRT_NATS_PASSWORD"].startswith("${" + gen.password_variable(agent) + ":?")
+        assert env["DSPYRT_NATS_URLS"] == "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222"
+        assert env["DSPYRT_STREAM_REPLICAS"] == "3"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+        assert service["healthcheck"]["test"][-2:] == ["ready", agent]
+        # the compose file and the settings model agree on every DSPYRT_* variable
+        settings = {k.removeprefix("DSPYRT_").lower(): v for k, v in env.items() if k.startswith("DSPYRT_")}
+        IntegrationConfig(**{k: v for k, v in settings.items() if k != "nats_password" and "dashboard" not in k})
+    assert services["evaluator"]["deploy"]["replicas"] >= 2
+    referenced = set(re.findall(r"\$\{([A-Z0-9_]+)", (DEPLOY / "compose.yaml").read_text()))
+    assert referenced <= set(env_file(DEPLOY / "example.env"))
+    # every file the services mount or build from exists
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), source
+    assert (DEPLOY / "grafana" / "dspyrt-dashboard.json").is_file()
+    assert services["system"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY / services["system"]["build"]["context"]).resolve() == ROOT
+    for path in (DEPLOY / "grafana-provisioning").rglob("*.yaml"):
+        assert _yaml(path)["apiVersion"] == 1
+
+
+def test_the_k8s_manifests_run_every_agent_with_its_own_user_and_probes() -> None:
+    documents = [d for p in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    deployments = [d for d in documents if d.get("kind") == "Deployment"]
+    containers = {
+        c["name"]: c for d in deployments for c in d["spec"]["template"]["spec"]["containers"]
+    }  # one container per agent, in exactly one Deployment
+    assert sorted(containers) == sorted(gen.AGENTS)
+    assert sum(len(d["spec"]["template"]["spec"]["containers"]) for d in deployments) == len(gen.AGENTS)
+    for agent, container in containers.items():
+        env = {e["name"]: e for e in container["env"]}
+        assert container["args"] == ["agent", agent]
+        assert env["DSPYRT_NATS_USER"]["value"] == agent
+        secret_ref = env["DSPYRT_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert secret_ref == {"name": "dspyrt-nats-passwords", "key": gen.password_variable(agent)}
+        for probe, mode in (("livenessProbe", "live"), ("readinessProbe", "ready"), ("startupProbe", "live")):
+            assert container[probe]["exec"]["command"] == ["python", "/opt/dspyrt/probe.py", mode, agent]
+    for deployment in deployments:
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] > 30  # shutdown_grace in the ConfigMap
+    assert any(d["spec"]["replicas"] >= 2 for d in deployments)
+
+    [config_map] = [d for d in documents if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "dspyrt-config"]
+    settings = tomllib.loads(config_map["data"]["dspyrt.toml"])
+    IntegrationConfig(**settings)  # the settings model accepts the file as it is
+    assert settings["stream_replicas"] == 3 and len(settings["nats_urls"]) == 3
+    assert settings["shutdown_grace"] < min(
+        d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] for d in deployments
+    )
+
+    kustomization = _yaml(K8S / "kustomization.yaml")
+    assert all((K8S / r).is_file() for r in kustomization["resources"])
+
+    values = _yaml(K8S / "nats-values.yaml")
+    assert values["config"]["cluster"] == {"enabled": True, "replicas": 3}
+    assert values["config"]["jetstream"]["enabled"] and values["config"]["jetstream"]["fileStore"]["enabled"]
+    include = values["config"]["merge"]["00$include"]
+    mount = values["container"]["patch"][0]["value"]["mountPath"]
+    assert Path("/etc/nats-config", include).resolve() == Path(mount, "accounts.conf")
+    assert values["container"]["merge"]["envFrom"] == [{"secretRef": {"name": "dspyrt-nats-passwords"}}]
+
+
+def test_the_image_carries_the_project_and_the_probe() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for part in ("COPY bus ./bus", "COPY runtime ./runtime", "COPY agents ./agents", "pip install ."):
+        assert part in dockerfile
+    assert "COPY deploy/k8s/probe.py /opt/dspyrt/probe.py" in dockerfile
+    assert 'ENTRYPOINT ["dspyrt"]' in dockerfile
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
+    assert "!deploy/k8s/probe.py" in ignore
+
+
+def test_the_probe_picks_its_own_instance_when_instances_name_their_host() -> None:
+    spec = importlib.util.spec_from_file_location("probe", K8S / "probe.py")
+    assert spec is not None and spec.loader is not None
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    def stats(host: str | None, healthy: bool) -> dict[str, Any]:
+        metadata = {"agent": "optimizer"} | ({"host": host} if host else {})
+        health = {"name": "health", "data": {"health": {"healthy": healthy}}}
+        return {"metadata": metadata, "endpoints": [{"name": "list", "data": {}}, health]}
+
+    replies = [stats("pod-a", False), stats("pod-b", True)]
+    mine, matched = probe._mine(replies, "pod-a")
+    assert matched and mine == [replies[0]] and not probe._healthy(mine[0])
+    assert probe._mine(replies, "pod-c") == ([], True)
+    anonymous = [stats(None, True)]  # agents that publish no host: the agent as a whole
+    assert probe._mine(anonymous, "pod-a") == (anonymous, False)
+    assert probe._healthy(anonymous[0])
