@@ -35,10 +35,23 @@ class Empty(Message):
     """An empty request or reply."""
 
 
+# Error texts may quote hostile input (an unknown key, a value): each piece is clipped so an error reply
+# always fits in a message, whatever it was given.
+MAX_ERROR_TEXT = 300
+
+
+def clip(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 15]}… ({len(text)} chars)"
+
+
 def field_errors_of(exc: ValidationError) -> list[FieldError]:
-    """The first ``MAX_FIELD_ERRORS`` errors (``exc.error_count()`` has the total)."""
+    """The first ``MAX_FIELD_ERRORS`` errors (``exc.error_count()`` has the total), each clipped."""
     return [
-        FieldError(loc=".".join(str(p) for p in err["loc"]) or "(body)", message=err["msg"], type=err["type"])
+        FieldError(
+            loc=clip(".".join(str(p) for p in err["loc"]) or "(body)", 200),
+            message=clip(err["msg"]),
+            type=clip(err["type"], 100),
+        )
         for err in exc.errors(include_url=False)[:MAX_FIELD_ERRORS]
     ]
 
@@ -74,8 +87,15 @@ def error_body(exc: BaseException) -> ErrorBody:
     if callable(to_body):
         body = to_body()
         if isinstance(body, ErrorBody):
-            return body
-    return ErrorBody(code="internal", message=f"{type(exc).__name__}: {exc}")
+            return ErrorBody(
+                code=clip(body.code, 100),
+                message=clip(body.message, 2 * MAX_ERROR_TEXT),
+                field_errors=[
+                    FieldError(loc=clip(f.loc, 200), message=clip(f.message), type=clip(f.type, 100))
+                    for f in body.field_errors[:MAX_FIELD_ERRORS]
+                ],
+            )
+    return ErrorBody(code="internal", message=clip(f"{type(exc).__name__}: {exc}", 2 * MAX_ERROR_TEXT))
 
 
 def json_dict(model: BaseModel) -> dict[str, Any]:

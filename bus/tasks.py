@@ -475,8 +475,9 @@ class TaskWorker:
             try:
                 envelope = decode(TaskEnvelope, msg.data)
             except MessageValidationError as exc:
-                task_id = headers.get(TASK_ID_HEADER) or f"invalid-{msg.metadata.sequence.stream}"
-                await self._dead_letter(msg, task_id, exc.to_body(), attempt, TaskStatus.FAILED)
+                # Never under the id its header claims: a garbage message must not fail someone else's task.
+                task_id = f"invalid-{msg.metadata.sequence.stream}"
+                await self._dead_letter(msg, task_id, error_body(exc), attempt, TaskStatus.FAILED)
                 tracing.mark_error(span, exc.code, exc.message)
                 return
             span.set_attribute("dspyrt.task.id", envelope.id)
@@ -502,7 +503,8 @@ class TaskWorker:
                 )
 
             known = None
-            if attempt == 1 and headers.get(RECORD_REV_HEADER, "").isdigit():
+            rev_header = headers.get(RECORD_REV_HEADER, "")
+            if attempt == 1 and rev_header.isascii() and rev_header.isdigit() and len(rev_header) < 20:
                 pending = TaskRecord(
                     id=envelope.id, kind=envelope.kind, status=TaskStatus.PENDING,
                     submitted_by=envelope.submitted_by, submitted_at=envelope.submitted_at,
@@ -640,12 +642,22 @@ async def dead_letter(
 
     if check_task_id_ok(task_id):
         await store.transition(task_id, end)
+    body = original[:MAX_DEAD_LETTER_BODY]
+    text = body.decode("utf-8", "replace") if len(body) == len(original) else ""
     letter = DeadLetter(
-        task_id=task_id, kind=kind, reason=reason, deliveries=deliveries, envelope=original.decode("utf-8", "replace")
+        task_id=task_id,
+        kind=kind,
+        reason=reason,
+        deliveries=deliveries,
+        # Kept verbatim for replay when it fits; a huge or undecodable body is described, not copied.
+        envelope=text if "\ufffd" not in text else "",
     )
     await bus.js.publish(
         bus.subjects.dlq(kind), letter.model_dump_json().encode(), headers=tracing.inject({TASK_ID_HEADER: task_id})
     )
+
+
+MAX_DEAD_LETTER_BODY = 256 * 1024
 
 
 def check_task_id_ok(task_id: str) -> bool:
