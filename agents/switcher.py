@@ -8,6 +8,7 @@ share the load through the queue group; each reports the figures of the calls it
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,8 +30,9 @@ from agents.switcher_core import (
     Selection,
     SelectRequest,
     TokenUsage,
+    is_transient,
 )
-from bus import Empty, Message
+from bus import DspyrtError, Empty, Message, RetryableError
 from runtime.agent import Agent, CheckResult, endpoint
 
 
@@ -66,6 +68,13 @@ class DspyModelCaller:
         self.registry = registry
         self._lms: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
+        names = {spec.api_key_env for spec in registry if spec.api_key_env}
+        self._secrets = sorted((v for n in names if len(v := os.environ.get(n, "")) >= 4), key=len, reverse=True)
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
 
     async def _demo(self, spec: ModelSpec, req: CompletionRequest) -> CompletionReply:
         if spec.model not in self._engines:
@@ -111,9 +120,14 @@ class DspyModelCaller:
         try:
             response = await self.lm(spec).aforward(messages=messages, **options)
         except Exception as exc:
+            # Providers may quote the key in their errors ("Incorrect API key provided: sk-..."): the text is
+            # redacted and the original (which holds it too) is not chained, so no reply, log or span sees it.
+            text = self._redact(f"{type(exc).__name__}: {exc}")
             if _is_rate_limit(exc):
-                raise RateLimitedError(f"{spec.model} is rate limited: {exc}") from exc
-            raise
+                raise RateLimitedError(f"{spec.model} is rate limited: {text}") from None
+            if is_transient(exc):
+                raise TransientProviderError(f"{spec.model}: {text}") from None
+            raise ProviderError(f"{spec.model}: {text}") from None
         choice = response.choices[0]
         usage = getattr(response, "usage", None)
         return CompletionReply(
@@ -125,6 +139,18 @@ class DspyModelCaller:
                 output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             ),
         )
+
+
+class ProviderError(DspyrtError):
+    """A provider refused or failed a call (its text redacted of every configured key)."""
+
+    code = "provider_error"
+
+
+class TransientProviderError(RetryableError):
+    """A provider failure worth retrying (timeouts, connection trouble, 5xx)."""
+
+    code = "provider_unavailable"
 
 
 def _is_rate_limit(exc: BaseException | None) -> bool:

@@ -337,7 +337,7 @@ class ModelSwitcher:
                     continue
                 except Exception as exc:
                     errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                    if attempt < self.retries and _transient(exc):
+                    if attempt < self.retries and is_transient(exc):
                         await anyio.sleep(self.retry_backoff * 2**attempt)
                         continue
                     break
@@ -380,7 +380,7 @@ class ModelSwitcher:
         return reply
 
 
-def _transient(exc: Exception) -> bool:
+def is_transient(exc: Exception) -> bool:
     """Errors worth retrying on the same model: timeouts, connection trouble, server-side 5xx."""
     name = type(exc).__name__.lower()
     return isinstance(exc, (TimeoutError, ConnectionError, RetryableError)) or any(
