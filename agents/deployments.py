@@ -12,6 +12,8 @@ Artifacts themselves are the optimizer's ``dump_state()`` documents in the objec
 
 from __future__ import annotations
 
+import base64
+import re
 import time
 from collections.abc import Callable
 
@@ -45,8 +47,16 @@ class ProgramPointer(Message):
     note: str = ""
 
 
+_KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+
+
 def pointer_key(program: str, model: str | None = None) -> str:
-    return f"{program}.model.{model}" if model else program
+    """KV keys allow ``-/_=.`` letters and digits; a model name with anything else (``llama3.1:8b``) is encoded."""
+    if not model:
+        return program
+    if _KV_KEY.match(model):
+        return f"{program}.model.{model}"
+    return f"{program}.model.={base64.urlsafe_b64encode(model.encode()).decode().rstrip('=')}"
 
 
 def version_key(program: str, version: int) -> str:

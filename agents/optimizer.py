@@ -35,7 +35,7 @@ from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
 
 ACTIVE_KEY = "active"
 # Errors about the request itself: retrying cannot help.
-_PERMANENT_CODES = {"invalid_message", "not_found", "invalid_config", "no_eligible_model"}
+_PERMANENT_CODES = {"invalid_message", "not_found", "invalid_config", "no_eligible_model", "provider_error"}
 
 
 class OptimizerList(Message):

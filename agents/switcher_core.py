@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import anyio
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bus import DspyrtError, Message, RetryableError
 
@@ -92,6 +92,14 @@ class CompletionRequest(Message):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     model: str | None = None
     task_kind: str | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _has_a_turn(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        # Only system prompts is the caller's mistake, not a model failure: refuse it before any model is tried.
+        if not any(m.role in ("user", "assistant") for m in messages):
+            raise ValueError("at least one user or assistant message is required")
+        return messages
     role: str | None = None
     tags: list[str] = Field(default_factory=list)
     max_price_per_million: float | None = Field(default=None, ge=0)

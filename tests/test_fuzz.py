@@ -17,7 +17,8 @@ How hypothesis meets the event loop: the system runs in an anyio blocking portal
 thread, started once for the module). The ``@given`` tests are plain sync functions that draw inputs with
 ``st.data()`` and hand each batch to the portal (``portal.call``), so hypothesis keeps its own control flow and no
 example touches pytest-asyncio's loop. Shrinking is left out of the phases: one failing example can cost a request
-timeout, and shrinking would replay batches of ~60 requests; hypothesis prints every draw of a failing example.
+timeout, and shrinking would replay batches of ~60 requests; the failing requests are printed as sent. The task
+messages are drawn by hypothesis first and sent afterwards (see ``hostile_task_batches``).
 
 The counts are printed by ``test_every_agent_survived_the_fuzzing`` (``pytest tests/test_fuzz.py -rA`` or ``-s``)
 and written to ``<pytest basetemp>/fuzz-counts.json``.

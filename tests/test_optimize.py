@@ -206,3 +206,19 @@ async def test_select_names_the_deployed_version_for_the_chosen_model(models_con
     assert chosen.model == "demo/fewshot" and chosen.deployed is not None and chosen.deployed["version"] == 2
     assert other.model == "demo/broken" and other.deployed is not None and other.deployed["version"] == 1
     assert none.deployed is None and "eligible" in none.reason
+
+
+def test_a_model_name_a_kv_key_cannot_hold_is_encoded() -> None:
+    from agents.deployments import pointer_key
+
+    assert pointer_key("p", "demo/fewshot") == "p.model.demo/fewshot"
+    encoded = pointer_key("p", "ollama_chat/llama3.1:8b")
+    assert ":" not in encoded and encoded.startswith("p.model.=")
+    assert encoded != pointer_key("p", "ollama_chat/llama3.1:7b")
+
+
+def test_a_completion_without_a_user_or_assistant_turn_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="user or assistant"):
+        CompletionRequest(messages=[{"role": "system", "content": "only a prompt"}])  # type: ignore[list-item]
