@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 from pydantic import Field
 
 from bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
-from bus.streams import key_value
+from bus.streams import key_value, kv_keys
 
 
 class DeployedVersion(Message):
@@ -108,12 +108,7 @@ class DeployRegistry:
         return pointer.active if pointer else None
 
     async def _keys(self) -> list[str]:
-        try:
-            return list(await self.kv.keys())
-        except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
-            if type(exc).__name__ == "NoKeysError":
-                return []
-            raise
+        return await kv_keys(self.kv)
 
     async def programs(self) -> list[ProgramPointer]:
         names = sorted({k for k in await self._keys() if "." not in k})

@@ -100,6 +100,7 @@ class CompletionRequest(Message):
         if not any(m.role in ("user", "assistant") for m in messages):
             raise ValueError("at least one user or assistant message is required")
         return messages
+
     role: str | None = None
     tags: list[str] = Field(default_factory=list)
     max_price_per_million: float | None = Field(default=None, ge=0)

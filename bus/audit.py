@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bus.connection import Bus
+from bus.streams import read_tail
 
 
 class AuditRecord(BaseModel):
@@ -35,14 +36,5 @@ async def record_audit(
 
 async def read_audit(bus: Bus, limit: int = 100) -> list[AuditRecord]:
     """The newest ``limit`` records, oldest first."""
-    info = await bus.js.stream_info(bus.subjects.audit_stream)
-    first, last = info.state.first_seq, info.state.last_seq
-    records: list[AuditRecord] = []
-    for seq in range(max(first, last - limit + 1), last + 1):
-        try:
-            raw = await bus.js.get_msg(bus.subjects.audit_stream, seq)
-        except Exception:
-            continue
-        if raw.data:
-            records.append(AuditRecord.model_validate_json(raw.data))
-    return records
+    tail = await read_tail(bus, bus.subjects.audit_stream, limit)
+    return [AuditRecord.model_validate_json(data) for _, data in tail]

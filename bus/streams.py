@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nats.js import api
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -116,3 +116,26 @@ async def object_store(bus: Bus, name: str, layout: StreamLayout | None = None) 
         return await bus.js.create_object_store(
             name, config=api.ObjectStoreConfig(replicas=layout.replicas, storage=api.StorageType.FILE)
         )
+
+
+async def kv_keys(kv: KeyValue) -> list[str]:
+    """Every key of a bucket; an empty bucket is ``[]`` (nats-py raises ``NoKeysError`` for it)."""
+    try:
+        return list(await kv.keys())
+    except (NoKeysError, NotFoundError):
+        return []
+
+
+async def read_tail(bus: Bus, stream: str, limit: int) -> list[tuple[int, bytes]]:
+    """The newest ``limit`` messages of a stream as (sequence, body), oldest first; deleted ones are skipped."""
+    info = await bus.js.stream_info(stream)
+    first, last = info.state.first_seq, info.state.last_seq
+    messages: list[tuple[int, bytes]] = []
+    for seq in range(max(first, last - limit + 1), last + 1):
+        try:
+            raw = await bus.js.get_msg(stream, seq)
+        except APIError:
+            continue  # deleted or expired (the server answers not found or bad request)
+        if raw.data:
+            messages.append((seq, raw.data))
+    return messages

@@ -31,7 +31,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, field_validator
 
@@ -58,7 +58,7 @@ from bus.messages import (
     decode,
     error_body,
 )
-from bus.streams import key_value
+from bus.streams import key_value, kv_keys
 
 log = logging.getLogger("dspyrt.tasks")
 
@@ -202,14 +202,7 @@ class TaskStore:
 
     async def list(self, limit: int = 50) -> list[TaskRecord]:
         """The most recently updated records."""
-        try:
-            keys = await self.kv.keys()
-        except NotFoundError:
-            return []
-        except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
-            if type(exc).__name__ == "NoKeysError":
-                return []
-            raise
+        keys = await kv_keys(self.kv)
         records = [r for r in [await self.get(k) for k in keys] if r is not None]
         records.sort(key=lambda r: r.updated_at, reverse=True)
         return records[:limit]

@@ -30,6 +30,7 @@ from bus import (
 )
 from bus.events import follow_events
 from bus.messages import CLIENT_HEADER, encode
+from bus.streams import read_tail
 from bus.tasks import Submission, replay_dead_letter
 from runtime.config import IntegrationConfig
 
@@ -87,18 +88,8 @@ class Client:
 
     async def dead_letters(self, limit: int = 100) -> list[tuple[int, DeadLetter]]:
         """Dead letters with their stream sequence, newest last."""
-        s = self.bus.subjects
-        info = await self.bus.js.stream_info(s.dlq_stream)
-        first, last = info.state.first_seq, info.state.last_seq
-        letters: list[tuple[int, DeadLetter]] = []
-        for seq in range(max(first, last - limit + 1), last + 1):
-            try:
-                raw = await self.bus.js.get_msg(s.dlq_stream, seq)
-            except Exception:
-                continue  # deleted or expired
-            if raw.data:
-                letters.append((seq, DeadLetter.model_validate_json(raw.data)))
-        return letters
+        tail = await read_tail(self.bus, self.bus.subjects.dlq_stream, limit)
+        return [(seq, DeadLetter.model_validate_json(data)) for seq, data in tail]
 
     async def replay(self, task_id: str) -> str:
         """Replay the newest dead letter of ``task_id`` (after fixing whatever killed it)."""

@@ -58,7 +58,7 @@ from agents.dashboard.otel import DashboardInstruments
 from agents.dashboard.web import create_app, listen, running_web
 from agents.deployments import DeployRegistry, ProgramPointer
 from bus import DspyrtError, Empty, Event, Message, TaskStatus, decode
-from bus.streams import key_value
+from bus.streams import key_value, kv_keys
 from runtime.agent import Agent, CheckResult, endpoint
 from runtime.config import IntegrationConfig
 
@@ -228,12 +228,7 @@ class DashboardAgent(Agent):
         )
 
     async def _keys(self) -> list[str]:
-        try:
-            return list(await self.kv.keys())
-        except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
-            if type(exc).__name__ == "NoKeysError":
-                return []
-            raise
+        return await kv_keys(self.kv)
 
     # --- the event stream --------------------------------------------------------------------------
 

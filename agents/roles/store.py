@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
 from agents.roles.core import RoleRefinementResult
 from bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
-from bus.streams import key_value
+from bus.streams import key_value, kv_keys
 
 BUCKET = "roles"
 _ATTEMPTS = 50
@@ -64,10 +64,7 @@ class RoleStore:
 
     async def _keys(self) -> list[str]:
         # nats-py's keys(filters=...) matches substrings, not subject wildcards: filter here instead.
-        try:
-            return list(await self.kv.keys())
-        except NoKeysError:
-            return []
+        return await kv_keys(self.kv)
 
     # --- reading -------------------------------------------------------------------------------------
 
