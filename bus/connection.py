@@ -30,6 +30,25 @@ log = logging.getLogger("dspyrt.bus")
 R = TypeVar("R", bound=BaseModel)
 
 
+def _tolerate_undecodable_status_lines(nc: Client) -> None:
+    """Drop the header block of a message whose inline status line is not UTF-8, instead of the read loop.
+
+    nats-py 2.16 decodes that line without a guard (``_process_headers``); the error escapes into its read loop,
+    which stops for good while the client still reports "connected": the process never reads again. Anyone who
+    may publish to one agent subject can send such a message. The message itself is still delivered, headerless.
+    """
+    process_headers = nc._process_headers
+
+    async def tolerant(headers: bytes | None) -> dict[str, str] | None:
+        try:
+            return await process_headers(headers)
+        except UnicodeDecodeError:
+            log.warning("dropped the header block of a message: its status line is not UTF-8")
+            return None
+
+    nc._process_headers = tolerant  # type: ignore[method-assign]
+
+
 class TlsOptions(BaseModel):
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -76,6 +95,8 @@ class Bus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._closed = False
+        self._lost: anyio.Event | None = None
+        self.lost_reason = ""
         self.reconnects = 0
 
     @property
@@ -104,10 +125,24 @@ class Bus:
         if self._nc is not None:
             return self
         opts = self.options
+        lost = self._lost = anyio.Event()
+        # Errors before the first connect succeeds (a refused password) explain the failure: keep the last one.
+        connect_errors: list[Exception] = []
 
         async def on_error(exc: Exception) -> None:
-            if self._nc is not None:
+            if self._nc is None:
+                connect_errors.append(exc)
+            else:
                 log.warning("nats error: %s", exc)
+
+        async def on_closed() -> None:
+            # nats-py gives up for good on some server errors (a maximum payload violation, a revoked user):
+            # every agent of the process would be off the bus while it runs on. ``serve`` waits on this.
+            if not self._closed:
+                nc = self._nc
+                self.lost_reason = str(nc.last_error) if nc is not None and nc.last_error else "closed by nats-py"
+                log.error("NATS closed the connection for good: %s", self.lost_reason)
+                lost.set()
 
         async def on_disconnect() -> None:
             if not self._closed:
@@ -145,15 +180,31 @@ class Bus:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                closed_cb=on_closed,
                 drain_timeout=int(opts.drain_timeout),
                 **kwargs,  # type: ignore[arg-type]
             )
         except (NoServersError, OSError, TimeoutError) as exc:
+            # nats-py reports a refused login as a plain Error naming the server's reason.
+            refused = [e for e in connect_errors if "authorization violation" in str(e).lower()]
+            if refused:
+                who = f"user {opts.user!r}" if opts.user else "this client"
+                raise BusUnavailableError(
+                    f"NATS at {', '.join(opts.servers)} refused the credentials of {who} (Authorization Violation)"
+                ) from exc
             raise BusUnavailableError(f"cannot reach NATS at {', '.join(opts.servers)}: {exc}") from exc
+        _tolerate_undecodable_status_lines(self._nc)
         # nats-py reads this option on every reconnect; from now on the connection must never give up.
         self._nc.options["max_reconnect_attempts"] = opts.max_reconnect_attempts
         self._js = self._nc.jetstream()
         return self
+
+    async def wait_lost(self) -> str:
+        """Return, with the reason, once NATS has closed this connection for good (not by ``close``)."""
+        if self._lost is None:
+            raise BusUnavailableError("the bus is not connected")
+        await self._lost.wait()
+        return self.lost_reason
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Return once the server has processed everything sent so far, subscriptions included.

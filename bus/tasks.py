@@ -372,7 +372,7 @@ class TaskWorker:
 
     async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         psub = await self._subscribe()
-        watcher: Any = await ExhaustedTaskWatcher(self.bus, self.store, self.kind).start()
+        watcher: Any = await ExhaustedTaskWatcher(self.bus, self.store, self.kind, self.options.max_deliver).start()
         limiter = anyio.Semaphore(self.options.concurrency, fast_acquire=True)
         try:
             async with anyio.create_task_group() as handlers:
@@ -664,10 +664,11 @@ class ExhaustedTaskWatcher:
     the work queue. One watcher per consumer (queue group) moves it to the dead-letter stream.
     """
 
-    def __init__(self, bus: Bus, store: TaskStore, kind: str) -> None:
+    def __init__(self, bus: Bus, store: TaskStore, kind: str, max_deliver: int) -> None:
         self.bus = bus
         self.store = store
         self.kind = kind
+        self.max_deliver = max_deliver
 
     async def start(self) -> Subscription:
         """Subscribe to the advisories; unsubscribe the returned subscription to stop."""
@@ -682,6 +683,9 @@ class ExhaustedTaskWatcher:
             advisory = json.loads(msg.data)
             seq = int(advisory["stream_seq"])
             deliveries = int(advisory.get("deliveries", 0))
+            if deliveries < self.max_deliver:
+                # Only JetStream should publish here; anything else must not dead-letter a live task.
+                raise ValueError(f"{deliveries} deliveries, fewer than max_deliver {self.max_deliver}")
             stored = await self.bus.js.get_msg(self.bus.subjects.task_stream, seq)
         except Exception as exc:
             log.warning("max-deliveries advisory for %s not handled: %s", self.kind, exc)

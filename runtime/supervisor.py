@@ -20,7 +20,7 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskStatus
 
-from bus import Bus, EmbeddedServer, TaskStore, ensure_streams, free_port
+from bus import Bus, BusUnavailableError, EmbeddedServer, TaskStore, ensure_streams, free_port
 from runtime.agent import Agent
 from runtime.client import Client, system_file
 from runtime.config import IntegrationConfig
@@ -129,6 +129,12 @@ async def _cancel_on_signal(scope: CancelScope) -> None:
             return
 
 
+async def _cancel_when_lost(bus: Bus, scope: CancelScope, lost: list[str]) -> None:
+    # A process off the bus for good must not run on deaf: stop it, and say why, so it is restarted.
+    lost.append(await bus.wait_lost())
+    scope.cancel()
+
+
 async def serve(
     config: IntegrationConfig,
     agent_classes: list[type[Agent]],
@@ -137,8 +143,11 @@ async def serve(
     handle_signals: bool = True,
     process_name: str = "dspyrt",
 ) -> None:
-    """Run ``agent_classes`` until cancelled or signalled; start the embedded NATS when no URL is configured."""
-    telemetry = setup_telemetry(config.state_dir, service_name=process_name)
+    """Run ``agent_classes`` until cancelled or signalled; start the embedded NATS when no URL is configured.
+
+    Raises ``BusUnavailableError`` when NATS closes the connection for good (nats-py does not reconnect then).
+    """
+    telemetry = setup_telemetry(config.state_dir, service_name=process_name, instrumentations=config.instrumentations)
     try:
         async with _embedded_server(config) as server:
             servers = [server.url] if server else config.nats_urls
@@ -148,9 +157,11 @@ async def serve(
                 await ensure_streams(bus, config.stream_layout)
                 store = await TaskStore.open(bus)
                 supervisor = Supervisor(config, agent_classes, bus, store)
+                lost: list[str] = []
                 async with anyio.create_task_group() as tg:
                     if handle_signals:
                         tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+                    tg.start_soon(_cancel_when_lost, bus, tg.cancel_scope, lost)
                     await tg.start(supervisor.run)
                     running = RunningSystem(
                         config, servers[0], bus, Client(bus, store, identity="dspyrt"), supervisor, telemetry,
@@ -158,6 +169,11 @@ async def serve(
                     )  # fmt: skip
                     if on_ready is not None:
                         tg.start_soon(on_ready, running)
+                if lost:
+                    raise BusUnavailableError(
+                        f"NATS closed the connection for good ({lost[0]}); this process stops so that its process "
+                        "manager starts it again"
+                    )
             finally:
                 with anyio.CancelScope(shield=True):
                     await bus.close()

@@ -290,7 +290,7 @@ async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer
     from agents.example import ExampleAgent
 
     for user, password in (("client", "pw-wrong"), ("nobody", "pw-wrong")):
-        with pytest.raises(BusUnavailableError):
+        with pytest.raises(BusUnavailableError, match=f"refused the credentials of user '{user}'"):
             await Bus(secured.config(user, tmp_path, password).connection_options()).connect()
 
     async with serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]):

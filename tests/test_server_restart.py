@@ -1,4 +1,5 @@
-"""Kill the nats-server mid-run and start it again (same port, same store): agents recover by themselves."""
+"""The server goes away: killed mid-run and started again (same port, same store), agents recover by themselves;
+a connection nats-py closes for good stops the process, with the reason, so its process manager restarts it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus import Bus, EmbeddedServer, TaskRecord, TaskStatus, free_port
+from bus import Bus, BusUnavailableError, EmbeddedServer, TaskRecord, TaskStatus, free_port
 from runtime.client import Client
 from runtime.config import IntegrationConfig
+from runtime.registry import available_agents
+from runtime.supervisor import RunningSystem, serve
 from tests.agent_proc import Sleeper, SleepJob
 from tests.helpers import serving, start_server, wait_until
 
@@ -70,3 +73,18 @@ async def test_tasks_complete_across_a_server_crash(
         record = await client.run("sleep", SleepJob(seconds=0), timeout=30)
         assert record.status is TaskStatus.SUCCEEDED
     assert await client.dead_letters() == []
+
+
+async def test_a_connection_closed_for_good_stops_the_process_with_the_reason(config: IntegrationConfig) -> None:
+    """On some server errors nats-py closes the connection and never reconnects (here: a message whose headers
+    take it over max_payload, which nats-py does not count). Before, the process ran on with every agent deaf."""
+
+    async def violate_max_payload(system: RunningSystem) -> None:
+        body = b"x" * (system.bus.max_payload - 10)
+        await system.bus.nc.publish(config.subjects.endpoint("example", "echo"), body, headers={"h": "y" * 200})
+
+    with anyio.fail_after(20):
+        with pytest.raises(BusUnavailableError, match=r"closed the connection for good .*maximum payload violation"):
+            await serve(
+                config, [available_agents()["example"]], on_ready=violate_max_payload, handle_signals=False
+            )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import anyio
@@ -196,7 +197,7 @@ async def test_exhausted_deliveries_are_dead_lettered_by_the_watcher(
     timed-out deliveries JetStream gives up, and the advisory watcher dead-letters the task."""
     s = config.subjects
     kind = "stuck"
-    watcher = await ExhaustedTaskWatcher(bus, client.store, kind).start()
+    watcher = await ExhaustedTaskWatcher(bus, client.store, kind, max_deliver=2).start()
     consumer = api.ConsumerConfig(
         durable_name=s.task_consumer(kind),
         ack_policy=api.AckPolicy.EXPLICIT,
@@ -236,6 +237,34 @@ async def test_exhausted_deliveries_are_dead_lettered_by_the_watcher(
     finally:
         await psub.unsubscribe()
         await watcher.drain()
+
+
+async def test_an_advisory_short_of_max_deliver_does_not_dead_letter_a_live_task(
+    config: IntegrationConfig, bus: Bus, client: Client
+) -> None:
+    """The watcher trusts an advisory only when its delivery count reached max_deliver: one published by
+    anything but JetStream (a forged advisory naming a live task's sequence) is ignored."""
+    s = config.subjects
+    kind = "watched"
+    watcher = await ExhaustedTaskWatcher(bus, client.store, kind, max_deliver=5).start()
+    try:
+        submission = await client.submit(kind, Job(n=1))
+        info = await bus.js.stream_info(s.task_stream)
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.task_stream}.{s.task_consumer(kind)}"
+        forged = {"stream_seq": info.state.last_seq, "deliveries": 2}
+        await bus.nc.publish(subject, json.dumps(forged).encode())
+        await bus.flush()
+        # the same advisory with the full count is acted on: so the one above was seen, and refused
+        await bus.nc.publish(subject, json.dumps({**forged, "deliveries": 5}).encode())
+        await wait_until(lambda: _is_dead(client, submission.task_id), timeout=10, what="task dead-lettered")
+        [letter] = await dead_letters_of(client, submission.task_id)
+        assert letter.deliveries == 5
+    finally:
+        await watcher.drain()
+
+
+async def _is_dead(client: Client, task_id: str) -> bool:
+    return (await client.task(task_id)).status is TaskStatus.DEAD
 
 
 async def _stream_empty(bus: Bus, stream: str) -> bool:

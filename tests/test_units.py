@@ -6,7 +6,7 @@ import pytest
 
 import bus
 from bus import DspyrtError, Message, MessageValidationError, PayloadTooLargeError, Subjects
-from bus.messages import HEADER_ALLOWANCE, MAX_FIELD_ERRORS, check_size, decode, encode, error_body
+from bus.messages import HEADER_ALLOWANCE, LISTED_ERRORS_LIMIT, MAX_FIELD_ERRORS, check_size, decode, encode, error_body
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -93,6 +93,17 @@ def test_decode_errors_are_bounded() -> None:
         decode(Many, b'{"values": [' + b",".join([b'"x"'] * 500) + b"]}")
     assert "500 error(s)" in caught.value.message
     assert len(caught.value.field_errors) == MAX_FIELD_ERRORS
+
+
+def test_a_payload_with_too_many_errors_to_list_is_refused_without_listing_them() -> None:
+    class Strict(Message):
+        text: str = ""
+
+    unknown = b",".join(b'"k%d": 1' % i for i in range(LISTED_ERRORS_LIMIT + 1))
+    with pytest.raises(MessageValidationError) as caught:
+        decode(Strict, b"{" + unknown + b"}")
+    assert f"{LISTED_ERRORS_LIMIT + 1} error(s) (too many to list)" in caught.value.message
+    assert caught.value.field_errors == []
 
 
 def test_check_size_names_size_and_limit() -> None:
