@@ -103,7 +103,11 @@ def up(
         console.print(f"[bold green]dspyrt is up[/bold green]  mode={cfg.mode.value}")
         console.print(f"  NATS       {system.nats_url}" + ("  (embedded)" if system.embedded else ""))
         console.print(f"  state dir  {cfg.state_dir.resolve()}")
-        console.print(f"  traces     {system.telemetry.span_destination}")
+        instrumented = system.telemetry.instrumentations
+        console.print(
+            f"  traces     {system.telemetry.span_destination}"
+            + (f"  (instrumented: {', '.join(instrumented)})" if instrumented else "")
+        )
         console.print(f"  agents     {', '.join(c.name for c in classes)}")
         dashboard = system.supervisor.hosts.get("dashboard")
         if dashboard is not None:

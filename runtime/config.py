@@ -74,13 +74,16 @@ class IntegrationConfig(BaseSettings):
     task_max_deliver: int = Field(default=5, ge=1, le=1000)
     shutdown_grace: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
+    # OpenTelemetry instrumentors turned on when installed (by their "opentelemetry_instrumentor" entry-point
+    # name). "dspy" is openinference's DSPy instrumentation (the [phoenix] extra): LM, Predict, Module spans.
+    instrumentations: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dspy"])
 
     @field_validator("subject_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
         return check_token(value, "subject prefix")
 
-    @field_validator("nats_urls", "agents", mode="before")
+    @field_validator("nats_urls", "agents", "instrumentations", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):  # DSPYRT_NATS_URLS=nats://a:4222,nats://b:4222

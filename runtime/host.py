@@ -90,6 +90,8 @@ class HealthReply(BaseModel):
     tasks: dict[str, dict[str, Any]] = Field(default_factory=dict)
     events: dict[str, dict[str, int]] = Field(default_factory=dict)
     dropped_spans: int = 0
+    # The OpenTelemetry instrumentors the process turned on (e.g. "dspy").
+    instrumentations: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -289,6 +291,7 @@ class AgentHost:
             tasks={w.kind: vars(w.stats).copy() for w in self.workers},
             events={c.name: {"handled": c.handled, "failed": c.failed} for c in self.consumers},
             dropped_spans=telemetry.dropped_spans() if telemetry else 0,
+            instrumentations=telemetry.instrumentations if telemetry else [],
         )
         return self.last_health
 

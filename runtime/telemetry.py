@@ -5,17 +5,25 @@ collector; otherwise they are appended to ``<state_dir>/traces/spans-<pid>.jsonl
 offline. Every standard ``OTEL_*`` variable (service name, resource attributes, sampler, BSP sizes) is honoured
 by the SDK itself. The batch queue defaults to 65536 spans instead of 2048, and drops are counted through the
 SDK's own ``otel.sdk.processor.span.processed`` metric (``error.type=queue_full``).
+
+Instrumentors installed as ``opentelemetry_instrumentor`` entry points are turned on by name (configuration:
+``instrumentations``), e.g. openinference's DSPy instrumentation, so LM calls appear inside each task's trace.
+Work submitted to a thread pool runs in the submitter's trace context (see ``propagate_context_to_thread_pools``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricReader, PeriodicExportingMetricReader
@@ -25,6 +33,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 DEFAULT_SPAN_QUEUE = 65536
 DROP_METRIC = "otel.sdk.processor.span.processed"
+INSTRUMENTOR_GROUP = "opentelemetry_instrumentor"
+
+log = logging.getLogger("dspyrt.telemetry")
 
 
 def span_to_dict(span: ReadableSpan) -> dict[str, object]:
@@ -74,6 +85,8 @@ class Telemetry:
     meter_provider: MeterProvider
     span_destination: str
     _self_metrics: InMemoryMetricReader
+    # The instrumentors turned on, by entry-point name.
+    instrumentations: list[str] = field(default_factory=list)
 
     def dropped_spans(self) -> int:
         """Spans the batch queue had to drop since start (0 unless the exporter cannot keep up)."""
@@ -101,7 +114,56 @@ _lock = threading.Lock()
 _current: Telemetry | None = None
 
 
-def setup_telemetry(state_dir: Path, service_name: str = "dspyrt") -> Telemetry:
+_pool_submit = ThreadPoolExecutor.submit
+
+
+def propagate_context_to_thread_pools() -> None:
+    """Run work submitted to any ``ThreadPoolExecutor`` in the submitter's trace context. Idempotent.
+
+    DSPy runs a program's examples on its own thread pools (Evaluate, the optimizers, Parallel), whose threads start
+    with an empty context: every span made there (openinference's Predict and LM spans, our LM hops) began a trace
+    of its own instead of joining the task's. opentelemetry-instrumentation-threading does the same for the
+    executor; it pins exact OpenTelemetry versions, so this one patch stays here instead.
+    """
+
+    def submit_in_context(
+        self: ThreadPoolExecutor, fn: Callable[..., object], /, *args: object, **kwargs: object
+    ) -> Future[object]:
+        submitter = otel_context.get_current()
+
+        def run(*a: object, **kw: object) -> object:
+            token = otel_context.attach(submitter)
+            try:
+                return fn(*a, **kw)
+            finally:
+                otel_context.detach(token)
+
+        return _pool_submit(self, run, *args, **kwargs)
+
+    ThreadPoolExecutor.submit = submit_in_context  # type: ignore[assignment,method-assign]
+
+
+def instrument(names: Iterable[str], tracer_provider: TracerProvider) -> list[str]:
+    """Turn on the named installed instrumentors; return the names turned on (a missing one is skipped)."""
+    wanted = set(names)
+    turned_on = []
+    for ep in entry_points(group=INSTRUMENTOR_GROUP):
+        if ep.name not in wanted or ep.name in turned_on:
+            continue
+        try:
+            instrumentor = ep.load()()
+            if not instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.instrument(tracer_provider=tracer_provider)
+        except Exception as exc:  # a broken optional instrumentor must not stop the process
+            log.warning("instrumentation %s not turned on: %s", ep.name, exc)
+            continue
+        turned_on.append(ep.name)
+    for name in sorted(wanted - set(turned_on)):
+        log.debug("instrumentation %s is not installed", name)
+    return turned_on
+
+
+def setup_telemetry(state_dir: Path, service_name: str = "dspyrt", instrumentations: Iterable[str] = ()) -> Telemetry:
     """Install the global providers on first call; later calls in the same process return the same ones."""
     global _current
     with _lock:
@@ -135,7 +197,10 @@ def setup_telemetry(state_dir: Path, service_name: str = "dspyrt") -> Telemetry:
         tracer_provider.add_span_processor(processor)
         trace.set_tracer_provider(tracer_provider)
         metrics.set_meter_provider(meter_provider)
-        _current = Telemetry(tracer_provider, meter_provider, destination, self_metrics)
+        propagate_context_to_thread_pools()
+        _current = Telemetry(
+            tracer_provider, meter_provider, destination, self_metrics, instrument(instrumentations, tracer_provider)
+        )
         return _current
 
 
