@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXAMPLE ?= examples/cycle.json
 
-.PHONY: run test setup setup-test lint bench clean
+.PHONY: run test test-phoenix setup setup-test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+## test-phoenix: the optional Phoenix test (installs the phoenix extra, about 850 MB, into .venv)
+test-phoenix: setup-test
+	$(BIN)/pip install --quiet -e '.[test,phoenix]'
+	$(BIN)/pytest -q tests/test_phoenix.py
 
 bench: setup-test
 	$(BIN)/pip install --quiet -e '.[bench]'

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import SocketAttribute, SocketStream
 from nats.aio.client import Client as NatsClient
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -192,3 +193,33 @@ class AgentProcess:
             return
         process.kill()
         process.wait(10)
+
+
+@asynccontextmanager
+async def echoing_provider() -> AsyncIterator[str]:
+    """An OpenAI-compatible endpoint on 127.0.0.1 that answers every call with a 401 quoting the bearer token,
+    as some providers and proxies do ("Incorrect API key provided: sk-...")."""
+
+    async def answer(stream: SocketStream) -> None:
+        async with stream:
+            data = b""
+            with anyio.move_on_after(5):
+                while b"\r\n\r\n" not in data:
+                    data += await stream.receive()
+            head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+            auth = [line for line in head.split("\r\n") if line.lower().startswith("authorization:")]
+            key = auth[0].split()[-1] if auth else "?"
+            message = {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}
+            body = json.dumps({"error": {**message, "code": "invalid_api_key"}}).encode()
+            await stream.send(
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, answer)
+        yield f"http://127.0.0.1:{port}/v1"
+        tg.cancel_scope.cancel()

@@ -30,7 +30,6 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute, SocketStream
 from nats.aio.msg import Msg
 
 from agents.lm.models import ModelRegistry, ModelSpec, build_lm
@@ -40,7 +39,7 @@ from runtime.agent import Agent
 from runtime.config import IntegrationConfig
 from runtime.registry import available_agents
 from runtime.telemetry import current_telemetry
-from tests.helpers import serving, wait_until
+from tests.helpers import echoing_provider, serving, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -317,36 +316,6 @@ def test_model_specs_and_lms_never_show_the_key(secrets: Secrets, tmp_path: Path
 
 
 # ----------------------------------------------------------------------------------------- a provider that echoes
-
-
-@asynccontextmanager
-async def echoing_provider() -> AsyncIterator[str]:
-    """An OpenAI-compatible endpoint on 127.0.0.1 that answers every call with a 401 quoting the bearer token,
-    as some providers and proxies do ("Incorrect API key provided: sk-...")."""
-
-    async def answer(stream: SocketStream) -> None:
-        async with stream:
-            data = b""
-            with anyio.move_on_after(5):
-                while b"\r\n\r\n" not in data:
-                    data += await stream.receive()
-            head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-            auth = [line for line in head.split("\r\n") if line.lower().startswith("authorization:")]
-            key = auth[0].split()[-1] if auth else "?"
-            message = {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}
-            body = json.dumps({"error": {**message, "code": "invalid_api_key"}}).encode()
-            await stream.send(
-                b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    port = listener.extra(SocketAttribute.local_port)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, answer)
-        yield f"http://127.0.0.1:{port}/v1"
-        tg.cancel_scope.cancel()
 
 
 async def provider_echo_run(config: IntegrationConfig, tmp_path: Path) -> tuple[Msg, Any]:

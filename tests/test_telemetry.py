@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from runtime.telemetry import INSTRUMENTOR_GROUP, Telemetry, instrument
 from runtime.traces import read_spans
 
-INSTRUMENTORS = '''
+INSTRUMENTORS = """
 from __future__ import annotations
 
 calls: list[tuple[str, object]] = []
@@ -33,7 +33,7 @@ class Broken:
 
     def instrument(self, **kwargs: object) -> None:
         raise RuntimeError("needs a newer library")
-'''
+"""
 
 
 @pytest.fixture
