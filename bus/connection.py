@@ -74,6 +74,8 @@ class ConnectionOptions(BaseModel):
     credentials_file: Path | None = None
     nkey_seed_file: Path | None = None
     tls: TlsOptions | None = None
+    # Replies to this connection arrive under it (``bus.subjects.inbox_prefix``).
+    inbox_prefix: str = "_INBOX"
     connect_timeout: float = 2.0
     reconnect_wait: float = 0.5
     # -1: keep trying forever once connected; agents must survive a server restart by themselves.
@@ -182,6 +184,7 @@ class Bus:
                 reconnected_cb=on_reconnect,
                 closed_cb=on_closed,
                 drain_timeout=int(opts.drain_timeout),
+                inbox_prefix=opts.inbox_prefix,
                 **kwargs,  # type: ignore[arg-type]
             )
         except (NoServersError, OSError, TimeoutError) as exc:

@@ -8,6 +8,7 @@ With the default prefix ``dspy``:
 - ``dspy.dlq.<kind>``                dead letters (stream ``DSPY_DLQ``)
 - ``dspy.audit.<action>``            who did what when (stream ``DSPY_AUDIT``)
 - KV ``DSPY_tasks``                  task status and results, keyed by task id
+- ``_INBOX.<user>.*``                replies to NATS user ``<user>`` (see ``inbox_prefix``)
 
 Two deployments share one NATS account by choosing different prefixes.
 """
@@ -33,6 +34,19 @@ def check_dotted(value: str, what: str) -> str:
     if not _DOTTED.match(value):
         raise ValueError(f"{what} {value!r} must be dot-separated tokens of letters, digits, '_' or '-'")
     return value
+
+
+INBOX_ROOT = "_INBOX"
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Where replies to ``user`` arrive: ``_INBOX.<user>`` (so a permission can keep everyone else out of them).
+
+    With the shared ``_INBOX`` every user allowed to receive replies could subscribe to ``_INBOX.>`` and read all
+    replies of the account. Characters a subject token cannot hold become ``_``.
+    """
+    return f"{INBOX_ROOT}.{_NOT_TOKEN.sub('_', user)}" if user else INBOX_ROOT
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pydantic_settings import (
 )
 
 from bus import ConfigurationError, ConnectionOptions, StreamLayout, Subjects, TlsOptions
-from bus.subjects import check_token
+from bus.subjects import check_dotted, check_token, inbox_prefix
 
 CONFIG_FILE_ENV = "DSPYRT_CONFIG"
 DEFAULT_CONFIG_FILE = "dspyrt.toml"
@@ -54,6 +54,9 @@ class IntegrationConfig(BaseSettings):
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    # Replies arrive under this prefix; default _INBOX.<nats_user> (or _INBOX without a user), which the deploy's
+    # permissions expect. Set it when the user name comes from a credentials file.
+    nats_inbox_prefix: str | None = None
     # Embedded server only: the port to try first (a free one is taken if it is busy).
     nats_port: int = Field(default=4222, ge=0, le=65535)
 
@@ -77,6 +80,11 @@ class IntegrationConfig(BaseSettings):
     # OpenTelemetry instrumentors turned on when installed (by their "opentelemetry_instrumentor" entry-point
     # name). "dspy" is openinference's DSPy instrumentation (the [phoenix] extra): LM, Predict, Module spans.
     instrumentations: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dspy"])
+
+    @field_validator("nats_inbox_prefix")
+    @classmethod
+    def _inbox(cls, value: str | None) -> str | None:
+        return check_dotted(value, "inbox prefix") if value is not None else None
 
     @field_validator("subject_prefix")
     @classmethod
@@ -132,6 +140,7 @@ class IntegrationConfig(BaseSettings):
             credentials_file=self.nats_credentials,
             nkey_seed_file=self.nats_nkey_seed,
             tls=tls,
+            inbox_prefix=self.nats_inbox_prefix or inbox_prefix(self.nats_user),
         )
 
     @property

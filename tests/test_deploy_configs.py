@@ -31,6 +31,7 @@ import yaml
 
 from bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus, TaskStore
 from bus.server import nats_server_binary
+from bus.subjects import inbox_prefix
 from runtime.agent import Agent
 from runtime.client import Client
 from runtime.config import IntegrationConfig
@@ -157,6 +158,14 @@ def test_a_missing_password_stops_the_server_with_its_name() -> None:
     assert "NATS_PW_OPTIMIZER" in result.stderr + result.stdout
 
 
+def test_each_user_may_read_only_the_inbox_the_runtime_gives_it() -> None:
+    for user in gen.users():
+        assert gen.Names.inbox(user) == inbox_prefix(user) + ".>"
+    assert IntegrationConfig(nats_user="loop-create").connection_options().inbox_prefix == "_INBOX.loop-create"
+    assert IntegrationConfig().connection_options().inbox_prefix == "_INBOX"
+    assert inbox_prefix("ops@acme.com") == "_INBOX.ops_acme_com"
+
+
 def test_every_password_variable_is_in_example_env_compose_and_the_k8s_secret() -> None:
     variables = password_variables()
     assert variables == {gen.password_variable(u) for u in gen.users()}
@@ -266,7 +275,14 @@ async def _check_refused(secured: SecuredServer, user: str, publish: list[str], 
         return any(expected in error for error in errors)
 
     password = secured.passwords[gen.password_variable(user)]
-    nc = await nats.connect(secured.url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    nc = await nats.connect(
+        secured.url,
+        user=user,
+        password=password,
+        error_cb=on_error,
+        allow_reconnect=False,
+        inbox_prefix=inbox_prefix(user),
+    )
     try:
         for subject in publish:
             await nc.publish(subject, b"{}")
@@ -309,7 +325,8 @@ async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer
                     "dspy.task.evaluate-shard",  # an internal task kind
                     "$KV.DSPY_deployments.topic-classifier",
                 ],
-                ["dspy.example.echo", "dspy.task.wordcount", "$SRV.PING"],  # posing as an agent
+                # posing as an agent; reading replies meant for others
+                ["dspy.example.echo", "dspy.task.wordcount", "$SRV.PING", "_INBOX.>", "_INBOX.example.>"],
             ),
             (
                 "example",
@@ -320,7 +337,11 @@ async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer
                     "$JS.API.CONSUMER.MSG.NEXT.DSPY_TASKS.tasks_optimize",  # another agent's work
                     "$KV.DSPY_roles.planner",  # another agent's bucket
                 ],
-                ["dspy.optimizer.list", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.DSPY_TASKS.tasks_optimize"],
+                [
+                    "dspy.optimizer.list",
+                    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.DSPY_TASKS.tasks_optimize",
+                    "_INBOX.client.>",  # the client's replies
+                ],
             ),
         ):
             await _check_refused(secured, user, forbidden_publish, forbidden_subscribe)

@@ -144,6 +144,11 @@ class Names:
     def bucket(self, name: str) -> str:
         return f"{self.upper}_{name}"
 
+    @staticmethod
+    def inbox(user: str) -> str:
+        """Replies to ``user`` (``bus.subjects.inbox_prefix``): only that user may subscribe there."""
+        return f"_INBOX.{user}.>"
+
     def task(self, kind: str) -> str:
         return f"{self.prefix}.task.{kind}"
 
@@ -266,11 +271,11 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
             f"{n.prefix}.{agent}.*",
         ]
     )
-    # Replies to its own requests (and JetStream API answers) arrive on its inbox; it answers requests on the
-    # requester's inbox. Its health probe (deploy/k8s/probe.py, same user) asks its own service.
+    # Replies to its own requests (and JetStream API answers) arrive on its own inbox; it answers requests on
+    # the requester's inbox. Its health probe (deploy/k8s/probe.py, same user) asks its own service.
     perms.add(
         publish=["_INBOX.>", f"$SRV.PING.{service}", f"$SRV.INFO.{service}", f"$SRV.STATS.{service}"],
-        subscribe=["_INBOX.>"],
+        subscribe=[n.inbox(agent)],
     )
 
     for kind in access.tasks:
@@ -339,7 +344,7 @@ def client_permissions(names: Names) -> Permissions:
             "$SRV.INFO.*",
             "$SRV.STATS.*",
         ],
-        [f"$KV.{tasks}.*", "_INBOX.>"],
+        [f"$KV.{tasks}.*", n.inbox("client")],
     )
     return perms
 
