@@ -21,7 +21,7 @@ from bus.errors import (
 from bus.events import Event, EventConsumer, publish_event
 from bus.messages import Empty, Message, decode, encode
 from bus.server import EmbeddedServer, free_port
-from bus.streams import StreamLayout, ensure_streams
+from bus.streams import StreamLayout, StreamOutcome, ensure_streams
 from bus.subjects import Subjects
 from bus.tasks import (
     DeadLetter,
@@ -57,6 +57,7 @@ __all__ = [
     "RemoteError",
     "RetryableError",
     "StreamLayout",
+    "StreamOutcome",
     "Subjects",
     "TaskEnvelope",
     "TaskError",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from enum import StrEnum
 
 from nats.js import api
 from nats.js.errors import APIError, BadRequestError, NoKeysError, NotFoundError
@@ -12,6 +14,17 @@ from nats.js.object_store import ObjectStore
 from bus.connection import Bus
 
 DAY = 24 * 3600.0
+log = logging.getLogger("dspyrt.bus")
+
+
+class StreamOutcome(StrEnum):
+    """What ``ensure_streams`` did to one stream."""
+
+    CREATED = "created"
+    UNCHANGED = "unchanged"
+    UPDATED = "updated"
+    # It exists with other settings and this caller may not change them (``update=False``): left as it is.
+    DIFFERS = "differs"
 
 
 @dataclass(frozen=True)
@@ -28,19 +41,39 @@ class StreamLayout:
     task_record_ttl: float = 30 * DAY
 
 
-async def _ensure_stream(bus: Bus, config: api.StreamConfig) -> None:
+async def _ensure_stream(bus: Bus, config: api.StreamConfig, update: bool) -> StreamOutcome:
+    name = config.name or ""
     try:
-        await bus.js.add_stream(config)
-    except BadRequestError:
-        # It exists with other settings (e.g. made by an older version): bring it to ours.
+        await bus.js.stream_info(name)
+        existed = True
+    except NotFoundError:
+        existed = False
+    try:
+        await bus.js.add_stream(config)  # idempotent when the settings are the same
+    except BadRequestError as exc:
+        # It exists with other settings (changed configuration, or made by an older version).
+        if not update:
+            log.warning(
+                "stream %s exists with other settings than this process's (%s); left as it is: apply them with "
+                "'dspyrt streams' as a user allowed to update streams",
+                name,
+                exc.description,
+            )
+            return StreamOutcome.DIFFERS
         await bus.js.update_stream(config)
+        return StreamOutcome.UPDATED
+    return StreamOutcome.UNCHANGED if existed else StreamOutcome.CREATED
 
 
-async def ensure_streams(bus: Bus, layout: StreamLayout | None = None) -> None:
-    """Create (or update) the task, event and dead-letter streams and the task bucket."""
+async def ensure_streams(
+    bus: Bus, layout: StreamLayout | None = None, *, update: bool = True
+) -> dict[str, StreamOutcome]:
+    """Create the task, event, dead-letter and audit streams and the task bucket where missing; bring existing
+    streams to ``layout`` unless ``update`` is false (the deploy's agents may create but not change streams)."""
     layout = layout or StreamLayout()
     s = bus.subjects
-    await _ensure_stream(
+    outcomes: dict[str, StreamOutcome] = {}
+    outcomes[s.task_stream] = await _ensure_stream(
         bus,
         api.StreamConfig(
             name=s.task_stream,
@@ -51,8 +84,9 @@ async def ensure_streams(bus: Bus, layout: StreamLayout | None = None) -> None:
             num_replicas=layout.replicas,
             description="durable tasks; each is taken by one worker",
         ),
+        update,
     )
-    await _ensure_stream(
+    outcomes[s.event_stream] = await _ensure_stream(
         bus,
         api.StreamConfig(
             name=s.event_stream,
@@ -65,8 +99,9 @@ async def ensure_streams(bus: Bus, layout: StreamLayout | None = None) -> None:
             num_replicas=layout.replicas,
             description="fan-out events, kept so late subscribers can replay",
         ),
+        update,
     )
-    await _ensure_stream(
+    outcomes[s.dlq_stream] = await _ensure_stream(
         bus,
         api.StreamConfig(
             name=s.dlq_stream,
@@ -77,8 +112,9 @@ async def ensure_streams(bus: Bus, layout: StreamLayout | None = None) -> None:
             num_replicas=layout.replicas,
             description="dead-lettered tasks with their reason and delivery count",
         ),
+        update,
     )
-    await _ensure_stream(
+    outcomes[s.audit_stream] = await _ensure_stream(
         bus,
         api.StreamConfig(
             name=s.audit_stream,
@@ -91,8 +127,10 @@ async def ensure_streams(bus: Bus, layout: StreamLayout | None = None) -> None:
             deny_purge=True,
             description="audit trail: who submitted, deployed or rolled back what, and when",
         ),
+        update,
     )
     await key_value(bus, s.task_bucket, layout, ttl=layout.task_record_ttl)
+    return outcomes
 
 
 async def key_value(

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.tree import Tree
 
-from bus import DspyrtError, TaskRecord
+from bus import DspyrtError, TaskRecord, ensure_streams
 from runtime.cli_dashboard import dashboard_command
 from runtime.cli_roles import roles_app
 from runtime.client import Client, connect_client
@@ -384,6 +384,29 @@ def status(as_json: JsonOption = False, config_file: ConfigOption = None) -> Non
     cfg = _config(config_file)
     healthy = _with_client(config_file, body)
     raise typer.Exit(0 if healthy else 1)
+
+
+@app.command()
+def streams(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
+    """Create the deployment's streams and bring them to the configured settings (replicas, sizes, retention).
+
+    Run it as a NATS user allowed to change streams (the deploy's ``admin``); agents only create missing ones.
+    """
+
+    async def body(client: Client) -> dict[str, str]:
+        outcomes = await ensure_streams(client.bus, cfg.stream_layout, update=True)
+        return {name: outcome.value for name, outcome in outcomes.items()}
+
+    cfg = _config(config_file)
+    outcomes = _with_client(config_file, body)
+    if as_json:
+        console.print_json(json.dumps(outcomes))
+        return
+    table = Table("stream", "outcome")
+    for name, outcome in outcomes.items():
+        table.add_row(name, outcome)
+    console.print(table)
+    console.print(f"replicas {cfg.stream_replicas}, event stream {cfg.event_stream_max_mb} MB")
 
 
 # ---------------------------------------------------------------------------------------- programs

@@ -63,6 +63,9 @@ class IntegrationConfig(BaseSettings):
     state_dir: Path = Path(".dspyrt")
     subject_prefix: str = "dspy"
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    # Bring existing streams to these settings at start. False: only create missing ones (the deploy's agents,
+    # whose NATS users may not change streams; an operator applies changes with `dspyrt streams` as admin).
+    manage_streams: bool = True
     # JetStream reserves the event stream's size up front; old events are discarded beyond it.
     event_stream_max_mb: int = Field(default=256, ge=1, le=1_000_000)
 

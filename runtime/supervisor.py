@@ -154,7 +154,7 @@ async def serve(
             bus = Bus(config.connection_options(servers, name=process_name), config.subjects)
             await bus.connect()
             try:
-                await ensure_streams(bus, config.stream_layout)
+                await ensure_streams(bus, config.stream_layout, update=config.manage_streams)
                 store = await TaskStore.open(bus)
                 supervisor = Supervisor(config, agent_classes, bus, store)
                 lost: list[str] = []

@@ -200,6 +200,7 @@ class SecuredServer:
             event_stream_max_mb=8,
             task_ack_wait=5.0,
             shutdown_grace=2.0,
+            manage_streams=user == "admin",  # as deployed: agents may create streams, not change them
         )
 
     def violations(self) -> list[str]:
@@ -335,6 +336,7 @@ async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer
                     "dspy.optimizer.set_active",  # another agent's endpoint it has no business with
                     "dspy.task.optimize",  # a kind it does not submit
                     "$JS.API.CONSUMER.MSG.NEXT.DSPY_TASKS.tasks_optimize",  # another agent's work
+                    "$JS.API.STREAM.UPDATE.DSPY_TASKS",  # changing a stream's limits could drop tasks
                     "$KV.DSPY_roles.planner",  # another agent's bucket
                 ],
                 [
@@ -429,6 +431,46 @@ async def test_the_k8s_probe_says_live_and_ready(secured: SecuredServer, tmp_pat
     assert (await _probe("ready", "example", example))[0] == 1
 
 
+async def test_stream_settings_are_applied_by_admin_and_left_alone_by_agents(
+    secured: SecuredServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agents (manage_streams = false, no STREAM.UPDATE permission) create missing streams; ``dspyrt streams`` as
+    admin applies changed settings; an agent started with other settings leaves them and says so."""
+    from agents.example import ExampleAgent
+
+    example = secured.config("example", tmp_path / "example")
+    async with serving(example, [ExampleAgent]):
+        pass  # created the streams (event stream: 8 MB)
+    admin = secured.config("admin", tmp_path / "admin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPYRT_")}
+    env.update(
+        DSPYRT_NATS_URLS=secured.url,
+        DSPYRT_NATS_USER="admin",
+        DSPYRT_NATS_PASSWORD=admin.nats_password.get_secret_value() if admin.nats_password else "",
+        DSPYRT_STATE_DIR=str(admin.state_dir),
+        DSPYRT_EVENT_STREAM_MAX_MB="16",
+    )
+    result = await anyio.run_process(
+        [sys.executable, "-m", "runtime.cli", "streams", "--json"], env=env, check=False, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout) == {
+        "DSPY_TASKS": "unchanged",
+        "DSPY_EVENTS": "updated",
+        "DSPY_DLQ": "unchanged",
+        "DSPY_AUDIT": "unchanged",
+    }
+    async with serving(example, [ExampleAgent]) as system:  # still configured for 8 MB
+        info = await system.bus.js.stream_info("DSPY_EVENTS")
+        assert info.config.max_bytes == 16 * 1024 * 1024
+        config = secured.config("client", tmp_path / "client")
+        async with Bus(config.connection_options(name="client"), config.subjects) as bus:
+            client = Client(bus, await TaskStore.open(bus))
+            assert (await client.run("wordcount", {"text": "a b"}, timeout=20)).status is TaskStatus.SUCCEEDED
+    assert "stream DSPY_EVENTS exists with other settings" in caplog.text
+    assert secured.violations() == []
+
+
 # ----------------------------------------------------------------------------- collector, compose, k8s
 
 
@@ -476,12 +518,20 @@ def test_compose_runs_every_agent_against_the_cluster() -> None:
         assert env["DSPYRT_NATS_PASSWORD"].startswith("${" + gen.password_variable(agent) + ":?")
         assert env["DSPYRT_NATS_URLS"] == "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222"
         assert env["DSPYRT_STREAM_REPLICAS"] == "3"
+        assert env["DSPYRT_MANAGE_STREAMS"] == "false"
+        assert service["depends_on"]["streams"] == {"condition": "service_completed_successfully"}
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
         assert service["healthcheck"]["test"][-2:] == ["ready", agent]
         # the compose file and the settings model agree on every DSPYRT_* variable
         settings = {k.removeprefix("DSPYRT_").lower(): v for k, v in env.items() if k.startswith("DSPYRT_")}
         IntegrationConfig(**{k: v for k, v in settings.items() if k != "nats_password" and "dashboard" not in k})
     assert services["evaluator"]["deploy"]["replicas"] >= 2
+    # the streams are set up (and their settings applied) by admin, before any agent starts
+    streams = services["streams"]
+    assert (streams["entrypoint"], streams["command"]) == (["dspyrt"], ["streams"])
+    assert streams["environment"]["DSPYRT_NATS_USER"] == "admin"
+    assert streams["environment"]["DSPYRT_NATS_PASSWORD"].startswith("${NATS_PW_ADMIN:?")
+    assert "streams" not in streams["depends_on"]
     referenced = set(re.findall(r"\$\{([A-Z0-9_]+)", (DEPLOY / "compose.yaml").read_text()))
     assert referenced <= set(env_file(DEPLOY / "example.env"))
     # every file the services mount or build from exists
@@ -522,6 +572,12 @@ def test_the_k8s_manifests_run_every_agent_with_its_own_user_and_probes() -> Non
     settings = tomllib.loads(config_map["data"]["dspyrt.toml"])
     IntegrationConfig(**settings)  # the settings model accepts the file as it is
     assert settings["stream_replicas"] == 3 and len(settings["nats_urls"]) == 3
+    assert settings["manage_streams"] is False
+    [job] = [d for d in documents if d.get("kind") == "Job"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert container["args"] == ["streams"] and env["DSPYRT_NATS_USER"]["value"] == "admin"
+    assert env["DSPYRT_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "NATS_PW_ADMIN"
     assert settings["shutdown_grace"] < min(
         d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] for d in deployments
     )

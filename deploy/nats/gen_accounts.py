@@ -173,11 +173,6 @@ def _api(*parts: str) -> str:
     return "$JS.API." + ".".join(parts)
 
 
-def ensure_stream(stream: str) -> list[str]:
-    """Open a stream or bucket, creating it (or bringing its settings up to date) when needed."""
-    return [_api("STREAM.INFO", stream), _api("STREAM.CREATE", stream), _api("STREAM.UPDATE", stream)]
-
-
 def open_stream(stream: str) -> list[str]:
     """Open an existing stream or bucket, creating it if missing (``bus.streams.key_value``/``object_store``)."""
     return [_api("STREAM.INFO", stream), _api("STREAM.CREATE", stream)]
@@ -254,10 +249,11 @@ class Permissions:
 def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
     n = names
     perms = Permissions([], [])
-    # Every agent process: creates/updates the deployment's streams and the task bucket at start
-    # (runtime.supervisor.serve -> bus.streams.ensure_streams), reads and writes task records.
+    # Every agent process: creates the deployment's streams and the task bucket at start when missing
+    # (runtime.supervisor.serve -> bus.streams.ensure_streams), reads and writes task records. Changing a
+    # stream's settings is for admin (`dspyrt streams`): agents run with manage_streams = false.
     for stream in n.streams:
-        perms.add(ensure_stream(stream))
+        perms.add(open_stream(stream))
     perms.add(kv_write(n.bucket("tasks")))
     # Its micro service: discovery requests for all services, this service and this instance; its endpoints.
     service = n.service(agent)
