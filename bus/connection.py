@@ -37,11 +37,14 @@ def _tolerate_undecodable_status_lines(nc: Client) -> None:
     which stops for good while the client still reports "connected": the process never reads again. Anyone who
     may publish to one agent subject can send such a message. The message itself is still delivered, headerless.
     """
-    process_headers = nc._process_headers
+    process_headers = getattr(nc, "_process_headers", None)
+    if process_headers is None:  # a nats-py without this private method: nothing to wrap
+        return
 
     async def tolerant(headers: bytes | None) -> dict[str, str] | None:
         try:
-            return await process_headers(headers)
+            parsed: dict[str, str] | None = await process_headers(headers)
+            return parsed
         except UnicodeDecodeError:
             log.warning("dropped the header block of a message: its status line is not UTF-8")
             return None
