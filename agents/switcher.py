@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from dspy import lm15
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 from pydantic import Field
 
 from agents.deployments import DeployRegistry
@@ -226,7 +226,20 @@ class SwitcherAgent(Agent):
     @endpoint("complete")
     async def complete(self, request: CompletionRequest) -> CompletionReply:
         """One LM call, proxied with limits, retries and fallback."""
-        return await self.switcher.complete(request)
+        reply = await self.switcher.complete(request)
+        # On this request's process span, so a trace shows which model served each LM call and what it cost
+        # (OpenTelemetry's gen_ai attribute names; the prompt and completion stay out of our spans).
+        trace.get_current_span().set_attributes(
+            {
+                "gen_ai.request.model": request.model or "auto",
+                "gen_ai.response.model": reply.model,
+                "gen_ai.usage.input_tokens": reply.usage.input_tokens,
+                "gen_ai.usage.output_tokens": reply.usage.output_tokens,
+                "dspyrt.lm.tried": reply.tried,
+                "dspyrt.lm.cost": reply.cost,
+            }
+        )
+        return reply
 
     @endpoint("stats")
     async def stats(self, _: Empty) -> SwitcherStats:

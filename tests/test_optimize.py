@@ -14,6 +14,8 @@ from agents.switcher import SwitcherAgent, SwitcherStats
 from agents.switcher_core import CompletionReply, CompletionRequest
 from bus import Empty, RemoteError, TaskStatus
 from runtime.config import IntegrationConfig
+from runtime.telemetry import Telemetry
+from runtime.traces import read_spans
 from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +99,7 @@ async def test_bootstrap_and_mipro_complete_over_the_bus(models_config: Integrat
         assert record.result["artifact"] is not None
 
 
-async def test_switcher_falls_back_when_a_model_errors(models_config: IntegrationConfig) -> None:
+async def test_switcher_falls_back_when_a_model_errors(models_config: IntegrationConfig, telemetry: Telemetry) -> None:
     async with serving(models_config, [SwitcherAgent]) as system:
         request = CompletionRequest(
             messages=[{"role": "user", "content": "hello"}],  # type: ignore[list-item]
@@ -105,6 +107,14 @@ async def test_switcher_falls_back_when_a_model_errors(models_config: Integratio
         )
         reply = await system.client.request("switcher", "complete", request, CompletionReply)
         assert reply.model != "demo/broken" and reply.tried[0] == "demo/broken"
+        # the trace says which model served the call, what it cost and what was tried first
+        telemetry.flush()
+        name = f"process {models_config.subjects.endpoint('switcher', 'complete')}"
+        [span] = [x for x in read_spans(Path(telemetry.span_destination).parent.parent) if x["name"] == name]
+        assert span["attributes"]["gen_ai.request.model"] == "demo/broken"
+        assert span["attributes"]["gen_ai.response.model"] == reply.model
+        assert span["attributes"]["gen_ai.usage.output_tokens"] == reply.usage.output_tokens
+        assert span["attributes"]["dspyrt.lm.tried"] == reply.tried
         stats = {m.model: m for m in (await system.client.request("switcher", "stats", Empty(), SwitcherStats)).models}
         assert stats["demo/broken"].failures >= 1 and stats["demo/broken"].successes == 0
         assert stats[reply.model].successes == 1

@@ -6,7 +6,8 @@ switcher in one agent process and every other agent in a second (``dspyrt up``),
 Phoenix with openinference's DSPy instrumentation on; ``dspyrt submit`` sends the example cycle task (create,
 evaluate, optimize, validate, deploy). Then Phoenix's REST API (``/v1/projects/{project}/spans/otlpv1``) must hold
 the task's trace whole: one root, every parent present, every request and task hop as a send/process pair,
-DSPy's Predict/Module spans and one LLM span per LM call, each LM call's hop to the switcher under its LLM span.
+DSPy's Predict/Module spans and one LLM span per LM call, each LM call's hop to the switcher under its LLM span,
+and the switcher's span of each call naming the model that served it.
 
 The switcher also serves a provider model whose endpoint (on 127.0.0.1) answers with a 401 quoting the key, and one
 completion is sent to it (the switcher falls back to the demo model): no span in Phoenix may hold the key.
@@ -277,13 +278,21 @@ async def check_whole_trace(phoenix: str, system: System) -> None:
     }
     assert hops <= processed, hops - processed
 
-    # DSPy's own spans (openinference): modules and predictors (CHAIN), and one LLM span per LM call, each with
-    # its hop to the switcher beneath it
+    # DSPy's own spans (openinference): modules and predictors (CHAIN) and LM calls (LLM), each LM call with its
+    # hop to the switcher beneath it
     kinds = Counter(kind_of(x) for x in spans)
-    llm_spans = [x for x in spans if kind_of(x) == "LLM"]
-    complete_sends = [x for x in spans if x["name"] == f"send {s.endpoint('switcher', 'complete')}"]
-    assert kinds["CHAIN"] > 0 and llm_spans, kinds
-    assert len(llm_spans) == len(complete_sends)
+    complete = s.endpoint("switcher", "complete")
+    complete_sends = [x for x in spans if x["name"] == f"send {complete}"]
+    # two LLM spans per LM call: DSPy's (openinference, the messages) and the switcher's, which Phoenix files as
+    # LLM from its gen_ai.* attributes (the model that served the call, tokens; openinference records no tokens)
+    dspy_llm = [x for x in spans if kind_of(x) == "LLM" and x["name"] == "LM.__call__"]
+    switcher_llm = [x for x in spans if kind_of(x) == "LLM" and x["name"] == f"process {complete}"]
+    llm_spans = dspy_llm + switcher_llm
+    assert kinds["CHAIN"] > 0 and dspy_llm, kinds
+    assert len(dspy_llm) == len(switcher_llm) == len(complete_sends)
+    assert kinds["LLM"] == 2 * len(complete_sends)
+    served = Counter(attributes(x).get("gen_ai.response.model") for x in switcher_llm)
+    assert served == {"demo/fewshot": len(complete_sends)}, served
 
     def ancestors(span: dict[str, Any]) -> Iterator[dict[str, Any]]:
         while span.get("parent_span_id") in by_id:
@@ -291,7 +300,7 @@ async def check_whole_trace(phoenix: str, system: System) -> None:
             yield span
 
     for send in complete_sends:
-        assert any(kind_of(a) == "LLM" for a in ancestors(send)), "an LM hop outside an LLM span"
+        assert any(a["name"] == "LM.__call__" for a in ancestors(send)), "an LM hop outside DSPy's LLM span"
     for llm in llm_spans:
         assert any(a["name"].startswith("process ") for a in ancestors(llm)), "an LLM span outside any task"
     print(f"\nPhoenix trace {trace_id}: {len(spans)} spans, {len(llm_spans)} LLM, kinds {dict(kinds)}")
