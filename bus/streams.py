@@ -164,16 +164,17 @@ async def kv_keys(kv: KeyValue) -> list[str]:
         return []
 
 
-async def read_tail(bus: Bus, stream: str, limit: int) -> list[tuple[int, bytes]]:
-    """The newest ``limit`` messages of a stream as (sequence, body), oldest first; deleted ones are skipped."""
+async def read_tail(bus: Bus, stream: str, limit: int) -> list[tuple[int, str, bytes]]:
+    """The newest ``limit`` messages of a stream as (sequence, subject, body), oldest first; deleted ones are
+    skipped."""
     info = await bus.js.stream_info(stream)
     first, last = info.state.first_seq, info.state.last_seq
-    messages: list[tuple[int, bytes]] = []
+    messages: list[tuple[int, str, bytes]] = []
     for seq in range(max(first, last - limit + 1), last + 1):
         try:
             raw = await bus.js.get_msg(stream, seq)
         except APIError:
             continue  # deleted or expired (the server answers not found or bad request)
         if raw.data:
-            messages.append((seq, raw.data))
+            messages.append((seq, raw.subject or "", raw.data))
     return messages

@@ -6,7 +6,7 @@ With the default prefix ``dspy``:
 - ``dspy.<agent>.<endpoint>``        request/reply endpoints (micro service ``dspy-<agent>``)
 - ``dspy.event.<topic>``             fan-out events (limits stream ``DSPY_EVENTS``)
 - ``dspy.dlq.<kind>``                dead letters (stream ``DSPY_DLQ``)
-- ``dspy.audit.<action>``            who did what when (stream ``DSPY_AUDIT``)
+- ``dspy.audit.<user>.<action>``     who did what when (stream ``DSPY_AUDIT``), by NATS user
 - KV ``DSPY_tasks``                  task status and results, keyed by task id
 - ``_INBOX.<user>.*``                replies to NATS user ``<user>`` (see ``inbox_prefix``)
 
@@ -37,16 +37,22 @@ def check_dotted(value: str, what: str) -> str:
 
 
 INBOX_ROOT = "_INBOX"
+NO_USER = "_anonymous"
 _NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def user_token(user: str | None) -> str:
+    """A NATS user as one subject token (characters a token cannot hold become ``_``); ``NO_USER`` for none."""
+    return _NOT_TOKEN.sub("_", user) if user else NO_USER
 
 
 def inbox_prefix(user: str | None) -> str:
     """Where replies to ``user`` arrive: ``_INBOX.<user>`` (so a permission can keep everyone else out of them).
 
     With the shared ``_INBOX`` every user allowed to receive replies could subscribe to ``_INBOX.>`` and read all
-    replies of the account. Characters a subject token cannot hold become ``_``.
+    replies of the account.
     """
-    return f"{INBOX_ROOT}.{_NOT_TOKEN.sub('_', user)}" if user else INBOX_ROOT
+    return f"{INBOX_ROOT}.{user_token(user)}" if user else INBOX_ROOT
 
 
 @dataclass(frozen=True)
@@ -114,8 +120,14 @@ class Subjects:
         return f"{self.prefix}.dlq.>"
 
     # --- audit
-    def audit(self, action: str) -> str:
-        return f"{self.prefix}.audit.{check_dotted(action, 'audit action')}"
+    def audit(self, action: str, user: str | None) -> str:
+        """Records of ``user`` go under its own token, so a permission (not the record) says who wrote them."""
+        return f"{self.prefix}.audit.{user_token(user)}.{check_dotted(action, 'audit action')}"
+
+    def audit_user(self, subject: str) -> str | None:
+        """The user token an audit subject names (``None`` for records without a user)."""
+        token = subject.removeprefix(f"{self.prefix}.audit.").split(".", 1)[0]
+        return None if token == NO_USER else token
 
     @property
     def all_audit(self) -> str:

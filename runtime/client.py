@@ -89,7 +89,7 @@ class Client:
     async def dead_letters(self, limit: int = 100) -> list[tuple[int, DeadLetter]]:
         """Dead letters with their stream sequence, newest last."""
         tail = await read_tail(self.bus, self.bus.subjects.dlq_stream, limit)
-        return [(seq, DeadLetter.model_validate_json(data)) for seq, data in tail]
+        return [(seq, DeadLetter.model_validate_json(data)) for seq, _, data in tail]
 
     async def replay(self, task_id: str) -> str:
         """Replay the newest dead letter of ``task_id`` (after fixing whatever killed it)."""

@@ -38,4 +38,8 @@ async def test_submissions_deploys_and_rollbacks_are_audited(config: Integration
 def test_audit_stream_name_follows_the_prefix(tmp_path: Path) -> None:
     config = IntegrationConfig(subject_prefix="acme", state_dir=tmp_path)
     assert config.subjects.audit_stream == "ACME_AUDIT"
-    assert config.subjects.audit("task.submit") == "acme.audit.task.submit"
+    assert config.subjects.audit("task.submit", "alice") == "acme.audit.alice.task.submit"
+    assert config.subjects.audit("task.submit", "ops@acme.com") == "acme.audit.ops_acme_com.task.submit"
+    assert config.subjects.audit("deploy", None) == "acme.audit._anonymous.deploy"
+    assert config.subjects.audit_user("acme.audit.alice.task.submit") == "alice"
+    assert config.subjects.audit_user("acme.audit._anonymous.deploy") is None

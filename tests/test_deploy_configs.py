@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus, TaskStore
+from bus.audit import read_audit
 from bus.server import nats_server_binary
 from bus.subjects import inbox_prefix
 from runtime.agent import Agent
@@ -128,7 +129,7 @@ def test_the_generator_names_things_as_the_bus_does(prefix: str) -> None:
     assert names.endpoint("switcher.select") == subjects.endpoint("switcher", "select")
     assert names.service("optimizer") == subjects.service_name("optimizer")
     assert f"{prefix}.dlq.optimize" == subjects.dlq("optimize")
-    assert f"{prefix}.audit.deploy" == subjects.audit("deploy")
+    assert names.audit("loop-deploy", "deploy") == subjects.audit("deploy", "loop-deploy")
     # the cycle coordinator and the client submit optimize tasks
     assert gen.render(prefix).count(f'"{subjects.task("optimize")}"') == 2
 
@@ -322,6 +323,7 @@ async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer
                     "dspy.switcher.complete",  # an agent-internal endpoint (spends money)
                     "dspy.loop-deploy.rollback",
                     "dspy.event.cycle.completed",  # forging events
+                    "dspy.audit.loop-deploy.rollback",  # an audit record in another user's name
                     "dspy.dlq.wordcount",
                     "dspy.task.evaluate-shard",  # an internal task kind
                     "$KV.DSPY_deployments.topic-classifier",
@@ -393,6 +395,15 @@ async def test_every_agent_runs_under_its_own_user(
             if "dashboard" in agents:
                 snapshot = await bus.request_raw("dspy.dashboard.snapshot", b"{}", timeout=10)
                 assert json.loads(snapshot.data)
+        # the audit trail names the NATS user each record was published as (the server let each user publish
+        # only under its own name), next to the identity the client declared
+        admin = secured.config("admin", tmp_path / "admin")
+        async with Bus(admin.connection_options(name="admin"), admin.subjects) as bus:
+            who = {(r.action, r.nats_user, r.identity) for r in await read_audit(bus, 500)}
+        assert ("task.submit", "client", "someone") in who
+        assert ("deploy", "loop-deploy", "cycle") in who
+        submitters = {"client", *(name for name, access in gen.AGENTS.items() if access.submits)}
+        assert {user for action, user, _ in who if action == "task.submit"} <= submitters, who
     assert secured.violations() == []
 
 

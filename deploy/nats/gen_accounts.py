@@ -37,7 +37,7 @@ class Access:
     reads: tuple[str, ...] = ()  # KV buckets it only reads (opening a missing one creates it)
     objects: tuple[str, ...] = ()  # object stores it writes (and reads)
     reads_objects: tuple[str, ...] = ()  # object stores it only reads
-    audits: tuple[str, ...] = ()  # audit actions it records (``<prefix>.audit.<action>``)
+    audits: tuple[str, ...] = ()  # audit actions it records (``<prefix>.audit.<user>.<action>``)
     follows_events: bool = False  # reads the whole event stream with an ordered consumer (dashboard)
     discovery: bool = False  # asks every service instance ($SRV.PING|INFO|STATS), e.g. for system status
 
@@ -143,6 +143,10 @@ class Names:
 
     def bucket(self, name: str) -> str:
         return f"{self.upper}_{name}"
+
+    def audit(self, user: str, action: str) -> str:
+        """Where ``user`` records audit ``action`` (``bus.subjects.Subjects.audit``): the subject names the user."""
+        return f"{self.prefix}.audit.{user}.{action}"
 
     @staticmethod
     def inbox(user: str) -> str:
@@ -290,12 +294,12 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
         perms.add([n.event("task.progress.*")])
     if access.submits:
         perms.add(
-            [n.task(kind) for kind in access.submits] + [f"{n.prefix}.audit.task.submit"],
+            [n.task(kind) for kind in access.submits] + [n.audit(agent, "task.submit")],
             [f"$KV.{n.bucket('tasks')}.>"],  # waiting for the result watches the record's key
         )
     perms.add([n.endpoint(call) for call in access.calls])
     perms.add([n.event(topic) for topic in access.events])
-    perms.add([f"{n.prefix}.audit.{action}" for action in access.audits])
+    perms.add([n.audit(agent, action) for action in access.audits])
     for bucket in access.buckets:
         perms.add(kv_write(n.bucket(bucket)))
     for bucket in access.reads:
@@ -325,7 +329,7 @@ def client_permissions(names: Names) -> Permissions:
     perms.add(
         [
             *[n.task(kind) for kind in PUBLIC_TASKS],
-            f"{n.prefix}.audit.task.submit",
+            n.audit("client", "task.submit"),
             f"$KV.{tasks}.*",  # create the pending record of a task it submits
             *kv_read(tasks, create=False),
             _api("STREAM.INFO", n.task_stream),
