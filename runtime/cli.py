@@ -30,6 +30,7 @@ from runtime.config import CONFIG_FILE_ENV, IntegrationConfig, load_config
 from runtime.registry import agents_for, available_agents
 from runtime.supervisor import RunningSystem, serve
 from runtime.system import collect_status
+from runtime.telemetry import otlp_configured, setup_telemetry
 from runtime.traces import SpanNode, read_spans, task_trees
 
 app = typer.Typer(help="DSPy program optimization as a service, on NATS.", no_args_is_help=True)
@@ -77,7 +78,14 @@ def _with_client(config_file: Path | None, body: Callable[[Client], Awaitable[T]
     except DspyrtError as exc:
         err.print(f"[red]error[/red] {exc}")
         raise typer.Exit(2) from None
-    return _run(inner)
+    # With a collector configured, a submitted task's trace starts at the submit (`send dspy.task.<kind>`);
+    # without one the CLI writes no span files of its own (it may run in any folder).
+    telemetry = setup_telemetry(cfg.state_dir, service_name="dspyrt-cli") if otlp_configured() else None
+    try:
+        return _run(inner)
+    finally:
+        if telemetry is not None:
+            telemetry.flush()
 
 
 # --------------------------------------------------------------------------------------- running

@@ -5,9 +5,9 @@ without it. It runs what a user runs: ``phoenix serve`` on loopback (no outside 
 switcher in one agent process and every other agent in a second (``dspyrt up``), both exporting over OTLP to
 Phoenix with openinference's DSPy instrumentation on; ``dspyrt submit`` sends the example cycle task (create,
 evaluate, optimize, validate, deploy). Then Phoenix's REST API (``/v1/projects/{project}/spans/otlpv1``) must hold
-the task's trace whole: one root, every parent present, every request and task hop as a send/process pair,
-DSPy's Predict/Module spans and one LLM span per LM call, each LM call's hop to the switcher under its LLM span,
-and the switcher's span of each call naming the model that served it.
+the task's trace whole: one root (the submit, ``send dspy.task.cycle``), every parent present, every request and
+task hop as a send/process pair, DSPy's Predict/Module spans and one LLM span per LM call, each LM call's hop to the
+switcher under its LLM span, and the switcher's span of each call naming the model that served it.
 
 The switcher also serves a provider model whose endpoint (on 127.0.0.1) answers with a 401 quoting the key, and one
 completion is sent to it (the switcher falls back to the demo model): no span in Phoenix may hold the key.
@@ -252,7 +252,7 @@ async def check_whole_trace(phoenix: str, system: System) -> None:
     by_id = {s["span_id"]: s for s in spans}
     roots = [s for s in spans if not s.get("parent_span_id")]
     orphans = [s["name"] for s in spans if s.get("parent_span_id") and s["parent_span_id"] not in by_id]
-    assert [r["name"] for r in roots] == [f"process {system.config.subjects.task('cycle')}"], roots
+    assert [r["name"] for r in roots] == [f"send {system.config.subjects.task('cycle')}"], roots  # dspyrt submit
     assert not orphans, f"spans whose parent is not in the trace: {Counter(orphans)}"
 
     # every request and task hop: a send span and, under it, the process span of the agent that took it

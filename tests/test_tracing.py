@@ -5,18 +5,23 @@ The spans are read back from the JSONL file the process's telemetry writes (what
 
 from __future__ import annotations
 
+import http.server
+import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from bus import Message, TaskStatus
+from bus import Bus, Message, TaskStatus, TaskStore
 from runtime.agent import Agent, TaskContext, endpoint, task
 from runtime.client import Client
 from runtime.config import IntegrationConfig
 from runtime.telemetry import Telemetry
 from runtime.traces import SpanNode, read_spans, task_trees
-from tests.helpers import hosting
+from tests.helpers import ROOT, hosting, serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,3 +122,74 @@ async def test_one_trace_across_two_agents(config: IntegrationConfig, client: Cl
     # reply inboxes never name a span, anywhere in this process's telemetry
     assert spans
     assert [x["name"] for x in spans if "_INBOX" in x["name"]] == []
+
+
+class OtlpReceiver:
+    """A collector's OTLP/HTTP traces endpoint on 127.0.0.1, keeping what it is sent: (service, span) pairs."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        received = self.spans = []  # type: list[tuple[str, Any]]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource_spans in request.resource_spans:
+                    attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope in resource_spans.scope_spans:
+                        received.extend((attributes.get("service.name", ""), span) for span in scope.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> OtlpReceiver:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_a_task_submitted_with_the_cli_is_traced_from_its_submit(
+    config: IntegrationConfig, telemetry: Telemetry, tmp_path: Path
+) -> None:
+    """With a collector configured, ``dspyrt submit`` sends its span there: the task's trace starts at the submit."""
+    from agents.example import ExampleAgent
+
+    s = config.subjects
+    (tmp_path / "input.json").write_text('{"text": "a b a"}')
+    with OtlpReceiver() as collector:
+        env = {
+            **os.environ,
+            "DSPYRT_NATS_URLS": ",".join(config.nats_urls),
+            "DSPYRT_SUBJECT_PREFIX": config.subject_prefix,
+            "DSPYRT_STATE_DIR": str(tmp_path / "cli"),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        }
+        async with serving(config, [ExampleAgent]):
+            result = await anyio.run_process(
+                [sys.executable, "-m", "runtime.cli", "submit", "wordcount", str(tmp_path / "input.json"),
+                 "--id", "cli-traced", "--wait", "--timeout", "20"],
+                env=env, check=False, cwd=ROOT,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr.decode()
+            async with Bus(config.connection_options(name="test-reader"), config.subjects) as bus:
+                record = await Client(bus, await TaskStore.open(bus)).task("cli-traced")
+        sends = [(service, span) for service, span in collector.spans if span.name == f"send {s.task('wordcount')}"]
+    [(service, send)] = sends
+    assert service == "dspyrt-cli"
+    assert send.trace_id.hex() == record.trace_id
+    [process] = [x for x in spans_written(telemetry) if x["name"] == f"process {s.task('wordcount')}"
+                 and x["trace_id"] == record.trace_id]  # fmt: skip
+    assert process["parent_id"] == send.span_id.hex()
+    assert not (tmp_path / "cli" / "traces").exists()  # spans went to the collector, not to files
