@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Any
 
+from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from agents.optimizers import ArtifactRef
@@ -41,7 +42,7 @@ class ArtifactStore:
             raise NotFoundError(f"artifact store {ref.store} is not this deployment's ({self.name})")
         try:
             result = await self.store.get(ref.name)
-        except Exception as exc:
+        except ObjectNotFoundError as exc:  # missing or deleted; anything else (a timeout) is not "not found"
             raise NotFoundError(f"artifact {ref.name} not found in {ref.store}") from exc
         data = result.data or b""
         if ref.sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
@@ -79,7 +80,7 @@ class OptimizerAgent(Agent):
             entry = await self.settings.get(ACTIVE_KEY)
             if entry.value:
                 return entry.value.decode()
-        except Exception:  # not set yet
+        except KeyNotFoundError:  # not set yet (a KV timeout must not silently pick the local default)
             pass
         return self.manager.active
 
