@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 import anyio
+import pydantic_core
 from anyio.abc import TaskStatus as AnyioTaskStatus
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -55,6 +56,7 @@ from bus.messages import (
     TASK_ID_HEADER,
     Message,
     check_size,
+    clip,
     decode,
     error_body,
 )
@@ -63,6 +65,8 @@ from bus.streams import key_value, kv_keys
 log = logging.getLogger("dspyrt.tasks")
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# Room a result leaves under max_payload for the rest of its task record and the headers.
+RESULT_HEADROOM = 8192
 
 
 class TaskStatus(StrEnum):
@@ -566,21 +570,20 @@ class TaskWorker:
         self, msg: Msg, task_id: str, result: Any, running: tuple[TaskRecord, int] | None = None
     ) -> None:
         payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        reason: ErrorBody | None = None
         try:
-            size = len(json.dumps(payload, default=str))
-        except (TypeError, ValueError) as exc:
-            raise PermanentError(f"task result is not JSON: {exc}") from exc
-        if size > self.bus.max_payload - 8192:
-            await self._dead_letter(
-                msg,
-                task_id,
-                ErrorBody(
-                    code="payload_too_large",
-                    message=f"result is {size} bytes, over the limit of {self.bus.max_payload - 8192}",
-                ),
-                int(msg.metadata.num_delivered or 1),
-                TaskStatus.FAILED,
-            )
+            # The serializer that stores the record: what passes here is what it can store.
+            size = len(pydantic_core.to_json(payload))
+        except pydantic_core.PydanticSerializationError as exc:
+            reason = ErrorBody(code="invalid_result", message=clip(f"task result is not JSON: {exc}"))
+        else:
+            limit = self.bus.max_payload - RESULT_HEADROOM
+            if size > limit:
+                message = f"result is {size} bytes, over the limit of {limit}"
+                reason = ErrorBody(code="payload_too_large", message=message)
+        if reason is not None:
+            # Running it again would give the same result: fail it for good.
+            await self._dead_letter(msg, task_id, reason, int(msg.metadata.num_delivered or 1), TaskStatus.FAILED)
             return
 
         def done(record: TaskRecord | None) -> TaskRecord | None:

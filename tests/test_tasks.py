@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import Any
 
 import anyio
 import pytest
@@ -60,6 +61,11 @@ class Worker(Agent):
     async def refused(self, job: Job, ctx: TaskContext) -> Done:
         self.calls["refused", ctx.task_id] += 1
         raise PermanentError(f"{job.n} is not allowed")
+
+    @task("opaque")
+    async def opaque(self, job: Job, ctx: TaskContext) -> dict[str, Any]:
+        self.calls["opaque", ctx.task_id] += 1
+        return {"n": job.n, "handle": object()}  # a result the task record cannot hold
 
 
 async def test_task_succeeds(config: IntegrationConfig, client: Client) -> None:
@@ -188,6 +194,19 @@ async def test_same_task_id_runs_once(config: IntegrationConfig, bus: Bus, clien
         assert worker.calls["double", "order-17"] == 1
         assert worker.calls["double", "order-18"] == 1
         assert (await client.task("order-17")).result == {"n": 2, "attempt": 1}
+
+
+async def test_a_result_that_cannot_be_stored_fails_the_task_at_once(config: IntegrationConfig, client: Client) -> None:
+    """It passed a lenient JSON check, then the record's serializer refused it outside the error handling: the
+    delivery was neither acked nor naked, and the handler ran max_deliver times before the task died 'exhausted'."""
+    worker = Worker(config)
+    async with hosting(worker):
+        record = await client.run("opaque", Job(n=1), timeout=20)
+        assert record.status is TaskStatus.FAILED
+        assert record.error is not None and record.error.code == "invalid_result"
+        [letter] = await dead_letters_of(client, record.id)
+        assert letter.reason.code == "invalid_result"
+        assert worker.calls["opaque", record.id] == 1
 
 
 async def test_exhausted_deliveries_are_dead_lettered_by_the_watcher(
