@@ -303,7 +303,7 @@ class Bus:
         sub = await self.nc.subscribe(inbox)
         replies: list[Msg] = []
         try:
-            await self.nc.publish(subject, b"", reply=inbox, headers=tracing.inject({}))
+            await self.nc.publish(subject, b"", reply=inbox, headers=tracing.inject({}) or None)
             deadline = anyio.current_time() + window
             while (left := deadline - anyio.current_time()) > 0:
                 try:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from bus import tracing
 from bus.connection import Bus
-from bus.messages import check_size, decode, error_body
+from bus.messages import decode, error_body
 
 log = logging.getLogger("dspyrt.events")
 
@@ -32,10 +32,7 @@ class Event(BaseModel):
 async def publish_event(bus: Bus, topic: str, data: dict[str, Any] | BaseModel, *, source: str = "") -> None:
     """Publish an event. Core publish: the event stream captures it without a round trip per event."""
     payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
-    subject = bus.subjects.event(topic)
-    body = check_size(Event(topic=topic, source=source, data=payload).model_dump_json().encode(), bus.max_payload)
-    with tracing.send_span(subject, size=len(body)):
-        await bus.nc.publish(subject, body, headers=tracing.inject({}))
+    await bus.publish(bus.subjects.event(topic), Event(topic=topic, source=source, data=payload))
 
 
 EventHandler = Callable[[Event], Awaitable[None]]

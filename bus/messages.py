@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -101,7 +101,3 @@ def error_body(exc: BaseException) -> ErrorBody:
                 ],
             )
     return ErrorBody(code="internal", message=clip(f"{type(exc).__name__}: {exc}", 2 * MAX_ERROR_TEXT))
-
-
-def json_dict(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json")

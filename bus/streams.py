@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from nats.js import api
-from nats.js.errors import APIError, BadRequestError, NoKeysError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -140,17 +140,18 @@ async def key_value(
     layout = layout or StreamLayout()
     try:
         return await bus.js.key_value(bucket)
-    except Exception:  # BucketNotFoundError and friends
+    except BucketNotFoundError:  # anything else (a timeout, a refused permission) is not a reason to create it
         return await bus.js.create_key_value(
             bucket=bucket, history=history, ttl=ttl, replicas=layout.replicas, storage=api.StorageType.FILE
         )
 
 
 async def object_store(bus: Bus, name: str, layout: StreamLayout | None = None) -> ObjectStore:
+    """Open an object store, creating it first if needed."""
     layout = layout or StreamLayout()
     try:
         return await bus.js.object_store(name)
-    except Exception:
+    except BucketNotFoundError:
         return await bus.js.create_object_store(
             name, config=api.ObjectStoreConfig(replicas=layout.replicas, storage=api.StorageType.FILE)
         )

@@ -65,6 +65,8 @@ from bus.streams import key_value, kv_keys
 log = logging.getLogger("dspyrt.tasks")
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A dead letter keeps the task message for replay up to this size.
+MAX_DEAD_LETTER_BODY = 256 * 1024
 # Room a result leaves under max_payload for the rest of its task record and the headers.
 RESULT_HEADROOM = 8192
 
@@ -301,7 +303,6 @@ class TaskRun:
 
     envelope: TaskEnvelope
     attempt: int
-    max_attempts: int
     msg: Msg
 
     async def heartbeat(self) -> None:
@@ -513,7 +514,7 @@ class TaskWorker:
                 await msg.ack()  # already finished by an earlier delivery: do not run twice
                 return
 
-            run = TaskRun(envelope, attempt, self.options.max_deliver, msg)
+            run = TaskRun(envelope, attempt, msg)
             try:
                 result = await self._run_with_heartbeat(envelope, run)
             except PermanentError as exc:
@@ -636,28 +637,17 @@ async def dead_letter(
         base = record or TaskRecord(id=task_id, kind=kind, status=TaskStatus.PENDING)
         return base.model_copy(update={"status": status, "error": reason, "attempts": deliveries})
 
-    if check_task_id_ok(task_id):
+    if TASK_ID.match(task_id):
         await store.transition(task_id, end)
-    body = original[:MAX_DEAD_LETTER_BODY]
-    text = body.decode("utf-8", "replace") if len(body) == len(original) else ""
-    letter = DeadLetter(
-        task_id=task_id,
-        kind=kind,
-        reason=reason,
-        deliveries=deliveries,
-        # Kept verbatim for replay when it fits; a huge or undecodable body is described, not copied.
-        envelope=text if "\ufffd" not in text else "",
-    )
+    # Kept verbatim for replay when it fits; a huge or undecodable body is described, not copied.
+    try:
+        text = original.decode() if len(original) <= MAX_DEAD_LETTER_BODY else ""
+    except UnicodeDecodeError:
+        text = ""
+    letter = DeadLetter(task_id=task_id, kind=kind, reason=reason, deliveries=deliveries, envelope=text)
     await bus.js.publish(
         bus.subjects.dlq(kind), letter.model_dump_json().encode(), headers=tracing.inject({TASK_ID_HEADER: task_id})
     )
-
-
-MAX_DEAD_LETTER_BODY = 256 * 1024
-
-
-def check_task_id_ok(task_id: str) -> bool:
-    return bool(TASK_ID.match(task_id))
 
 
 class ExhaustedTaskWatcher:

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nats.js import api
 from pydantic import BaseModel
 
 from bus import (
@@ -106,10 +105,6 @@ class Client:
         except Exception:
             return 0
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
-
-    async def stream_config(self) -> api.StreamInfo:
-        return await self.bus.js.stream_info(self.bus.subjects.task_stream)
-
 
 def system_file(config: IntegrationConfig) -> Path:
     """Where ``dspyrt up`` writes how to reach it, so other commands in the same folder find it."""

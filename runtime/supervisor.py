@@ -129,9 +129,9 @@ async def _cancel_on_signal(scope: CancelScope) -> None:
             return
 
 
-async def _cancel_when_lost(bus: Bus, scope: CancelScope, lost: list[str]) -> None:
-    # A process off the bus for good must not run on deaf: stop it, and say why, so it is restarted.
-    lost.append(await bus.wait_lost())
+async def _cancel_when_lost(bus: Bus, scope: CancelScope) -> None:
+    # A process off the bus for good must not run on deaf: stop it (serve says why), so it is restarted.
+    await bus.wait_lost()
     scope.cancel()
 
 
@@ -157,11 +157,10 @@ async def serve(
                 await ensure_streams(bus, config.stream_layout, update=config.manage_streams)
                 store = await TaskStore.open(bus)
                 supervisor = Supervisor(config, agent_classes, bus, store)
-                lost: list[str] = []
                 async with anyio.create_task_group() as tg:
                     if handle_signals:
                         tg.start_soon(_cancel_on_signal, tg.cancel_scope)
-                    tg.start_soon(_cancel_when_lost, bus, tg.cancel_scope, lost)
+                    tg.start_soon(_cancel_when_lost, bus, tg.cancel_scope)
                     await tg.start(supervisor.run)
                     running = RunningSystem(
                         config, servers[0], bus, Client(bus, store, identity="dspyrt"), supervisor, telemetry,
@@ -169,10 +168,10 @@ async def serve(
                     )  # fmt: skip
                     if on_ready is not None:
                         tg.start_soon(on_ready, running)
-                if lost:
+                if bus.lost_reason:
                     raise BusUnavailableError(
-                        f"NATS closed the connection for good ({lost[0]}); this process stops so that its process "
-                        "manager starts it again"
+                        f"NATS closed the connection for good ({bus.lost_reason}); this process stops so that its "
+                        "process manager starts it again"
                     )
             finally:
                 with anyio.CancelScope(shield=True):

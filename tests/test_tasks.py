@@ -150,6 +150,17 @@ async def test_malformed_task_message_is_dead_lettered(config: IntegrationConfig
         assert (await client.run("double", Job(n=5), timeout=20)).result == {"n": 10, "attempt": 1}
 
 
+async def test_a_dead_letter_keeps_a_task_whose_text_holds_a_replacement_character(
+    config: IntegrationConfig, client: Client
+) -> None:
+    """U+FFFD is ordinary text in a valid task; the letter used to drop it, taking it for a decoding error."""
+    async with hosting(Worker(config)):
+        record = await client.run("refused", {"n": 3, "note": "caf\ufffd"}, timeout=20)  # unknown field: refused
+        [letter] = await dead_letters_of(client, record.id)
+        assert letter.reason.code == "invalid_message"
+        assert TaskEnvelope.model_validate_json(letter.envelope).input == {"n": 3, "note": "caf\ufffd"}
+
+
 async def test_same_task_id_runs_once(config: IntegrationConfig, bus: Bus, client: Client) -> None:
     worker = Worker(config)
     async with hosting(worker) as host:
