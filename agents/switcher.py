@@ -8,6 +8,7 @@ share the load through the queue group; each reports the figures of the calls it
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -91,7 +92,7 @@ class DspyModelCaller:
                 lm15.Request(model=spec.model, messages=turns, system=system, config=config)
             )
         except lm15.RateLimitError as exc:
-            raise RateLimitedError(f"{spec.model} is rate limited: {exc}") from exc
+            raise RateLimitedError(f"{spec.model} is rate limited: {exc}", delay=_retry_after(exc)) from exc
         return CompletionReply(
             model=spec.model,
             text=response.message.text or "",
@@ -124,7 +125,7 @@ class DspyModelCaller:
             # redacted and the original (which holds it too) is not chained, so no reply, log or span sees it.
             text = self._redact(f"{type(exc).__name__}: {exc}")
             if _is_rate_limit(exc):
-                raise RateLimitedError(f"{spec.model} is rate limited: {text}") from None
+                raise RateLimitedError(f"{spec.model} is rate limited: {text}", delay=_retry_after(exc)) from None
             if is_transient(exc):
                 raise TransientProviderError(f"{spec.model}: {text}") from None
             raise ProviderError(f"{spec.model}: {text}") from None
@@ -160,6 +161,16 @@ def _is_rate_limit(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__
     return False
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    """The provider's retry-after hint in seconds (``retry_after`` on DSPy's and lm15's errors), down the chain."""
+    while exc is not None:
+        hint = getattr(exc, "retry_after", None)
+        if isinstance(hint, int | float) and not isinstance(hint, bool) and math.isfinite(hint) and hint >= 0:
+            return float(hint)
+        exc = exc.__cause__
+    return None
 
 
 class SwitcherAgent(Agent):

@@ -9,6 +9,7 @@ with the task kind or role is preferred to an untagged one, and a budget caps th
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -20,6 +21,11 @@ import anyio
 from pydantic import Field, field_validator
 
 from bus import DspyrtError, Message, RetryableError
+
+log = logging.getLogger("dspyrt.switcher")
+
+# A rate-limited model is waited for at most this long (its retry-after hint can be minutes).
+MAX_RETRY_AFTER = 30.0
 
 
 class ModelLike(Protocol):
@@ -250,6 +256,9 @@ class ModelSwitcher:
                 f"no model matches tags={req.tags} max_price_per_million={req.max_price_per_million} "
                 f"(known: {', '.join(self.models)})"
             )
+        return self._score(pool)
+
+    def _score(self, pool: list[ModelLike]) -> list[CandidateScore]:
         total = sum(self.stats[m.model].calls for m in pool) or 1
         latencies = [s.mean_latency_ms for m in pool if (s := self.stats[m.model]).mean_latency_ms is not None]
         slowest = max(latencies, default=0.0) or 1.0
@@ -325,7 +334,9 @@ class ModelSwitcher:
         if req.model is not None:
             if req.model not in self.models:
                 raise NoEligibleModelError(f"unknown model {req.model!r}; known: {', '.join(self.models)}")
-            rest = [c.model for c in self.rank(select) if c.model != req.model] if req.fallback else []
+            # The pinned model is tried even when no model matches the rules: they only narrow its fallbacks.
+            pool = self.eligible(select) if req.fallback else []
+            rest = [c.model for c in self._score(pool) if c.model != req.model]
             return [req.model, *rest]
         ranked = [c.model for c in self.rank(select)]
         return ranked if req.fallback else ranked[:1]
@@ -342,7 +353,13 @@ class ModelSwitcher:
                     reply = await self._call_once(spec, req)
                 except RateLimitedError as exc:
                     errors.append(f"{name}: {exc.message}")
-                    await anyio.sleep(exc.delay or self.retry_backoff * 2**attempt)
+                    if attempt == self.retries:
+                        break
+                    # The provider's retry-after hint when it gave one, else our backoff.
+                    wait = exc.delay if exc.delay is not None else self.retry_backoff * 2**attempt
+                    if wait > MAX_RETRY_AFTER:
+                        break  # longer than a caller should hang on one model: the next one instead
+                    await anyio.sleep(wait)
                     continue
                 except Exception as exc:
                     errors.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -362,19 +379,19 @@ class ModelSwitcher:
                 await rate.acquire()
             started = time.perf_counter()
             stats.calls += 1
+            failure: Exception | None = None
             try:
                 reply = await self.caller(spec, req)
-            except RateLimitedError as exc:
-                stats.failures += 1
-                stats.rate_limited += 1
-                if self.on_call:
-                    await self.on_call(spec.model, None, exc.code)
-                raise
             except Exception as exc:
                 stats.failures += 1
-                if self.on_call:
-                    await self.on_call(spec.model, None, type(exc).__name__)
-                raise
+                if isinstance(exc, RateLimitedError):
+                    stats.rate_limited += 1
+                failure = exc
+        # Reported outside the limiter: a slow report must not hold the model's concurrency slot.
+        if failure is not None:
+            code = failure.code if isinstance(failure, RateLimitedError) else type(failure).__name__
+            await self._report(spec.model, None, code)
+            raise failure
         latency = (time.perf_counter() - started) * 1000
         reply.latency_ms = round(latency, 3)
         reply.cost = spec.cost(reply.usage.input_tokens, reply.usage.output_tokens)
@@ -384,9 +401,17 @@ class ModelSwitcher:
         stats.input_tokens += reply.usage.input_tokens
         stats.output_tokens += reply.usage.output_tokens
         stats.cost += reply.cost
-        if self.on_call:
-            await self.on_call(spec.model, reply, None)
+        await self._report(spec.model, reply, None)
         return reply
+
+    async def _report(self, model: str, reply: CompletionReply | None, error: str | None) -> None:
+        """Telemetry only: a failed report (e.g. the bus closed) must neither fail nor repeat a paid call."""
+        if self.on_call is None:
+            return
+        try:
+            await self.on_call(model, reply, error)
+        except Exception as exc:
+            log.warning("reporting the %s call failed: %s: %s", model, type(exc).__name__, exc)
 
 
 def is_transient(exc: Exception) -> bool:
