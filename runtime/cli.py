@@ -428,11 +428,7 @@ DEPLOY_AGENT = "loop-deploy"
 
 def _deploy_call(config_file: Path | None, endpoint: str, payload: dict[str, Any], as_json: bool) -> dict[str, Any]:
     async def body(client: Client) -> dict[str, Any]:
-        msg = await client.bus.request_raw(
-            client.bus.subjects.endpoint(DEPLOY_AGENT, endpoint), json.dumps(payload).encode(), timeout=10
-        )
-        data: dict[str, Any] = json.loads(msg.data)
-        return data
+        return await client.call(DEPLOY_AGENT, endpoint, payload)
 
     data = _with_client(config_file, body)
     if as_json:
@@ -523,11 +519,7 @@ def predict(
         payload: dict[str, Any] = {"program": program, "inputs": json.loads(text) if text else _read_input(inputs)}
         if version is not None:
             payload["version"] = version
-        msg = await client.bus.request_raw(
-            client.bus.subjects.endpoint("serving", "predict"), json.dumps(payload).encode(), timeout=60
-        )
-        data: dict[str, Any] = json.loads(msg.data)
-        return data
+        return await client.call("serving", "predict", payload, timeout=60)
 
     data = _with_client(config_file, body)
     if as_json:

@@ -45,10 +45,7 @@ async def fetch_snapshot(
         query["program"] = program
     if model:
         query["model"] = model
-    subject = client.bus.subjects.endpoint(DASHBOARD_AGENT, SNAPSHOT_ENDPOINT)
-    msg = await client.bus.request_raw(subject, json.dumps(query).encode(), timeout=timeout)
-    data: dict[str, Any] = json.loads(msg.data)
-    return data
+    return await client.call(DASHBOARD_AGENT, SNAPSHOT_ENDPOINT, query, timeout=timeout)
 
 
 def sparkline(values: Sequence[float], width: int = 24) -> str:

@@ -38,14 +38,11 @@ def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], time
     from runtime.client import Client
 
     async def body(client: Client) -> dict[str, Any]:
-        subject = client.bus.subjects.endpoint(ROLES_AGENT, endpoint)
         try:
-            msg = await client.bus.request_raw(subject, json.dumps(payload).encode(), timeout=timeout)
+            return await client.call(ROLES_AGENT, endpoint, payload, timeout=timeout)
         except RemoteError as exc:
             _print_field_errors(exc.field_errors)
             raise
-        data: dict[str, Any] = json.loads(msg.data)
-        return data
 
     return _with_client(config_file, body)
 
@@ -146,9 +143,8 @@ def roles_refine(
 
     async def body(client: Client) -> dict[str, Any]:
         # The role is checked first: a bad definition fails at once, with its field errors, and no task.
-        subject = client.bus.subjects.endpoint(ROLES_AGENT, "check")
         try:
-            await client.bus.request_raw(subject, json.dumps({"role": payload["role"]}).encode(), timeout=10)
+            await client.call(ROLES_AGENT, "check", {"role": payload["role"]})
         except RemoteError as exc:
             _print_field_errors(exc.field_errors)
             raise

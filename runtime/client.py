@@ -56,10 +56,26 @@ class Client:
         timeout: float = 10.0,
     ) -> R:
         data = encode(payload) if isinstance(payload, BaseModel) else json.dumps(payload).encode()
-        headers = {CLIENT_HEADER: self.identity} if self.identity else None
         return await self.bus.request(
-            self.bus.subjects.endpoint(agent, endpoint), data, reply_model, timeout=timeout, headers=headers
+            self.bus.subjects.endpoint(agent, endpoint), data, reply_model, timeout=timeout, headers=self._headers()
         )
+
+    async def call(
+        self, agent: str, endpoint: str, payload: dict[str, Any], *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """A request with a JSON object in and out, for callers without the reply's model (the CLI)."""
+        msg = await self.bus.request_raw(
+            self.bus.subjects.endpoint(agent, endpoint),
+            json.dumps(payload).encode(),
+            timeout=timeout,
+            headers=self._headers(),
+        )
+        data: dict[str, Any] = json.loads(msg.data)
+        return data
+
+    def _headers(self) -> dict[str, str] | None:
+        # Who asked: agents read it as current_caller() (audit records, logs).
+        return {CLIENT_HEADER: self.identity} if self.identity else None
 
     async def submit(self, kind: str, input: BaseModel | dict[str, Any], *, task_id: str | None = None) -> Submission:
         payload = input.model_dump(mode="json") if isinstance(input, BaseModel) else input

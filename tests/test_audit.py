@@ -43,3 +43,16 @@ def test_audit_stream_name_follows_the_prefix(tmp_path: Path) -> None:
     assert config.subjects.audit("deploy", None) == "acme.audit._anonymous.deploy"
     assert config.subjects.audit_user("acme.audit.alice.task.submit") == "alice"
     assert config.subjects.audit_user("acme.audit._anonymous.deploy") is None
+
+
+async def test_json_calls_carry_the_callers_identity_too(config: IntegrationConfig) -> None:
+    """The CLI's untyped calls (``dspyrt programs rollback``) went around the identity header: audit said nobody."""
+    async with serving(config, [available_agents()["loop-deploy"]]) as system:
+        registry = await DeployRegistry.open(system.bus)
+        for version in (1, 2):
+            await registry.deploy(DeployedVersion(program="q", version=version, artifact_store="s", artifact_name="a"))
+        bob = Client(system.bus, system.client.store, identity="bob")
+        pointer = await bob.call("loop-deploy", "rollback", {"program": "q"})
+        assert pointer["active"]["version"] == 1
+        records = await read_audit(system.bus)
+    assert [(r.action, r.target, r.identity) for r in records if r.action == "rollback"] == [("rollback", "q", "bob")]
