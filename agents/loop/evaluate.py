@@ -23,7 +23,7 @@ from agents.loop.models import EvaluateRequest, EvaluationResult, ProgramRef, Sh
 from agents.metrics import MetricRegistry
 from agents.programs import build_program, load_program_state
 from agents.switcher_core import Selection, SelectRequest
-from bus import DspyrtError, PermanentError, RetryableError, TaskStatus
+from bus import ConfigurationError, DspyrtError, PermanentError, TaskStatus
 from runtime.agent import Agent, TaskContext, task
 
 
@@ -63,16 +63,20 @@ class EvaluatorAgent(Agent):
         try:
             program = await load_program(shard.program, self.artifacts)
             metric = MetricRegistry.installed().get(shard.metric, shard.metric_field, **shard.metric_params)
-            examples = to_examples(shard.examples, shard.input_fields)
+            examples = to_examples(shard.examples, shard.input_fields, shard.metric_field)
         except DspyrtError as exc:
             raise PermanentError(exc.message, code=exc.code) from exc
         meter = UsageMeter()
         lm = bus_lm(self.client, Routing(model=shard.model, task_kind="evaluate"), meter)
         try:
+            # A failure that is not about one example (the switcher unreachable, a timeout, an error reply)
+            # fails the shard and the task worker retries it; a local configuration error cannot heal.
             results = await anyio.to_thread.run_sync(
                 evaluate_examples, program, examples, shard.offset, metric, lm, shard.num_threads,
                 abandon_on_cancel=True,
             )  # fmt: skip
+        except ConfigurationError as exc:
+            raise PermanentError(exc.message, code=exc.code) from exc
         finally:
             meter.exhausted = meter.exhausted or "shard abandoned"
         return ShardResult(
@@ -109,6 +113,7 @@ async def run_evaluation(agent: Agent, job: EvaluateRequest, evaluation_id: str,
     started = time.perf_counter()
     try:
         inputs = input_fields_of(job.program, job.input_fields)
+        to_examples(job.devset, inputs, job.metric_field)  # a bad devset fails before any shard is paid for
         model = await select_model(agent, job.model, "evaluate")
     except DspyrtError as exc:
         raise PermanentError(exc.message, code=exc.code) from exc
@@ -127,18 +132,32 @@ async def run_evaluation(agent: Agent, job: EvaluateRequest, evaluation_id: str,
         for offset in range(0, len(job.devset), job.shard_size)
     ]
     results: dict[int, ShardResult] = {}
+    failures: list[Exception] = []
 
     async def one(shard: ShardRequest, number: int) -> None:
         shard_id = f"{evaluation_id}-s{number}"
-        await agent.client.submit("evaluate-shard", shard, task_id=shard_id)
-        record = await agent.client.result(shard_id)
-        if record.status is not TaskStatus.SUCCEEDED:
-            error = record.error.message if record.error else record.status.value
-            raise RetryableError(f"shard {number} of {evaluation_id} ended {record.status.value}: {error}")
-        results[number] = ShardResult.model_validate(record.result)
-        await ctx.progress("evaluating", step=len(results), total=len(shards))
+        try:
+            await agent.client.submit("evaluate-shard", shard, task_id=shard_id)
+            record = await agent.client.result(shard_id)
+            if record.status is not TaskStatus.SUCCEEDED:
+                # Its id is fixed, so a retry would read the same finished record: retrying cannot help.
+                error = record.error
+                raise PermanentError(
+                    f"shard {number} of {evaluation_id} ended {record.status.value}: "
+                    + (error.message if error else "no error recorded"),
+                    code=error.code if error else None,
+                )
+            results[number] = ShardResult.model_validate(record.result)
+            await ctx.progress("evaluating", step=len(results), total=len(shards))
+        except Exception as exc:
+            failures.append(exc)
+            tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
         for number, shard in enumerate(shards):
             tg.start_soon(one, shard, number)
+    if failures:
+        # Raised outside the task group, which would wrap it in an ExceptionGroup (code "internal") and so hide
+        # whether it is permanent, retryable or the switcher's error.
+        raise failures[0]
     return merge_shards(results.values(), total=len(job.devset), model=model, duration_s=time.perf_counter() - started)

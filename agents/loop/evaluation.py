@@ -3,6 +3,11 @@
 Each example is run once in a worker thread under ``dspy.context(lm=...)``; its score, outputs, latency and
 error are kept, keyed by the example's index in the whole devset. Merging is by index, so a shard scored twice
 (its first worker died after finishing) can never count an example twice.
+
+A failure of one example (the LM's answer could not be parsed, the metric raised on this prediction) scores it 0
+and the shard goes on. A failure that is not about the example (one of the project's errors: the switcher
+unreachable, a timeout, an error reply, a configuration error) fails the shard instead: scoring every example 0
+would report a baseline of 0 and a huge improvement.
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import dspy
 
 from agents.loop.models import EvaluationResult, ExampleResult, ShardResult
 from agents.metrics import Metric
-from bus import MessageValidationError
+from bus import DspyrtError, MessageValidationError
 
 
-def to_examples(rows: list[dict[str, Any]], inputs: list[str]) -> list[Any]:
+def to_examples(rows: list[dict[str, Any]], inputs: list[str], metric_field: str | None = None) -> list[Any]:
+    """``dspy.Example``s of ``rows``; every row must hold the inputs and ``metric_field`` (if given), so a typo
+    fails before any LM call is paid for."""
     examples = []
     for i, row in enumerate(rows):
         missing = [k for k in inputs if k not in row]
         if missing:
             raise MessageValidationError(f"example {i} lacks input field(s) {', '.join(missing)}")
+        if metric_field is not None and metric_field not in row:
+            raise MessageValidationError(f"example {i} lacks the metric field {metric_field!r}")
         examples.append(dspy.Example(**row).with_inputs(*inputs))
     return examples
 
@@ -38,7 +47,20 @@ def jsonable(value: Any) -> Any:
         return str(value)
 
 
+def project_error(exc: BaseException) -> DspyrtError | None:
+    """The project's error ``exc`` is or was raised from (DSPy wraps what the LM raises), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, DspyrtError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
+
+
 def run_one(program: Any, example: Any, index: int, metric: Metric, lm: Any) -> ExampleResult:
+    """Score one example; a failure of the example scores 0, a failure of the bus or the setup is raised."""
     started = time.perf_counter()
     try:
         with dspy.context(lm=lm):
@@ -47,18 +69,32 @@ def run_one(program: Any, example: Any, index: int, metric: Metric, lm: Any) -> 
         score = float(metric(example, prediction))
         outputs = {k: jsonable(v) for k, v in prediction.items()}
         return ExampleResult(index=index, score=score, outputs=outputs, latency_ms=round(latency, 3))
-    except Exception as exc:  # one failing example scores 0; the shard goes on
-        latency = (time.perf_counter() - started) * 1000
-        return ExampleResult(index=index, score=0.0, latency_ms=round(latency, 3), error=f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        failure = exc
+    # Raised outside the handler, so the project's error is not chained to DSPy's wrapper around it.
+    error = project_error(failure)
+    if error is not None:
+        raise error
+    latency = (time.perf_counter() - started) * 1000
+    message = f"{type(failure).__name__}: {failure}"
+    return ExampleResult(index=index, score=0.0, latency_ms=round(latency, 3), error=message)
 
 
 def evaluate_examples(
     program: Any, examples: list[Any], offset: int, metric: Metric, lm: Any, num_threads: int
 ) -> list[ExampleResult]:
-    """Score ``examples`` (indices ``offset``...) with ``num_threads`` threads. Blocking: use a worker thread."""
+    """Score ``examples`` (indices ``offset``...) with ``num_threads`` threads. Blocking: use a worker thread.
+
+    The first error that is not about one example is raised, once the examples already running are done;
+    the rest are not started."""
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples)))) as pool:
         futures = [pool.submit(run_one, program, ex, offset + i, metric, lm) for i, ex in enumerate(examples)]
-        return [f.result() for f in futures]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def percentile(values: list[float], q: float) -> float:
