@@ -111,6 +111,10 @@ class Subjects:
         """The durable consumer that every replica handling ``kind`` shares."""
         return f"tasks_{check_token(kind, 'task kind')}"
 
+    def max_deliveries_advisory(self, kind: str) -> str:
+        """Where JetStream says a task of ``kind`` reached max_deliver without being acknowledged."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.task_stream}.{self.task_consumer(kind)}"
+
     # --- dead letters
     def dlq(self, kind: str) -> str:
         return f"{self.prefix}.dlq.{check_token(kind, 'task kind')}"

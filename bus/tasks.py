@@ -666,7 +666,7 @@ class ExhaustedTaskWatcher:
     async def start(self) -> Subscription:
         """Subscribe to the advisories; unsubscribe the returned subscription to stop."""
         s = self.bus.subjects
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.task_stream}.{s.task_consumer(self.kind)}"
+        subject = s.max_deliveries_advisory(self.kind)
         return await self.bus.nc.subscribe(
             subject, queue=f"{s.task_consumer(self.kind)}-advisory", cb=self._on_advisory
         )

@@ -17,7 +17,7 @@ from bus import Bus, EmbeddedServer, TaskStore, ensure_streams
 from runtime.client import Client
 from runtime.config import IntegrationConfig
 from runtime.telemetry import Telemetry, setup_telemetry
-from tests.helpers import start_server
+from tests.helpers import AgentProcess, start_server
 
 _ISOLATED_ENV = ("DSPYRT_", "OTEL_")
 
@@ -85,3 +85,14 @@ async def bus(config: IntegrationConfig) -> AsyncIterator[Bus]:
 @pytest.fixture
 async def client(bus: Bus) -> Client:
     return Client(bus, await TaskStore.open(bus), identity="test")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[AgentProcess]]:
+    """Every agent process a test starts; all of them are killed at the end whatever happened."""
+    started: list[AgentProcess] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            process.stop()

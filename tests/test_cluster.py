@@ -77,17 +77,6 @@ async def cluster_client(cluster_bus: Bus) -> Client:
     return Client(cluster_bus, await TaskStore.open(cluster_bus), identity="test")
 
 
-@pytest.fixture
-def processes() -> Iterator[list[AgentProcess]]:
-    """Every agent process a test starts; all are killed at the end whatever happened."""
-    started: list[AgentProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
-
-
 async def start_sleeper(
     processes: list[AgentProcess], config: IntegrationConfig, workdir: Path, markers: Path, concurrency: int
 ) -> AgentProcess:

@@ -128,7 +128,9 @@ def test_the_generator_names_things_as_the_bus_does(prefix: str) -> None:
     assert names.event("lm.call") == subjects.event("lm.call")
     assert names.endpoint("switcher.select") == subjects.endpoint("switcher", "select")
     assert names.service("optimizer") == subjects.service_name("optimizer")
-    assert f"{prefix}.dlq.optimize" == subjects.dlq("optimize")
+    assert names.dlq("optimize") == subjects.dlq("optimize")
+    assert names.task_consumer("optimize") == subjects.task_consumer("optimize")
+    assert names.max_deliveries_advisory("optimize") == subjects.max_deliveries_advisory("optimize")
     assert names.audit("loop-deploy", "deploy") == subjects.audit("deploy", "loop-deploy")
     # the cycle coordinator and the client submit optimize tasks
     assert gen.render(prefix).count(f'"{subjects.task("optimize")}"') == 2

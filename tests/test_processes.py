@@ -7,7 +7,6 @@ process held which delivery without asking the processes anything.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,17 +25,6 @@ def markers(tmp_path: Path) -> Path:
     path = tmp_path / "markers"
     path.mkdir()
     return path
-
-
-@pytest.fixture
-def processes() -> Iterator[list[AgentProcess]]:
-    """Every agent process a test starts; all of them are killed at the end whatever happened."""
-    started: list[AgentProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            process.stop()
 
 
 def marked(markers: Path, stage: str, task_id: str) -> list[tuple[int, int]]:

@@ -280,7 +280,7 @@ async def test_an_advisory_short_of_max_deliver_does_not_dead_letter_a_live_task
     try:
         submission = await client.submit(kind, Job(n=1))
         info = await bus.js.stream_info(s.task_stream)
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{s.task_stream}.{s.task_consumer(kind)}"
+        subject = s.max_deliveries_advisory(kind)
         forged = {"stream_seq": info.state.last_seq, "deliveries": 2}
         await bus.nc.publish(subject, json.dumps(forged).encode())
         await bus.flush()

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 
 from bus import Bus, BusUnavailableError, ConfigurationError
+from bus.subjects import SERVICE_PING, SERVICE_STATS
 from runtime.client import resolve_servers
 from runtime.config import load_config
 
@@ -71,8 +72,8 @@ async def probe(mode: str, agent: str) -> tuple[int, str]:
         return 1, f"not ready: NATS unreachable ({exc})"
     try:
         service = config.subjects.service_name(agent)
-        verb = "PING" if mode == "live" else "STATS"
-        msgs = await bus.gather(f"$SRV.{verb}.{service}", window=WINDOW, quiet=0.3)
+        discovery = SERVICE_PING if mode == "live" else SERVICE_STATS
+        msgs = await bus.gather(f"{discovery}.{service}", window=WINDOW, quiet=0.3)
         replies = []
         for msg in msgs:
             try:

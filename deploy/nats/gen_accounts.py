@@ -144,6 +144,16 @@ class Names:
     def bucket(self, name: str) -> str:
         return f"{self.upper}_{name}"
 
+    @staticmethod
+    def task_consumer(kind: str) -> str:
+        return f"tasks_{kind}"
+
+    def dlq(self, kind: str) -> str:
+        return f"{self.prefix}.dlq.{kind}"
+
+    def max_deliveries_advisory(self, kind: str) -> str:
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.task_stream}.{self.task_consumer(kind)}"
+
     def audit(self, user: str, action: str) -> str:
         """Where ``user`` records audit ``action`` (``bus.subjects.Subjects.audit``): the subject names the user."""
         return f"{self.prefix}.audit.{user}.{action}"
@@ -279,16 +289,15 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
     )
 
     for kind in access.tasks:
-        consumer = f"tasks_{kind}"
-        perms.add(durable_consumer(n.task_stream, consumer))
+        perms.add(durable_consumer(n.task_stream, n.task_consumer(kind)))
         # Dead-lettering: publish the letter; move tasks whose every delivery crashed (advisory, get, delete).
         perms.add(
             [
-                f"{n.prefix}.dlq.{kind}",
+                n.dlq(kind),
                 _api("STREAM.MSG.GET", n.task_stream),
                 _api("STREAM.MSG.DELETE", n.task_stream),
             ],
-            [f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{n.task_stream}.{consumer}"],
+            [n.max_deliveries_advisory(kind)],
         )
     if access.tasks:
         perms.add([n.event("task.progress.*")])
