@@ -30,13 +30,11 @@ from agents.optimizers import (
     RunOutcome,
 )
 from agents.switcher_core import Selection, SelectRequest
-from bus import DspyrtError, Empty, Message, PermanentError
+from bus import Empty, Message
 from bus.streams import key_value
 from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
 
 ACTIVE_KEY = "active"
-# Errors about the request itself: retrying cannot help.
-_PERMANENT_CODES = {"invalid_message", "not_found", "invalid_config", "no_eligible_model", "provider_error"}
 
 
 class OptimizerList(Message):
@@ -109,11 +107,8 @@ class OptimizerAgent(Agent):
     async def optimize(self, job: OptimizationRequest, ctx: TaskContext) -> OptimizationResult:
         if job.optimizer is None:
             job = job.model_copy(update={"optimizer": await self._active()})
-        try:
-            self.manager.prepare(job)  # fail fast: optimizer, parameters and metric exist
-            model = job.model or await self._select_model()
-        except DspyrtError as exc:
-            raise _permanent(exc) from exc
+        self.manager.prepare(job)  # fail fast: optimizer, parameters and metric exist
+        model = job.model or await self._select_model()
         key = job.cache_key(model)
         if not job.no_cache:
             cached = await self._cached(key)
@@ -135,8 +130,6 @@ class OptimizerAgent(Agent):
             outcome: RunOutcome = await anyio.to_thread.run_sync(
                 self.manager.run, job, lm, meter, progress, model, abandon_on_cancel=True
             )
-        except DspyrtError as exc:
-            raise _permanent(exc) from exc
         finally:
             # A run abandoned by shutdown must stop spending: its next LM call fails at once.
             meter.exhausted = meter.exhausted or "run abandoned"
@@ -188,10 +181,3 @@ class OptimizerAgent(Agent):
     async def health_checks(self) -> dict[str, CheckResult]:
         return {"optimizers": CheckResult(ok=True, detail=f"{len(self.manager.optimizers)} installed")}
 
-
-def _permanent(exc: DspyrtError) -> Exception:
-    if exc.code in _PERMANENT_CODES or isinstance(exc, PermanentError):
-        error = PermanentError(exc.message, code=exc.code)
-        error.field_errors = getattr(exc, "field_errors", [])  # type: ignore[attr-defined]
-        return error
-    return exc

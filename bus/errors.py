@@ -123,3 +123,25 @@ class PermanentError(TaskError):
     """Retrying cannot help: the task is failed and dead-lettered at once."""
 
     code = "permanent"
+
+
+# Codes that retrying cannot heal: bad input, something missing or corrupt, configuration, a provider refusing
+# the request, a spent budget. Whichever agent or error reply they come from, a task failing with one fails at once.
+PERMANENT_CODES = frozenset(
+    {
+        "invalid_message",
+        "not_found",
+        "invalid_config",
+        "corrupt_artifact",
+        "no_eligible_model",
+        "provider_error",
+        "budget_exhausted",
+    }
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a task failing with ``exc`` is failed at once rather than retried (a RetryableError never is)."""
+    if isinstance(exc, RetryableError):
+        return False
+    return isinstance(exc, PermanentError) or (isinstance(exc, DspyrtError) and exc.code in PERMANENT_CODES)

@@ -43,8 +43,8 @@ from bus.errors import (
     DspyrtError,
     ErrorBody,
     MessageValidationError,
-    PermanentError,
     RetryableError,
+    is_permanent,
 )
 from bus.errors import (
     NotFoundError as TaskNotFoundError,
@@ -517,17 +517,12 @@ class TaskWorker:
             run = TaskRun(envelope, attempt, msg)
             try:
                 result = await self._run_with_heartbeat(envelope, run)
-            except PermanentError as exc:
-                tracing.mark_error(span, exc.code, exc.message)
-                await self._dead_letter(msg, envelope.id, exc.to_body(), attempt, TaskStatus.FAILED)
-                return
-            except MessageValidationError as exc:
-                tracing.mark_error(span, exc.code, exc.message)
-                await self._dead_letter(msg, envelope.id, exc.to_body(), attempt, TaskStatus.FAILED)
-                return
             except Exception as exc:
                 body = error_body(exc)
                 tracing.mark_error(span, body.code, body.message)
+                if is_permanent(exc):
+                    await self._dead_letter(msg, envelope.id, body, attempt, TaskStatus.FAILED)
+                    return
                 self.stats.last_error = body.message
                 if attempt >= self.options.max_deliver:
                     body = ErrorBody(

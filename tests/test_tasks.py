@@ -10,7 +10,18 @@ import anyio
 import pytest
 from nats.js import api
 
-from bus import Bus, Message, PermanentError, RetryableError, TaskStatus
+from bus import (
+    Bus,
+    DspyrtError,
+    ErrorBody,
+    Message,
+    MessageValidationError,
+    PermanentError,
+    RemoteError,
+    RetryableError,
+    TaskStatus,
+)
+from bus.errors import is_permanent
 from bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
 from bus.tasks import ExhaustedTaskWatcher, TaskEnvelope
 from runtime.agent import Agent, TaskContext, task
@@ -61,6 +72,12 @@ class Worker(Agent):
     async def refused(self, job: Job, ctx: TaskContext) -> Done:
         self.calls["refused", ctx.task_id] += 1
         raise PermanentError(f"{job.n} is not allowed")
+
+    @task("remote-refusal")
+    async def remote_refusal(self, job: Job, ctx: TaskContext) -> Done:
+        """Fails the way a handler does when another agent refuses its request (an error reply)."""
+        self.calls["remote-refusal", ctx.task_id] += 1
+        raise RemoteError(ErrorBody(code="not_found", message=f"no program {job.n}"))
 
     @task("opaque")
     async def opaque(self, job: Job, ctx: TaskContext) -> dict[str, Any]:
@@ -205,6 +222,30 @@ async def test_same_task_id_runs_once(config: IntegrationConfig, bus: Bus, clien
         assert worker.calls["double", "order-17"] == 1
         assert worker.calls["double", "order-18"] == 1
         assert (await client.task("order-17")).result == {"n": 2, "attempt": 1}
+
+
+async def test_an_error_whose_code_cannot_heal_fails_the_task_at_once(
+    config: IntegrationConfig, client: Client
+) -> None:
+    """The worker decides by the error's code, wherever it came from: each agent used to re-wrap such errors in a
+    PermanentError with its own list of codes (five lists, all different)."""
+    worker = Worker(config)
+    async with hosting(worker):
+        record = await client.run("remote-refusal", Job(n=7), timeout=20)
+    assert record.status is TaskStatus.FAILED
+    assert record.error == ErrorBody(code="not_found", message="no program 7")
+    assert worker.calls["remote-refusal", record.id] == 1
+
+
+def test_which_errors_are_permanent() -> None:
+    assert is_permanent(PermanentError("no"))
+    assert is_permanent(MessageValidationError("bad"))
+    assert is_permanent(DspyrtError("gone", code="not_found"))
+    assert is_permanent(RemoteError(ErrorBody(code="provider_error", message="401")))
+    assert not is_permanent(DspyrtError("slow", code="timeout"))
+    assert not is_permanent(RemoteError(ErrorBody(code="unavailable", message="no responders")))
+    assert not is_permanent(RetryableError("later", code="not_found"))  # the handler's own word wins
+    assert not is_permanent(RuntimeError("glitch"))
 
 
 async def test_a_result_that_cannot_be_stored_fails_the_task_at_once(config: IntegrationConfig, client: Client) -> None:

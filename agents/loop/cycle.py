@@ -32,7 +32,7 @@ from agents.loop.models import (
     ProgramRef,
 )
 from agents.optimizers import OptimizationRequest, OptimizationResult
-from bus import DspyrtError, PermanentError, RetryableError, TaskStatus
+from bus import PermanentError, RetryableError, TaskStatus
 from bus.streams import key_value
 from runtime.agent import Agent, TaskContext, task
 
@@ -299,15 +299,10 @@ class CycleAgent(Agent):
             await self.publish_event("cycle.phase", {"cycle_id": ctx.task_id, "program": req.program_name,
                                                      "phase": phase})  # fmt: skip
 
-        try:
-            create_program(req.program)  # a spec that cannot build fails before anything is spent
-            # The program's latest cycle request: what a re-optimization (auto_optimize) runs again.
-            await self.states.put(last_cycle_key(req.program_name), req.model_dump_json().encode())
-            result = await self.loop.run_cycle(ctx.task_id, req, progress)
-        except DspyrtError as exc:
-            if exc.code in {"invalid_message", "not_found", "invalid_config"}:
-                raise PermanentError(exc.message, code=exc.code) from exc
-            raise
+        create_program(req.program)  # a spec that cannot build fails before anything is spent
+        # The program's latest cycle request: what a re-optimization (auto_optimize) runs again.
+        await self.states.put(last_cycle_key(req.program_name), req.model_dump_json().encode())
+        result = await self.loop.run_cycle(ctx.task_id, req, progress)
         await self.publish_event("cycle.completed", _cycle_event(result))
         return result
 

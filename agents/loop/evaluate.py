@@ -23,7 +23,7 @@ from agents.loop.models import EvaluateRequest, EvaluationResult, ProgramRef, Sh
 from agents.metrics import MetricRegistry
 from agents.programs import build_program, load_program_state
 from agents.switcher_core import Selection, SelectRequest
-from bus import ConfigurationError, DspyrtError, PermanentError, TaskStatus
+from bus import PermanentError, TaskStatus
 from runtime.agent import Agent, TaskContext, task
 
 
@@ -60,23 +60,18 @@ class EvaluatorAgent(Agent):
 
     @task("evaluate-shard", concurrency=2)
     async def evaluate_shard(self, shard: ShardRequest, ctx: TaskContext) -> ShardResult:
-        try:
-            program = await load_program(shard.program, self.artifacts)
-            metric = MetricRegistry.installed().get(shard.metric, shard.metric_field, **shard.metric_params)
-            examples = to_examples(shard.examples, shard.input_fields, shard.metric_field)
-        except DspyrtError as exc:
-            raise PermanentError(exc.message, code=exc.code) from exc
+        program = await load_program(shard.program, self.artifacts)
+        metric = MetricRegistry.installed().get(shard.metric, shard.metric_field, **shard.metric_params)
+        examples = to_examples(shard.examples, shard.input_fields, shard.metric_field)
         meter = UsageMeter()
         lm = bus_lm(self.client, Routing(model=shard.model, task_kind="evaluate"), meter)
         try:
             # A failure that is not about one example (the switcher unreachable, a timeout, an error reply)
-            # fails the shard and the task worker retries it; a local configuration error cannot heal.
+            # fails the shard: the task worker retries it, or fails it at once if its code cannot heal.
             results = await anyio.to_thread.run_sync(
                 evaluate_examples, program, examples, shard.offset, metric, lm, shard.num_threads,
                 abandon_on_cancel=True,
             )  # fmt: skip
-        except ConfigurationError as exc:
-            raise PermanentError(exc.message, code=exc.code) from exc
         finally:
             meter.exhausted = meter.exhausted or "shard abandoned"
         return ShardResult(
@@ -111,12 +106,9 @@ async def select_model(agent: Agent, model: str | None, task_kind: str) -> str:
 
 async def run_evaluation(agent: Agent, job: EvaluateRequest, evaluation_id: str, ctx: TaskContext) -> EvaluationResult:
     started = time.perf_counter()
-    try:
-        inputs = input_fields_of(job.program, job.input_fields)
-        to_examples(job.devset, inputs, job.metric_field)  # a bad devset fails before any shard is paid for
-        model = await select_model(agent, job.model, "evaluate")
-    except DspyrtError as exc:
-        raise PermanentError(exc.message, code=exc.code) from exc
+    inputs = input_fields_of(job.program, job.input_fields)
+    to_examples(job.devset, inputs, job.metric_field)  # a bad devset fails before any shard is paid for
+    model = await select_model(agent, job.model, "evaluate")
     shards = [
         ShardRequest(
             program=job.program,

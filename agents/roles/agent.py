@@ -37,12 +37,10 @@ from agents.roles.core import (
     patterns_in,
 )
 from agents.roles.store import RolePointer, RoleStore
-from bus import DspyrtError, Empty, Message, PermanentError
+from bus import Empty, Message
 from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
 
 REFINE_TASK = "refine-role"
-# Errors about the request itself: retrying cannot help.
-_PERMANENT_CODES = {"invalid_message", "not_found", "invalid_config", "no_eligible_model", "budget_exhausted"}
 
 
 class RefineRequest(Message):
@@ -114,14 +112,7 @@ class RolesAgent(Agent):
     @task(REFINE_TASK)
     async def refine_role(self, job: RefineRequest, ctx: TaskContext) -> RoleRefinementResult:
         await ctx.progress("refining", step=0, total=1)
-        try:
-            return await self._refine(job, task_id=ctx.task_id)
-        except DspyrtError as exc:
-            if exc.code in _PERMANENT_CODES:
-                error = PermanentError(exc.message, code=exc.code)
-                error.field_errors = getattr(exc, "field_errors", [])  # type: ignore[attr-defined]
-                raise error from exc
-            raise
+        return await self._refine(job, task_id=ctx.task_id)
 
     async def _refine(self, request: RefineRequest, task_id: str | None) -> RoleRefinementResult:
         meter = UsageMeter(max_calls=request.max_lm_calls)
