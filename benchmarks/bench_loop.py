@@ -51,10 +51,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,8 @@ from agents.metrics import MetricRegistry
 from agents.programs import build_program, dump_program_state, load_program_state, parse_program_spec
 from bus import EmbeddedServer
 from runtime.config import IntegrationConfig
-from runtime.supervisor import RunningSystem, serve
+from runtime.supervisor import RunningSystem
+from runtime.supervisor import serving as supervisor_serving
 from runtime.system import collect_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,26 +250,9 @@ async def wait_instances(system: RunningSystem, fleet: Fleet, name: str, count: 
             await anyio.sleep(0.2)
 
 
-@asynccontextmanager
-async def serving(config: IntegrationConfig) -> AsyncIterator[RunningSystem]:
-    """``runtime.supervisor.serve`` with the ``loop-evaluate`` coordinator, in this process, for the block."""
-    ready = anyio.Event()
-    systems: list[RunningSystem] = []
-
-    async def on_ready(system: RunningSystem) -> None:
-        systems.append(system)
-        ready.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            partial(serve, config, [EvaluateAgent], on_ready=on_ready, handle_signals=False, process_name="bench-loop")
-        )
-        with anyio.fail_after(30):
-            await ready.wait()
-        try:
-            yield systems[0]
-        finally:
-            systems[0].stop()
+def serving(config: IntegrationConfig) -> AbstractAsyncContextManager[RunningSystem]:
+    """The agents under test in this process, for the block."""
+    return supervisor_serving(config, [EvaluateAgent], process_name="bench-loop", ready_timeout=30)
 
 
 # ----------------------------------------------------------------------------- one run of each kind

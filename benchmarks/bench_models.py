@@ -42,8 +42,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
@@ -67,7 +67,8 @@ from agents.switcher_core import CompletionReply, CompletionRequest
 from bus import EmbeddedServer, tracing
 from bus.messages import decode, encode
 from runtime.config import IntegrationConfig
-from runtime.supervisor import RunningSystem, serve
+from runtime.supervisor import RunningSystem
+from runtime.supervisor import serving as supervisor_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FILE = ROOT / "examples" / "optimize.json"
@@ -257,33 +258,9 @@ async def conc_sync(program: Any, lm: Any, args: argparse.Namespace, window: Win
 # ----------------------------------------------------------------------------- the system under test
 
 
-@asynccontextmanager
-async def serving(config: IntegrationConfig) -> AsyncIterator[RunningSystem]:
-    """``runtime.supervisor.serve`` with the switcher and optimizer agents, for the block."""
-    ready = anyio.Event()
-    systems: list[RunningSystem] = []
-
-    async def on_ready(system: RunningSystem) -> None:
-        systems.append(system)
-        ready.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            partial(
-                serve,
-                config,
-                [SwitcherAgent, OptimizerAgent],
-                on_ready=on_ready,
-                handle_signals=False,
-                process_name="bench-models",
-            )
-        )
-        with anyio.fail_after(20):
-            await ready.wait()
-        try:
-            yield systems[0]
-        finally:
-            systems[0].stop()
+def serving(config: IntegrationConfig) -> AbstractAsyncContextManager[RunningSystem]:
+    """The agents under test in this process, for the block."""
+    return supervisor_serving(config, [SwitcherAgent, OptimizerAgent], process_name="bench-models", ready_timeout=20)
 
 
 # ----------------------------------------------------------------------------- section O: optimize

@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -178,3 +179,32 @@ async def serve(
                     await bus.close()
     finally:
         telemetry.flush()
+
+
+@asynccontextmanager
+async def serving(
+    config: IntegrationConfig,
+    agent_classes: list[type[Agent]],
+    *,
+    process_name: str = "dspyrt",
+    ready_timeout: float = 30.0,
+) -> AsyncIterator[RunningSystem]:
+    """``serve`` for the block, in a program of one's own (tests, benchmarks, embedding): no signal handlers;
+    the agents drain when the block ends."""
+    ready = anyio.Event()
+    systems: list[RunningSystem] = []
+
+    async def on_ready(system: RunningSystem) -> None:
+        systems.append(system)
+        ready.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            partial(serve, config, agent_classes, on_ready=on_ready, handle_signals=False, process_name=process_name)
+        )
+        with anyio.fail_after(ready_timeout):
+            await ready.wait()
+        try:
+            yield systems[0]
+        finally:
+            systems[0].stop()

@@ -8,8 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from functools import partial
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from runtime.agent import Agent
 from runtime.client import Client
 from runtime.config import IntegrationConfig
 from runtime.host import AgentHost
-from runtime.supervisor import RunningSystem, serve
+from runtime.supervisor import RunningSystem
+from runtime.supervisor import serving as supervisor_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,22 +48,9 @@ async def hosting(agent: Agent) -> AsyncIterator[AgentHost]:
             tg.cancel_scope.cancel()
 
 
-@asynccontextmanager
-async def serving(config: IntegrationConfig, classes: list[type[Agent]]) -> AsyncIterator[RunningSystem]:
-    """``runtime.supervisor.serve`` for the block (no signal handlers: this is the test process)."""
-    ready = anyio.Event()
-    systems: list[RunningSystem] = []
-
-    async def on_ready(system: RunningSystem) -> None:
-        systems.append(system)
-        ready.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(partial(serve, config, classes, on_ready=on_ready, handle_signals=False, process_name="test"))
-        with anyio.fail_after(15):
-            await ready.wait()
-        yield systems[0]
-        systems[0].stop()
+def serving(config: IntegrationConfig, classes: list[type[Agent]]) -> AbstractAsyncContextManager[RunningSystem]:
+    """``runtime.supervisor.serving`` as the tests use it (no signal handlers: this is the test process)."""
+    return supervisor_serving(config, classes, process_name="test", ready_timeout=15)
 
 
 async def wait_until(check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 20.0, what: str = "") -> None:
