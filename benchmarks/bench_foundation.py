@@ -40,6 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from _common import proc_cpu
 from pydantic import BaseModel
 
 from runtime.agent import Agent, TaskContext, endpoint, task
@@ -117,14 +118,6 @@ class TaskAgent(Agent):
 # ----------------------------------------------------------------------------- measurement helpers
 
 
-def server_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc (0 where /proc is not available)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Window:
@@ -139,7 +132,7 @@ class Window:
         self.cpu = self.server_cpu = 0.0
 
     def open(self) -> None:
-        self._cpu0, self._srv0 = time.process_time(), server_cpu_seconds(self.server_pid)
+        self._cpu0, self._srv0 = time.process_time(), proc_cpu(self.server_pid)
         if self.profiler:
             self.profiler.enable()
         self.start = time.perf_counter()
@@ -149,7 +142,7 @@ class Window:
         if self.profiler:
             self.profiler.disable()
         self.cpu = time.process_time() - self._cpu0
-        self.server_cpu = server_cpu_seconds(self.server_pid) - self._srv0
+        self.server_cpu = proc_cpu(self.server_pid) - self._srv0
 
     def figures(self, ops: int) -> dict[str, Any]:
         elapsed = self.stop - self.start

@@ -54,13 +54,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import dspy
+from _common import load_average, machine_busy, proc_cpu, versions
 
 from agents.lm.demo import demo_lm
 from agents.lm.faults import FaultProfile, FixedLatency
@@ -125,27 +125,6 @@ def trained_state(example: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CPU accounting
 
 
-def proc_cpu(pid: int | None) -> float:
-    """utime + stime of a process from /proc, seconds (0 where /proc is not available)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent busy (all cores, /proc/stat), 0 where unavailable."""
-    try:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -495,21 +474,8 @@ def print_breakdown(rows: list[Row], args: argparse.Namespace) -> None:
     render(header, lines, {0, 10})
 
 
-def load_average() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
 
 
-def versions() -> str:
-    parts = []
-    for name in ["dspy", "nats-py", "anyio", "pydantic", "opentelemetry-sdk"]:
-        try:
-            parts.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{name} ?")
-    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------- the run

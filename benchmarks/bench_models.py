@@ -46,7 +46,6 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import dspy
+from _common import load_average, proc_cpu, versions
 from dspy import lm15
 
 from agents.lm.bus_engine import Routing, bus_lm, to_completion_request, to_response
@@ -94,16 +94,6 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def server_cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process from /proc (0 where /proc is not available)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -145,13 +135,13 @@ class Window:
 
     async def run(self, warmup: float, duration: float) -> Conc:
         await anyio.sleep(warmup)
-        cpu0, srv0, t0 = time.process_time(), server_cpu_seconds(self.server_pid), time.perf_counter()
+        cpu0, srv0, t0 = time.process_time(), proc_cpu(self.server_pid), time.perf_counter()
         if self.profiler:
             self.profiler.enable()
         await anyio.sleep(duration)
         if self.profiler:
             self.profiler.disable()
-        t1, cpu1, srv1 = time.perf_counter(), time.process_time(), server_cpu_seconds(self.server_pid)
+        t1, cpu1, srv1 = time.perf_counter(), time.process_time(), proc_cpu(self.server_pid)
         done = sum(1 for t in list(self.ends) if t0 <= t <= t1)
         return Conc(
             rate=done / (t1 - t0),
@@ -373,13 +363,13 @@ async def atimed(fn: Callable[[], Awaitable[Any]], n: int, server_pid: int | Non
         await fn()
     samples = []
     count = max(n, 2000) if server_pid else n  # /proc CPU times tick every 10 ms: enough calls to see them
-    srv0 = server_cpu_seconds(server_pid)
+    srv0 = proc_cpu(server_pid)
     for _ in range(count):
         t0 = time.perf_counter()
         await fn()
         samples.append(time.perf_counter() - t0)
     await anyio.sleep(0.2)  # let the server finish persisting what was published
-    return 1e6 * pct(samples, 0.5), 1e6 * (server_cpu_seconds(server_pid) - srv0) / count
+    return 1e6 * pct(samples, 0.5), 1e6 * (proc_cpu(server_pid) - srv0) / count
 
 
 async def components(system: RunningSystem, program: Any, n: int, server_pid: int | None) -> dict[str, float]:
@@ -517,22 +507,8 @@ def print_table(rows: list[Row]) -> None:
             print(render(line))
 
 
-def load_average() -> str:
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
 
 
-def versions() -> str:
-    names = ["dspy", "nats-py", "anyio", "pydantic", "opentelemetry-sdk"]
-    parts = []
-    for name in names:
-        try:
-            parts.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{name} ?")
-    return ", ".join(parts)
 
 
 class Table:

@@ -50,6 +50,7 @@ from typing import Any
 
 import anyio
 import dspy
+from _common import load_average, machine_busy, proc_cpu
 from nats.aio.msg import Msg
 
 from agents.programs import build_program, dump_program_state, parse_program_spec
@@ -98,27 +99,6 @@ class Job:
 # ----------------------------------------------------------------------------- CPU accounting
 
 
-def proc_cpu(pid: int | None) -> float:
-    """utime + stime of a process from /proc, seconds (0 where /proc is not available)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent busy (all cores, /proc/stat), 0 where unavailable."""
-    try:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -421,7 +401,7 @@ def main() -> None:
 
     print(
         f"bench_scale: {platform.python_implementation()} {platform.python_version()} on {platform.machine()}, "
-        f"{os.cpu_count()} cores; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start"
+        f"{os.cpu_count()} cores; load average {load_average(' ')} at start"
     )
     print(f"versions: {versions()}")
     print(
@@ -440,7 +420,7 @@ def main() -> None:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     render(rows)
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
+    print(f"load average {load_average(' ')} at the end")
     if any(r.failed or r.mismatched for r in rows):
         print("WARNING: some tasks failed or gave different results (see above)")
     print(
