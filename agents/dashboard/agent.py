@@ -211,7 +211,10 @@ class DashboardAgent(Agent):
                 stored[key] = entry.value
         for key, raw in stored.items():
             if key.startswith(METRIC_KEY):
-                self.dashboard.register_custom_metric(CustomMetricType.model_validate_json(raw))
+                try:
+                    self.dashboard.register_custom_metric(CustomMetricType.model_validate_json(raw))
+                except ValueError as exc:  # pydantic's ValidationError too: one bad value must not stop start-up
+                    log.error("stored custom metric %s ignored: %s", key, exc)
         known, rates = set(self.dashboard.metric_types), self.dashboard.rate_metrics()
         if self.settings.alerts_file is not None:
             self.dashboard.configure_rules(
@@ -223,9 +226,14 @@ class DashboardAgent(Agent):
                 self.dashboard.set_rules(rules, replace=True)
             except (AlertRuleError, ValueError) as exc:
                 log.error("stored run-time alert rules ignored: %s", exc)
-        self.dashboard.alerts.restore(
-            Alert.model_validate_json(raw) for key, raw in stored.items() if key.startswith(ALERT_KEY)
-        )
+        alerts: list[Alert] = []
+        for key, raw in stored.items():
+            if key.startswith(ALERT_KEY):
+                try:
+                    alerts.append(Alert.model_validate_json(raw))
+                except ValueError as exc:
+                    log.error("stored alert state %s ignored: %s", key, exc)
+        self.dashboard.alerts.restore(alerts)
 
     async def _keys(self) -> list[str]:
         return await kv_keys(self.kv)
@@ -245,12 +253,7 @@ class DashboardAgent(Agent):
         task_status.started()
         try:
             async for msg in sub.messages:
-                try:
-                    event = decode(Event, msg.data)
-                except DspyrtError:
-                    self.dashboard.stats["malformed"] += 1
-                    continue
-                await self._handle(event)
+                await self._handle_raw(msg.data)
                 if self.replaying:
                     meta = msg.metadata
                     if meta.sequence.stream >= self.replay_target or not meta.num_pending:
@@ -267,6 +270,20 @@ class DashboardAgent(Agent):
         self.instruments.live = True
         self.replayed.set()
         log.info("dashboard history rebuilt from %d events", self.dashboard.stats["events"])
+
+    async def _handle_raw(self, data: bytes) -> None:
+        """Decode and record one event; nothing it holds may end the agent: the stream is replayed from the
+        start at every restart, so an event that did would stop every instance, again after each restart."""
+        try:
+            event = decode(Event, data)
+        except DspyrtError:
+            self.dashboard.stats["malformed"] += 1
+            return
+        try:
+            await self._handle(event)
+        except Exception:
+            self.dashboard.stats["failed"] += 1
+            log.warning("dashboard event %s not recorded", event.topic, exc_info=True)
 
     async def _handle(self, event: Event) -> None:
         self.dashboard.record_event(event)

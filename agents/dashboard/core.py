@@ -40,12 +40,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import accumulate, islice
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
 from agents.dashboard.alerts import Alert, AlertManager, AlertRule, AlertTransition, parse_rules
-from bus import Event, Message
+from bus import DspyrtError, Event, Message
 
 DEFAULT_MAX_POINTS = 2000
 DEFAULT_MAX_SERIES = 5000
@@ -150,6 +151,22 @@ def label_key(labels: Mapping[str, str]) -> LabelKey:
     return tuple(sorted(labels.items()))
 
 
+class WindowTotal(NamedTuple):
+    """The points of a trailing window: the sum of their values and how many there are."""
+
+    total: float
+    size: int
+
+    @property
+    def rate(self) -> float | None:
+        """``total / size`` (failures / calls for an outcome metric); ``None`` for an empty window."""
+        return self.total / self.size if self.size else None
+
+
+def _time(point: MetricPoint) -> float:
+    return point.time
+
+
 class MetricSeries:
     """The points of one metric type for one set of labels, oldest first, at most ``max_points`` of them.
 
@@ -170,6 +187,11 @@ class MetricSeries:
         self.points: deque[MetricPoint] = deque(maxlen=max_points)
         self.count = 0
         self.total = 0.0
+        # Running sums of the points' values (ints), kept while every value is a whole number small enough that
+        # adding up any window of points in floats is exact (outcomes, counts): a window's sum is then the
+        # difference of two running sums, the very float adding its points gives. ``None`` once one is not.
+        self._sums: deque[int] | None = deque(maxlen=max_points)
+        self._exact_below = 2.0**53 / max_points
 
     @property
     def key(self) -> SeriesKey:
@@ -180,14 +202,23 @@ class MetricSeries:
         a point within that many seconds of the last one replaces it (running counts stay small)."""
         point = MetricPoint(time.time() if at is None else float(at), float(value))
         last = self.points[-1] if self.points else None
+        exact = point.value.is_integer() and abs(point.value) < self._exact_below
+        sums = self._sums if exact else None
         if coalesce and last is not None and 0 <= point.time - last.time < coalesce:
             self.points[-1] = MetricPoint(last.time, point.value)
+            if sums is not None:
+                sums[-1] += int(point.value) - int(last.value)
         elif last is None or point.time >= last.time:
             self.points.append(point)
+            if sums is not None:
+                sums.append((sums[-1] if sums else 0) + int(point.value))
         else:
             ordered = list(self.points)
-            bisect.insort(ordered, point, key=lambda p: p.time)
+            bisect.insort(ordered, point, key=_time)
             self.points = deque(ordered, maxlen=self.points.maxlen)
+            if sums is not None:
+                sums = deque(accumulate(int(p.value) for p in self.points), maxlen=self.points.maxlen)
+        self._sums = sums
         self.count += 1
         self.total += point.value
         return point
@@ -203,6 +234,20 @@ class MetricSeries:
         """The points of the last ``seconds`` seconds."""
         start = (time.time() if now is None else now) - seconds
         return [p for p in self.points if p.time >= start]
+
+    def window_total(self, seconds: float, now: float | None = None) -> WindowTotal:
+        """Sum and count of the points of the last ``seconds`` seconds (those ``window`` returns), without
+        copying them: points are kept in time order, so bisect finds where the window starts."""
+        start = (time.time() if now is None else now) - seconds
+        first = bisect.bisect_left(self.points, start, key=_time)
+        count = len(self.points) - first
+        if self._sums is not None and count:
+            # The running sum before the window is the one at its first point, less that point's value.
+            total = float(self._sums[-1] - self._sums[first] + int(self.points[first].value))
+        else:
+            # Oldest first, as ``sum(p.value for p in window(...))`` adds them: the same float.
+            total = sum(p.value for p in islice(self.points, first, None))
+        return WindowTotal(total, count)
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(self.labels.get(k) == v for k, v in labels.items())
@@ -533,7 +578,7 @@ class MetricsDashboard:
             else:
                 self.stats["ignored"] += 1
                 return False
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError, DspyrtError):  # DspyrtError: bad rules (AlertRuleError)
             self.stats["malformed"] += 1
             return False
         return True
@@ -785,8 +830,7 @@ class MetricsDashboard:
         last_value = last.value if last else None
         if info.aggregate == "rate":
             points = rolling_rate(points, RATE_WINDOW)
-            recent = series.window(RATE_WINDOW, now)
-            last_value = sum(p.value for p in recent) / len(recent) if recent else None
+            last_value = series.window_total(RATE_WINDOW, now).rate
         if since is not None:
             points = [p for p in points if p.time >= since]
         values = [p.value for p in series.points]
@@ -827,13 +871,15 @@ class MetricsDashboard:
         now = time.time() if now is None else now
         wanted = {"model": model}
         outcomes = self.series(MetricType.ERROR_RATE, wanted)
-        recent = [p for s in outcomes for p in s.window(RATE_WINDOW, now)]
+        recent = [s.window_total(RATE_WINDOW, now) for s in outcomes]
+        calls = sum(w.size for w in recent)
         latencies = [p.value for s in self.series(MetricType.LM_LATENCY, wanted) for p in s.points]
         return ModelSummary(
             model=model,
             calls=sum(s.count for s in outcomes),
             failures=round(sum(s.total for s in outcomes)),
-            error_rate=sum(p.value for p in recent) / len(recent) if recent else None,
+            # Outcomes are 0 or 1, so adding per-series sums gives the very float one sum over all points would.
+            error_rate=sum(w.total for w in recent) / calls if calls else None,
             latency_p50_ms=_percentile(latencies, 0.5),
             latency_p95_ms=_percentile(latencies, 0.95),
             tokens=sum(s.total for s in self.series(MetricType.LM_TOKENS, wanted)),
@@ -896,6 +942,7 @@ class MetricsDashboard:
             "events": 0,
             "ignored": 0,
             "malformed": 0,
+            "failed": 0,
             "unknown_metric": 0,
             "dropped_series": 0,
             **dict(self.stats),

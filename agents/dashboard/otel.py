@@ -21,8 +21,9 @@ dspyrt.custom.<name>           gauge        the metric's own labels     dspyrt_c
 
 The switcher records the per-call LM figures itself (``dspyrt.lm.latency`` / ``tokens`` / ``cost`` /
 ``failures``); they are not exported twice. Gauges follow the last point of each series, replayed history
-included, so they are right again after a restart; counters and histograms count live events only, so a
-restart never counts the replayed past a second time. Dimensionless units are written in braces
+included, so they are right again after a restart (while the history is replayed only each series' last point
+is kept, and set once caught up); counters and histograms count live events only, so a restart never counts
+the replayed past a second time. Dimensionless units are written in braces
 (``{ratio}``), which both the collector and the Python Prometheus exporter drop from the name.
 """
 
@@ -33,6 +34,7 @@ from collections.abc import Iterable
 
 from opentelemetry.metrics import Counter as OtelCounter
 from opentelemetry.metrics import Histogram, Meter
+from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge's public name (in __all__)
 
 from agents.dashboard.alerts import Alert
 from agents.dashboard.core import RATE_WINDOW, MetricPoint, MetricSeries, MetricType, MetricTypeInfo
@@ -62,7 +64,9 @@ class DashboardInstruments:
     def __init__(self, meter: Meter, metric_types: dict[str, MetricTypeInfo]) -> None:
         self.meter = meter
         self.metric_types = metric_types
-        self.live = False  # counters and histograms count only events seen live, never replayed ones
+        self._live = False
+        self._pending: dict[MetricSeries, MetricPoint] = {}  # by identity: no label key to build per point
+        self._custom: dict[tuple[str, str, str], Gauge] = {}
         self._gauges = {
             metric: meter.create_gauge(name, unit=unit, description=description)
             for metric, (name, unit, description) in GAUGES.items()
@@ -77,28 +81,58 @@ class DashboardInstruments:
         )
         self._alert_rules: set[tuple[str, str]] = set()
 
+    @property
+    def live(self) -> bool:
+        """``False`` while the history is replayed: counters and histograms count only events seen live, and
+        gauges wait; set to ``True`` once caught up, it sets each gauge from its series' last point."""
+        return self._live
+
+    @live.setter
+    def live(self, live: bool) -> None:
+        self._live = live
+        if live:
+            pending, self._pending = self._pending, {}
+            for series, point in pending.items():
+                self._set_gauge(series, point)
+
     def __call__(self, series: MetricSeries, point: MetricPoint) -> None:
         metric, labels = series.metric_type, series.labels
-        if metric == MetricType.ERROR_RATE:
-            recent = series.window(RATE_WINDOW, point.time)
-            self._gauges[metric].set(sum(p.value for p in recent) / len(recent) if recent else 0.0, labels)
-        elif metric in self._gauges:
-            self._gauges[metric].set(point.value, labels)
-        elif metric == MetricType.PREDICTIONS:
-            if self.live:
+        if metric == MetricType.PREDICTIONS:
+            if self._live:
                 self._predictions.add(1, labels)
         elif metric == MetricType.EVENTS:
-            if self.live:
+            if self._live:
                 self._events.add(1, labels)
         elif metric == MetricType.OPTIMIZATION_DURATION:
-            if self.live:
+            if self._live:
                 self._duration.record(point.value, labels)
+        elif self._live:
+            self._set_gauge(series, point)
+        else:
+            # Only a gauge's last value is exported: during a replay remember the last point of each series
+            # rather than set (and, for the error rate, recompute) every replayed one.
+            self._pending[series] = point
+
+    def _set_gauge(self, series: MetricSeries, point: MetricPoint) -> None:
+        metric, labels = series.metric_type, series.labels
+        if metric == MetricType.ERROR_RATE:
+            rate = series.window_total(RATE_WINDOW, point.time).rate
+            self._gauges[metric].set(0.0 if rate is None else rate, labels)
+        elif metric in self._gauges:
+            self._gauges[metric].set(point.value, labels)
         else:
             info = self.metric_types.get(metric)
             if info is not None and info.custom:
-                # Same name, unit and description: the SDK hands back the instrument made before.
-                gauge = self.meter.create_gauge(CUSTOM_PREFIX + metric, unit=info.unit, description=info.description)
-                gauge.set(point.value, labels)
+                self._custom_gauge(metric, info).set(point.value, labels)
+
+    def _custom_gauge(self, metric: str, info: MetricTypeInfo) -> Gauge:
+        # Keyed like the SDK's own instrument registry (name, unit, description): a re-registration that
+        # changes the unit or description gets the instrument the SDK would have made for it.
+        key = (CUSTOM_PREFIX + metric, info.unit, info.description)
+        gauge = self._custom.get(key)
+        if gauge is None:
+            gauge = self._custom[key] = self.meter.create_gauge(key[0], unit=info.unit, description=info.description)
+        return gauge
 
     def alerts(self, alerts: Iterable[Alert]) -> None:
         """Set the firing count of every rule seen so far (0 once its alerts resolve)."""

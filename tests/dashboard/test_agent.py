@@ -1,17 +1,19 @@
 """The dashboard agent over a real nats-server: series from published events, alerts as events (de-duplicated,
-also across replicas), alert states surviving a restart, custom metrics, rules over the bus, queue depth, and
-validation results read from the cycle task's record."""
+also across replicas), alert states surviving a restart, custom metrics, rules over the bus, queue depth,
+validation results read from the cycle task's record, and bad events or stored values that must not stop it."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agents.dashboard.agent import MetricTypeList, RuleList, SetRules
+from agents.dashboard.agent import DashboardAgent, MetricTypeList, RuleList, SetRules
 from agents.dashboard.core import CustomMetricType
-from bus import Bus, RemoteError, TaskRecord, TaskStatus
+from bus import Bus, Event, RemoteError, TaskRecord, TaskStatus
+from bus.streams import key_value
 from runtime.client import Client
 from runtime.config import IntegrationConfig
 from tests.dashboard.common import dashboard, emit, quick_settings, snapshot, stream_events, wait_for_events
@@ -223,3 +225,72 @@ async def test_validation_pass_rates_come_from_the_cycle_task_record(
 async def _program_cycles(client: Client, count: int) -> bool:
     snap = await snapshot(client, program="p")
     return bool(snap.programs) and snap.programs[0].cycles == count
+
+
+async def test_a_bad_rules_event_is_counted_and_survives_restarts(
+    config: IntegrationConfig, bus: Bus, client: Client
+) -> None:
+    async with dashboard(config) as agent:
+        await emit(bus, "dashboard.rules", {"rules": "x"})  # parse_rules raises AlertRuleError (a DspyrtError)
+        await emit(bus, "lm.call", lm_call(20.0))
+
+        async def counted() -> bool:
+            return await latency_points(client) == [20.0]
+
+        await wait_until(counted, what="the event after the bad one recorded")
+        assert (await snapshot(client)).stats["malformed"] == 1
+        assert agent.dashboard.rules == []
+    # The stream is replayed from the start, the bad event last: the next instance still catches up.
+    await emit(bus, "dashboard.rules", {"rules": "x"})
+    async with dashboard(config):
+        snap = await snapshot(client)
+        assert snap.stats["malformed"] == 2 and not snap.replaying
+        assert await latency_points(client) == [20.0]
+
+
+async def test_an_event_whose_handling_fails_is_logged_and_skipped(
+    config: IntegrationConfig,
+    bus: Bus,
+    client: Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with dashboard(config) as agent:
+        record = agent.dashboard.record_event
+
+        def failing(event: Event) -> bool:
+            if event.topic == "test.boom":
+                raise RuntimeError("a bug in the dashboard")
+            return record(event)
+
+        monkeypatch.setattr(agent.dashboard, "record_event", failing)
+        with caplog.at_level(logging.WARNING, logger="dspyrt.dashboard"):
+            await emit(bus, "test.boom", {})
+            await emit(bus, "lm.call", lm_call(30.0))
+
+            async def recorded() -> bool:
+                return await latency_points(client) == [30.0]
+
+            await wait_until(recorded, what="the event after the failing one recorded")
+        assert (await snapshot(client)).stats["failed"] == 1
+        assert any("test.boom" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+async def test_an_undecodable_last_event_does_not_hold_the_replay(config: IntegrationConfig, bus: Bus) -> None:
+    await emit(bus, "lm.call", lm_call(20.0))
+    await bus.nc.publish(bus.subjects.event("lm.call"), b"not json")
+    await bus.flush()
+    async with dashboard(config) as agent:
+        assert agent.dashboard.get_stats()["malformed"] == 1
+
+
+async def test_bad_stored_values_do_not_stop_start_up(config: IntegrationConfig, bus: Bus, client: Client) -> None:
+    kv = await key_value(bus, bus.subjects.bucket("dashboard"), config.stream_layout)
+    await kv.put("metric.broken", b"{not json")
+    await kv.put("metric.score", CustomMetricType(name="score").model_dump_json().encode())  # a built-in name
+    await kv.put("metric.judge_score", CustomMetricType(name="judge_score", unit="pts").model_dump_json().encode())
+    await kv.put("alert.broken", b'{"id": 1}')
+    async with dashboard(config) as agent:
+        assert isinstance(agent, DashboardAgent) and agent.dashboard.alerts.alerts == {}
+        snap = await snapshot(client)
+        assert [t.name for t in snap.metric_types if t.custom] == ["judge_score"]

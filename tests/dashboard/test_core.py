@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -150,6 +151,12 @@ def test_malformed_and_unknown_events_are_counted_not_fatal() -> None:
     assert d.series(MetricType.PROGRAM_SCORE) == []
 
 
+def test_an_event_with_invalid_rules_is_counted_as_malformed() -> None:
+    d = MetricsDashboard()
+    assert d.record_event(event("dashboard.rules", {"rules": "x"}, T0)) is False  # AlertRuleError, a DspyrtError
+    assert d.get_stats()["malformed"] == 1 and d.rules == []
+
+
 def test_custom_metric_types_are_registered_and_fed_by_events() -> None:
     d = MetricsDashboard()
     with pytest.raises(ValueError, match="built-in"):
@@ -173,6 +180,27 @@ def test_series_keep_order_a_bounded_length_and_totals() -> None:
     series.add(9.0, T0 + 2.5)  # late point: put in place, the oldest drops
     assert [(p.time - T0, p.value) for p in series.points] == [(2.5, 9.0), (3, 3.0), (4, 4.0)]
     assert (series.count, series.total) == (6, 19.0)
+
+
+@pytest.mark.parametrize(
+    "values", [[0.0, 1.0], [0.0, 1.0, 0.1, 1e17], [3.0, 7.0, 1e6]], ids=["outcomes", "any", "counts"]
+)
+def test_window_totals_are_the_sums_of_the_windows(values: list[float]) -> None:
+    """Same float as summing ``window()`` (running sums for whole numbers, a plain sum otherwise), through late
+    points, coalesced ones and points dropped to stay under ``max_points``."""
+    rng = random.Random(7)
+    series = MetricSeries(MetricType.ERROR_RATE, max_points=50)
+    at = T0
+    for step in range(400):
+        at += rng.choice([0.0, 0.5, 1.0, 3.0])
+        late = rng.random() < 0.1
+        series.add(rng.choice(values), at - 20 if late else at, coalesce=1.0 if step % 7 == 0 else 0.0)
+        for seconds in (0.0, 5.0, 30.0, 1e9):
+            recent = series.window(seconds, at)
+            got = series.window_total(seconds, at)
+            assert (got.total, got.size) == (sum(p.value for p in recent), len(recent))
+            assert got.rate == (sum(p.value for p in recent) / len(recent) if recent else None)
+    assert series.window_total(10.0, at + 1000).rate is None
 
 
 def test_a_threshold_alert_fires_once_is_deduplicated_and_resolves() -> None:

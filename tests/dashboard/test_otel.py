@@ -91,6 +91,44 @@ def test_points_become_gauges_and_live_events_counters() -> None:
     assert events == {"serving": 2, "x": 3, "switcher": 4}  # live events only: not the 3 replayed ones
 
 
+def test_gauges_wait_for_the_replay_and_custom_gauges_are_made_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    meter = provider.get_meter("dspyrt.dashboard")
+    made: list[str] = []
+    create_gauge = meter.create_gauge
+
+    def counting(name: str, unit: str = "", description: str = "") -> Any:
+        made.append(name)
+        return create_gauge(name, unit=unit, description=description)
+
+    monkeypatch.setattr(meter, "create_gauge", counting)
+    d = MetricsDashboard()
+    instruments = DashboardInstruments(meter, d.metric_types)
+    d.listeners.append(instruments)
+    made.clear()
+    try:
+        feed(d, "dashboard.metric_registered", {"name": "judge_score"}, T0)
+        for i in range(10):  # replayed history: 3 failures in 10 calls
+            feed(d, "lm.call", {"model": "m", "ok": i % 4 != 0, "latency_ms": 5.0}, T0 + i)
+            feed(d, "metric.judge_score", {"value": float(i), "labels": {}}, T0 + i)
+        replayed = points(reader)
+        assert "dspyrt.lm.error_rate" not in replayed and "dspyrt.custom.judge_score" not in replayed
+        instruments.live = True  # caught up: each gauge set from its series' last point
+        got = points(reader)
+        assert got["dspyrt.lm.error_rate"] == [({"model": "m"}, 0.3)]
+        assert got["dspyrt.custom.judge_score"] == [({}, 9.0)]
+        for i in range(10, 13):
+            feed(d, "lm.call", {"model": "m", "ok": True}, T0 + i)
+            feed(d, "metric.judge_score", {"value": float(i), "labels": {}}, T0 + i)
+        got = points(reader)
+        assert got["dspyrt.lm.error_rate"] == [({"model": "m"}, 3 / 13)]
+        assert got["dspyrt.custom.judge_score"] == [({}, 12.0)]
+        assert made == ["dspyrt.custom.judge_score"]
+    finally:
+        provider.shutdown()
+
+
 def _literal_instruments() -> Iterator[tuple[str, str, str]]:
     """``meter.create_<kind>("dspyrt...", unit=...)`` calls with literal names elsewhere in agents/ (the
     switcher's LM metrics): (kind, name, unit)."""
