@@ -9,8 +9,16 @@ from agents.loop.models import DeployRequest
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2, "critical": 3}
 
 
+def blocking_count(validation: dict[str, Any], validator_type: str, severity: str) -> int:
+    """How many results of ``validator_type`` failed at or above ``severity``, from the report's counts: its
+    ``results`` list is cut to the worst few hundred, so it cannot decide on its own."""
+    floor = SEVERITY_RANK.get(severity, 2)
+    tally = (validation.get("counts") or {}).get(validator_type) or {}
+    return sum(int(n) for sev, n in (tally.get("by_severity") or {}).items() if SEVERITY_RANK.get(sev, 2) >= floor)
+
+
 def blocking_failures(validation: dict[str, Any] | None, validator_type: str, severity: str) -> list[dict[str, Any]]:
-    """Failed results of ``validator_type`` at or above ``severity`` in an aggregated validation report."""
+    """The listed failed results of ``validator_type`` at or above ``severity`` (for the reasons)."""
     if not validation:
         return []
     floor = SEVERITY_RANK.get(severity, 2)
@@ -63,13 +71,19 @@ def check_objectives(req: DeployRequest) -> tuple[dict[str, bool], list[str]]:
             reasons.append(f"validator {required.type} is required but no validation ran")
             continue
         ran = required.type in (req.validation.get("counts") or {})
+        blocked = blocking_count(req.validation, required.type, required.severity)
         failures = blocking_failures(req.validation, required.type, required.severity)
-        checks[name] = ran and not failures
+        checks[name] = ran and not blocked
         if not ran:
             reasons.append(f"validator {required.type} is required but did not run")
         for failure in failures:
             where = f" (example {failure['example']})" if failure.get("example") is not None else ""
             reasons.append(
                 f"{required.type}/{failure.get('check')} {failure.get('severity')}: {failure.get('message')}{where}"
+            )
+        if blocked > len(failures):
+            reasons.append(
+                f"{required.type}: {blocked - len(failures)} more failure(s) at or above {required.severity} "
+                "not listed in the report"
             )
     return checks, reasons
