@@ -117,6 +117,11 @@ class RoleStore:
                 await self.kv.create(version_key(name, version), stored.model_dump_json().encode())
                 break
             except KeyWrongLastSequenceError:
+                taken, _ = await self._raw(version_key(name, version))
+                if task_id is not None and taken and RoleRefinementResult.model_validate_json(taken).task_id == task_id:
+                    # An earlier delivery of this task stored it and stopped before the rest: finish its save.
+                    stored = RoleRefinementResult.model_validate_json(taken)
+                    break
                 version += 1  # another replica took this number
         else:
             raise DspyrtError(f"could not allocate a version of role {name}: too much contention", code="conflict")

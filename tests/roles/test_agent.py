@@ -205,6 +205,26 @@ async def test_the_store_numbers_concurrent_saves_apart_and_a_task_saves_once(bu
     assert [p.name for p in await store.pointers()] == ["planner"]
 
 
+async def test_a_save_cut_short_after_its_version_is_finished_by_the_next_delivery(bus: Bus) -> None:
+    """The version was stored, then the process died before the task's key: a redelivery stored a second one."""
+    store = await RoleStore.open(bus)
+    result = RoleRefinementSystem().refine(RoleDefinition.model_validate(SAMPLE))
+    put = store.kv.put
+
+    async def dies_on_the_task_key(key: str, value: bytes) -> int:
+        raise RuntimeError("process killed")
+
+    store.kv.put = dies_on_the_task_key  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await store.save(result, task_id="task-9")
+    store.kv.put = put  # type: ignore[method-assign]
+    again = await store.save(result, task_id="task-9")
+    assert again.version == 1 and again.task_id == "task-9"
+    assert await store.versions("planner") == [1]
+    pointer = await store.pointer("planner")
+    assert pointer is not None and pointer.latest == 1
+
+
 def test_the_cli_module_imports_neither_agents_nor_dspy() -> None:
     code = (
         "import sys, runtime.cli_roles, runtime.cli; "
