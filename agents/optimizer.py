@@ -117,7 +117,8 @@ class OptimizerAgent(Agent):
                 return cached
 
         meter = UsageMeter(max_calls=job.budget.max_lm_calls, max_cost=job.budget.max_cost)
-        lm = bus_lm(self.client, Routing(model=model, task_kind="optimize"), meter)
+        routing = Routing(model=model, task_kind="optimize", fallback=job.allow_fallback, no_cache=job.no_cache)
+        lm = bus_lm(self.client, routing, meter)
         token = anyio.lowlevel.current_token()
 
         def progress(phase: str, data: dict[str, Any]) -> None:

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agents.lm.bus_engine import BudgetExhaustedError, UsageMeter
 from agents.metrics import Metric, MetricRegistry
 from agents.programs import ProgramSpec, build_program, dump_program_state, parse_program_spec, program_hash
-from bus import ConfigurationError, Message, MessageValidationError, NotFoundError
+from agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
+from bus import ConfigurationError, Message, MessageValidationError, NotFoundError, RemoteError
 from bus.messages import field_errors_of
 
 ENTRY_POINT_GROUP = "dspyrt.optimizers"
@@ -63,7 +64,12 @@ class OptimizationRequest(Message):
     budget: Budget = Field(default_factory=Budget)
     seed: int = 0
     num_threads: int = Field(default=4, ge=1, le=64)
+    # Skip the optimization cache and the switcher's LM response cache (answers are still stored).
     no_cache: bool = False
+    # Fall back along the model's declared chain when it fails; False: the model alone answers.
+    allow_fallback: bool = True
+    # More LM calls than this share failing (after retries and fallback) fails the run: provider_unreliable.
+    max_error_rate: float = Field(default=DEFAULT_MAX_ERROR_RATE, ge=0, le=0.5)
 
     @field_validator("program", mode="before")
     @classmethod
@@ -106,12 +112,21 @@ class OptimizationResult(Message):
     params: dict[str, Any] = Field(default_factory=dict)
     model: str
     metric: str
-    baseline_score: float | None = None
+    baseline_score: float | None = None  # percent over the answered validation examples
     optimized_score: float | None = None
     improvement_score: float | None = None
+    # answered / validation examples of each score (an example whose LM call failed is not a wrong answer)
+    baseline_coverage: float | None = None
+    optimized_coverage: float | None = None
     trainset_size: int = 0
     valset_size: int = 0
     lm_calls: int = 0
+    cached_calls: int = 0  # answered from the switcher's cache: no tokens, no cost
+    failed_calls: int = 0  # failed after retries and fallback (within max_error_rate)
+    provider_requests: int = 0  # requests the provider received, failed attempts included
+    # Which models answered, and how many calls each; more than one: mixed_models.
+    models_used: dict[str, int] = Field(default_factory=dict)
+    mixed_models: bool = False
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
@@ -504,19 +519,31 @@ class DSPyOptimizerManager:
         try:
             with dspy.context(lm=lm, callbacks=[feed]):
                 feed.set_phase("baseline", step=0, total=3)
-                result.baseline_score = _score(student, valset, metric, request.num_threads, meter)
+                baseline = _score(student, valset, metric, request.num_threads, meter, lm)
+                result.baseline_score, result.baseline_coverage = baseline.score, baseline.coverage
                 feed.set_phase("optimizing", step=1, total=3, baseline_score=result.baseline_score)
                 optimized = optimizer.compile(
                     CompileContext(student, trainset, valset, metric, request.seed, request.num_threads, lm)
                 )
-                _check_budget(meter)
+                _check_run(meter)
                 feed.set_phase("evaluating", step=2, total=3, baseline_score=result.baseline_score)
-                result.optimized_score = _score(optimized, valset, metric, request.num_threads, meter)
-                result.improvement_score = round(result.optimized_score - result.baseline_score, 6)
+                final = _score(optimized, valset, metric, request.num_threads, meter, lm)
+                result.optimized_score, result.optimized_coverage = final.score, final.coverage
+                if final.score is not None and baseline.score is not None:
+                    result.improvement_score = round(final.score - baseline.score, 6)
+                # DSPy's optimizers score a failed call as a wrong answer inside compile(): past the limit, the
+                # choice between candidates measured provider luck, so there is no result to trust.
+                check_error_rate(meter.failed_calls, meter.calls, request.max_error_rate, model=model,
+                                 what="optimization")  # fmt: skip
                 state = dump_program_state(optimized)
-                feed.best_score = max(feed.best_score or 0.0, result.optimized_score)
+                feed.best_score = max(feed.best_score or 0.0, result.optimized_score or 0.0)
                 feed.set_phase("done", step=3, total=3)
         except Exception as exc:
+            if meter.fatal is not None:
+                # The provider refused: that is the reason, whatever DSPy's thread pools made of it.
+                with self._lock:
+                    self.stats[name].failures += 1
+                raise RemoteError(meter.fatal.to_body()) from None
             if meter.exhausted is None and not isinstance(exc, BudgetExhaustedError):
                 with self._lock:
                     self.stats[name].failures += 1
@@ -525,6 +552,11 @@ class DSPyOptimizerManager:
             result.stopped_reason = meter.exhausted or str(exc)
         finally:
             result.lm_calls = meter.calls
+            result.cached_calls = meter.cached_calls
+            result.failed_calls = meter.failed_calls
+            result.provider_requests = meter.provider_requests
+            result.models_used = dict(meter.models)
+            result.mixed_models = len(meter.models) > 1
             result.input_tokens = meter.input_tokens
             result.output_tokens = meter.output_tokens
             result.cost = round(meter.cost, 6)
@@ -575,15 +607,17 @@ def _split(request: OptimizationRequest, inputs: list[str]) -> tuple[list[Any], 
     return shuffled[n_val:], shuffled[:n_val]
 
 
-def _check_budget(meter: UsageMeter) -> None:
-    # DSPy counts a failed LM call as a failed example and carries on; a spent budget must stop the run.
+def _check_run(meter: UsageMeter) -> None:
+    # DSPy counts a failed LM call as a failed example and carries on: a refused key or a spent budget must stop
+    # the run with its own reason.
+    if meter.fatal is not None:
+        raise RemoteError(meter.fatal.to_body())
     if meter.exhausted is not None:
         raise BudgetExhaustedError(meter.exhausted)
 
 
-def _score(program: Any, devset: list[Any], metric: Metric, num_threads: int, meter: UsageMeter) -> float:
-    """``dspy.Evaluate``'s score (percent of the devset's metric)."""
-    evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=num_threads, display_progress=False)
-    score = round(float(evaluate(program).score), 4)
-    _check_budget(meter)
-    return score
+def _score(program: Any, devset: list[Any], metric: Metric, num_threads: int, meter: UsageMeter, lm: Any) -> Score:
+    """The percent of the metric over the answered examples (``agents.scoring``: a failed call is not a 0)."""
+    results = evaluate_examples(program, devset, 0, metric, lm, num_threads)
+    _check_run(meter)
+    return summarize(results)

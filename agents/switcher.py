@@ -8,18 +8,28 @@ share the load through the queue group; each reports the figures of the calls it
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from dspy import lm15
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 from pydantic import Field
 
 from agents.deployments import DeployRegistry
+from agents.lm.cache import ResponseCache
 from agents.lm.demo import demo_engines
+from agents.lm.errors import (
+    ProviderError,
+    RateLimitedError,
+    RedactFn,
+    TransientProviderError,
+    classify,
+    provider_message,
+)
 from agents.lm.models import ModelRegistry, ModelSpec, build_lm
 from agents.switcher_core import (
     CompletionReply,
@@ -27,19 +37,26 @@ from agents.switcher_core import (
     ModelFigures,
     ModelLike,
     ModelSwitcher,
-    RateLimitedError,
     Selection,
     SelectRequest,
     TokenUsage,
-    is_transient,
 )
-from bus import DspyrtError, Empty, Message, RetryableError
+from bus import Empty, Message
+from bus.streams import cache_bucket
 from runtime.agent import Agent, CheckResult, endpoint
+
+
+class CacheFigures(Message):
+    enabled: bool
+    hits: int = 0
+    misses: int = 0
+    writes: int = 0
 
 
 class SwitcherStats(Message):
     instance_calls: int
     models: list[ModelFigures]
+    cache: CacheFigures | None = None
 
 
 class ModelInfo(Message):
@@ -50,11 +67,29 @@ class ModelInfo(Message):
     context_window: int
     max_concurrency: int
     rate_limit_per_minute: int | None
+    fallback: list[str] = Field(default_factory=list)
     demo: bool
 
 
 class ModelList(Message):
     models: list[ModelInfo] = Field(default_factory=list)
+
+
+class KvResponseStore:
+    """The shared half of the response cache: a KV bucket (TTL and size limit; the oldest entries go first)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self.kv.put(key, value)
 
 
 class DspyModelCaller:
@@ -70,12 +105,7 @@ class DspyModelCaller:
         self._lms: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
         names = {spec.api_key_env for spec in registry if spec.api_key_env}
-        self._secrets = sorted((v for n in names if len(v := os.environ.get(n, "")) >= 4), key=len, reverse=True)
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
+        self._redact = RedactFn([os.environ.get(n, "") for n in names])
 
     async def _demo(self, spec: ModelSpec, req: CompletionRequest) -> CompletionReply:
         if spec.model not in self._engines:
@@ -92,7 +122,7 @@ class DspyModelCaller:
                 lm15.Request(model=spec.model, messages=turns, system=system, config=config)
             )
         except lm15.RateLimitError as exc:
-            raise RateLimitedError(f"{spec.model} is rate limited: {exc}", delay=_retry_after(exc)) from exc
+            raise RateLimitedError(f"{spec.model} is rate limited: {exc}", delay=classify(exc).retry_after) from exc
         return CompletionReply(
             model=spec.model,
             text=response.message.text or "",
@@ -123,12 +153,13 @@ class DspyModelCaller:
         except Exception as exc:
             # Providers may quote the key in their errors ("Incorrect API key provided: sk-..."): the text is
             # redacted and the original (which holds it too) is not chained, so no reply, log or span sees it.
-            text = self._redact(f"{type(exc).__name__}: {exc}")
-            if _is_rate_limit(exc):
-                raise RateLimitedError(f"{spec.model} is rate limited: {text}", delay=_retry_after(exc)) from None
-            if is_transient(exc):
-                raise TransientProviderError(f"{spec.model}: {text}") from None
-            raise ProviderError(f"{spec.model}: {text}") from None
+            failure = classify(exc)
+            text = provider_message(exc, model=spec.model, key_variable=spec.api_key_env, redact=self._redact)
+            if failure.kind == "rate_limited":
+                raise RateLimitedError(text, delay=failure.retry_after) from None
+            if failure.kind == "transient":
+                raise TransientProviderError(text) from None
+            raise ProviderError(text) from None
         choice = response.choices[0]
         usage = getattr(response, "usage", None)
         return CompletionReply(
@@ -142,37 +173,6 @@ class DspyModelCaller:
         )
 
 
-class ProviderError(DspyrtError):
-    """A provider refused or failed a call (its text redacted of every configured key)."""
-
-    code = "provider_error"
-
-
-class TransientProviderError(RetryableError):
-    """A provider failure worth retrying (timeouts, connection trouble, 5xx)."""
-
-    code = "provider_unavailable"
-
-
-def _is_rate_limit(exc: BaseException | None) -> bool:
-    """DSPy wraps provider errors (``LMRateLimitError`` around ``lm15.RateLimitError``): look down the chain."""
-    while exc is not None:
-        if isinstance(exc, lm15.RateLimitError) or "RateLimit" in type(exc).__name__:
-            return True
-        exc = exc.__cause__
-    return False
-
-
-def _retry_after(exc: BaseException | None) -> float | None:
-    """The provider's retry-after hint in seconds (``retry_after`` on DSPy's and lm15's errors), down the chain."""
-    while exc is not None:
-        hint = getattr(exc, "retry_after", None)
-        if isinstance(hint, int | float) and not isinstance(hint, bool) and math.isfinite(hint) and hint >= 0:
-            return float(hint)
-        exc = exc.__cause__
-    return None
-
-
 class SwitcherAgent(Agent):
     """The guide's ModelSwitcher on the bus."""
 
@@ -183,6 +183,7 @@ class SwitcherAgent(Agent):
     registry: ModelRegistry
     switcher: ModelSwitcher
     deployments: DeployRegistry
+    cache: ResponseCache | None
 
     def make_registry(self) -> ModelRegistry:
         if self.config.models_file is not None:
@@ -214,13 +215,36 @@ class SwitcherAgent(Agent):
                     "output_tokens": reply.usage.output_tokens,
                     "cost": reply.cost,
                 }
+                # Every call says where its answer came from; tokens and cost are the provider's only.
+                data["source"] = "cache" if reply.cached else "provider"
             else:
                 failures.add(1, {**labels, "error.type": error or "error"})
-                data = {"model": model, "ok": False, "error": error}
+                data = {"model": model, "ok": False, "error": error, "source": "provider"}
             await self.publish_event("lm.call", data)
 
-        self.switcher = ModelSwitcher(list(self.registry), DspyModelCaller(self.registry), on_call=on_call)
+        self.cache = await self.make_cache()
+        self.switcher = ModelSwitcher(
+            list(self.registry),
+            DspyModelCaller(self.registry),
+            on_call=on_call,
+            fallback={spec.model: self.registry.fallback_chain(spec.model) for spec in self.registry},
+            cache=self.cache,
+        )
         yield
+
+    async def make_cache(self) -> ResponseCache | None:
+        """The response cache: an LRU in front of a KV bucket every switcher replica shares (None: turned off)."""
+        cfg = self.config
+        if not cfg.lm_cache:
+            return None
+        kv = await cache_bucket(
+            self.bus,
+            self.bus.subjects.bucket("lmcache"),
+            cfg.stream_layout,
+            ttl=cfg.lm_cache_ttl_hours * 3600,
+            max_bytes=cfg.lm_cache_max_mb * 1024 * 1024,
+        )
+        return ResponseCache(KvResponseStore(kv), memory_entries=cfg.lm_cache_memory_entries)
 
     @endpoint("select")
     async def select(self, request: SelectRequest) -> Selection:
@@ -248,6 +272,8 @@ class SwitcherAgent(Agent):
                 "gen_ai.usage.output_tokens": reply.usage.output_tokens,
                 "dspyrt.lm.tried": reply.tried,
                 "dspyrt.lm.cost": reply.cost,
+                "dspyrt.lm.source": "cache" if reply.cached else "provider",
+                "dspyrt.lm.attempts": reply.attempts,
             }
         )
         return reply
@@ -256,7 +282,13 @@ class SwitcherAgent(Agent):
     async def stats(self, _: Empty) -> SwitcherStats:
         """Per-model figures of the calls this instance served."""
         figures = self.switcher.figures()
-        return SwitcherStats(instance_calls=sum(f.calls for f in figures), models=figures)
+        cache = self.cache
+        return SwitcherStats(
+            instance_calls=sum(f.calls for f in figures),
+            models=figures,
+            cache=CacheFigures(enabled=cache is not None, hits=cache.hits if cache else 0,
+                               misses=cache.misses if cache else 0, writes=cache.writes if cache else 0),
+        )  # fmt: skip
 
     @endpoint("models")
     async def models(self, _: Empty) -> ModelList:
@@ -271,6 +303,7 @@ class SwitcherAgent(Agent):
                     context_window=s.context_window,
                     max_concurrency=s.max_concurrency,
                     rate_limit_per_minute=s.rate_limit_per_minute,
+                    fallback=self.registry.fallback_chain(s.model),
                     demo=s.is_demo,
                 )
                 for s in self.registry

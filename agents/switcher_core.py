@@ -5,6 +5,13 @@ Selection is a UCB1 bandit over the eligible models. A call's reward is its succ
 and cost relative to the other candidates; a model never tried yet gets the exploration bonus first, so every
 eligible model is measured before the figures decide. Rules come first: required tags filter, a model tagged
 with the task kind or role is preferred to an untagged one, and a budget caps the price per million tokens.
+
+Fallback is explicit and independent of the rules: after the first model, the models its ``fallback`` list (or
+the models file's default chain) names are tried in order. A request that did not pin a model and has no declared
+chain falls back through the other eligible models by rank. A request may forbid fallback (``fallback=False``).
+Failures follow one taxonomy (``agents.lm.errors``): rate limits wait, transient failures are retried with backoff
+and then fall back, permanent ones fail the call at once. The response cache (``agents.lm.cache``) answers a
+request it has seen before without calling the provider, unless the request says ``no_cache``.
 """
 
 from __future__ import annotations
@@ -13,14 +20,16 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import anyio
 from pydantic import Field, field_validator
 
-from bus import DspyrtError, Message, RetryableError
+from agents.lm.cache import CachedResponse, ResponseCache, cache_key
+from agents.lm.errors import AllModelsFailedError, ProviderError, classify
+from bus import DspyrtError, Message
 
 log = logging.getLogger("dspyrt.switcher")
 
@@ -43,6 +52,10 @@ class ModelLike(Protocol):
     def input_cost_per_million(self) -> float: ...
     @property
     def output_cost_per_million(self) -> float: ...
+    @property
+    def temperature(self) -> float | None: ...
+    @property
+    def max_tokens(self) -> int | None: ...
     def cost(self, input_tokens: int, output_tokens: int) -> float: ...
 
 
@@ -89,6 +102,8 @@ class Selection(Message):
     model: str
     reason: str
     candidates: list[CandidateScore]
+    # Tried in this order after ``model`` when it fails transiently (its declared chain).
+    fallback: list[str] = Field(default_factory=list)
     deployed: dict[str, Any] | None = None
 
 
@@ -112,18 +127,26 @@ class CompletionRequest(Message):
     max_price_per_million: float | None = Field(default=None, ge=0)
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
-    # Falls back to other eligible models when the pinned/selected one fails.
+    # Falls back along the declared chain when the pinned/selected model fails transiently.
     fallback: bool = True
+    # Skip the response cache for this call (the answer is still stored for later calls).
+    no_cache: bool = False
+    # The n-th identical request of one run (temperature > 0): a distinct sample, cached under its own key.
+    sample: int = Field(default=0, ge=0, le=1_000_000)
 
 
 class CompletionReply(Message):
     model: str
     text: str
     finish_reason: str = "stop"
+    # Tokens and cost of the provider call; 0 when the answer came from the cache.
     usage: TokenUsage = Field(default_factory=TokenUsage)
     cost: float = 0.0
     latency_ms: float = 0.0
     tried: list[str] = Field(default_factory=list)
+    cached: bool = False
+    # Provider requests this answer took, failed attempts included (0 from the cache).
+    attempts: int = 0
 
 
 class ModelFigures(Message):
@@ -138,16 +161,7 @@ class ModelFigures(Message):
     input_tokens: int
     output_tokens: int
     cost: float
-
-
-class RateLimitedError(RetryableError):
-    """The provider (or our own per-model limit) says slow down."""
-
-    code = "rate_limited"
-
-
-class AllModelsFailedError(DspyrtError):
-    code = "all_models_failed"
+    cache_hits: int = 0
 
 
 class NoEligibleModelError(DspyrtError):
@@ -166,6 +180,7 @@ class ModelStats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
+    cache_hits: int = 0
     latency_total_ms: float = 0.0
     recent_latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=256))
 
@@ -220,10 +235,16 @@ class ModelSwitcher:
         retry_backoff: float = 0.2,
         exploration: float = 0.5,
         on_call: Callable[[str, CompletionReply | None, str | None], Awaitable[None]] | None = None,
+        fallback: Mapping[str, Sequence[str]] | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         if not models:
             raise NoEligibleModelError("no models configured")
         self.models = {m.model: m for m in models}
+        # Each model's declared fallback chain (models without one are absent or map to []).
+        self.fallback = {name: [m for m in chain if m in self.models and m != name]
+                         for name, chain in (fallback or {}).items()}  # fmt: skip
+        self.cache = cache
         self.caller = caller
         self.retries = retries
         self.retry_backoff = retry_backoff
@@ -305,7 +326,9 @@ class ModelSwitcher:
         if best.success_rate is not None:
             why += f"; success {best.success_rate:.0%}, mean latency {best.mean_latency_ms or 0:.0f} ms"
         reason = f"{why}; {len(ranked)} eligible" + (f" ({', '.join(rules)})" if rules else "")
-        return Selection(model=best.model, reason=reason, candidates=ranked)
+        chain = self.fallback.get(best.model, [])
+        reason += f"; falls back to {', '.join(chain)}" if chain else "; no fallback declared"
+        return Selection(model=best.model, reason=reason, candidates=ranked, fallback=chain)
 
     # --- calling -------------------------------------------------------------------------------------
 
@@ -323,53 +346,94 @@ class ModelSwitcher:
                 input_tokens=s.input_tokens,
                 output_tokens=s.output_tokens,
                 cost=round(s.cost, 6),
+                cache_hits=s.cache_hits,
             )
             for name, s in self.stats.items()
         ]
 
     def _order(self, req: CompletionRequest) -> list[str]:
+        """The first model (pinned, or the best by the rules) and then its fallback chain."""
         select = SelectRequest(
             task_kind=req.task_kind, role=req.role, tags=req.tags, max_price_per_million=req.max_price_per_million
         )
         if req.model is not None:
             if req.model not in self.models:
                 raise NoEligibleModelError(f"unknown model {req.model!r}; known: {', '.join(self.models)}")
-            # The pinned model is tried even when no model matches the rules: they only narrow its fallbacks.
-            pool = self.eligible(select) if req.fallback else []
-            rest = [c.model for c in self._score(pool) if c.model != req.model]
-            return [req.model, *rest]
-        ranked = [c.model for c in self.rank(select)]
-        return ranked if req.fallback else ranked[:1]
+            first, ranked = req.model, []
+        else:
+            ranked = [c.model for c in self.rank(select)]
+            first = ranked[0]
+        if not req.fallback:
+            return [first]
+        declared = self.fallback.get(first, [])
+        # Without a declared chain, a request that let the switcher choose may go on to the next ranked model.
+        chain = declared or ranked[1:]
+        return [first, *(m for m in chain if m != first)]
+
+    def cache_key(self, spec: ModelLike, req: CompletionRequest) -> str:
+        """The response cache's key of ``req`` on ``spec``: what shapes the answer, nothing else."""
+        return cache_key(
+            spec.model,
+            {"temperature": spec.temperature, "max_tokens": spec.max_tokens},
+            {
+                "messages": [[m.role, m.content] for m in req.messages],
+                "temperature": req.temperature,
+                "max_tokens": req.max_tokens,
+                "sample": req.sample,
+            },
+        )
 
     async def complete(self, req: CompletionRequest) -> CompletionReply:
-        """Call the best model; retry transient failures with backoff, then fall back to the next one."""
+        """Answer from the cache, else call the first model; retry transient failures with backoff (a rate limit
+        waits its retry-after hint), then go down the fallback chain. A permanent failure fails at once."""
         tried: list[str] = []
         errors: list[str] = []
+        attempts = 0
         for name in self._order(req):
             spec = self.models[name]
             tried.append(name)
+            key = self.cache_key(spec, req) if self.cache is not None else ""
+            if self.cache is not None and not req.no_cache:
+                hit = await self.cache.get(key)
+                if hit is not None:
+                    self.stats[name].cache_hits += 1
+                    reply = CompletionReply(
+                        model=name, text=hit.text, finish_reason=hit.finish_reason, tried=tried, cached=True,
+                        attempts=attempts,
+                    )  # fmt: skip
+                    await self._report(name, reply, None)
+                    return reply
             for attempt in range(self.retries + 1):
+                attempts += 1
                 try:
                     reply = await self._call_once(spec, req)
-                except RateLimitedError as exc:
-                    errors.append(f"{name}: {exc.message}")
+                except Exception as exc:
+                    failure = classify(exc)
+                    message = exc.message if isinstance(exc, DspyrtError) else f"{type(exc).__name__}: {exc}"
+                    if failure.kind == "permanent":
+                        # Retrying or another model cannot heal a refused key or a bad request: say so now.
+                        raise ProviderError(message if message.startswith(name) else f"{name}: {message}") from None
+                    errors.append(f"{name}: {message}")
                     if attempt == self.retries:
                         break
-                    # The provider's retry-after hint when it gave one, else our backoff.
-                    wait = exc.delay if exc.delay is not None else self.retry_backoff * 2**attempt
+                    wait = failure.retry_after
+                    if wait is None or failure.kind != "rate_limited":
+                        wait = self.retry_backoff * 2**attempt
                     if wait > MAX_RETRY_AFTER:
                         break  # longer than a caller should hang on one model: the next one instead
                     await anyio.sleep(wait)
                     continue
-                except Exception as exc:
-                    errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                    if attempt < self.retries and is_transient(exc):
-                        await anyio.sleep(self.retry_backoff * 2**attempt)
-                        continue
-                    break
                 reply.tried = tried
+                reply.attempts = attempts
+                if self.cache is not None:
+                    await self.cache.put(key, CachedResponse(
+                        model=name, text=reply.text, finish_reason=reply.finish_reason,
+                        input_tokens=reply.usage.input_tokens, output_tokens=reply.usage.output_tokens,
+                    ))  # fmt: skip
                 return reply
-        raise AllModelsFailedError(f"every model failed ({'; '.join(errors[-6:])})")
+        raise AllModelsFailedError(
+            f"{len(tried)} model(s) failed after {attempts} attempt(s): {'; '.join(errors[-6:])}"
+        )
 
     async def _call_once(self, spec: ModelLike, req: CompletionRequest) -> CompletionReply:
         stats = self.stats[spec.model]
@@ -384,12 +448,12 @@ class ModelSwitcher:
                 reply = await self.caller(spec, req)
             except Exception as exc:
                 stats.failures += 1
-                if isinstance(exc, RateLimitedError):
+                if classify(exc).kind == "rate_limited":
                     stats.rate_limited += 1
                 failure = exc
         # Reported outside the limiter: a slow report must not hold the model's concurrency slot.
         if failure is not None:
-            code = failure.code if isinstance(failure, RateLimitedError) else type(failure).__name__
+            code = failure.code if isinstance(failure, DspyrtError) else type(failure).__name__
             await self._report(spec.model, None, code)
             raise failure
         latency = (time.perf_counter() - started) * 1000
@@ -412,11 +476,3 @@ class ModelSwitcher:
             await self.on_call(model, reply, error)
         except Exception as exc:
             log.warning("reporting the %s call failed: %s: %s", model, type(exc).__name__, exc)
-
-
-def is_transient(exc: Exception) -> bool:
-    """Errors worth retrying on the same model: timeouts, connection trouble, server-side 5xx."""
-    name = type(exc).__name__.lower()
-    return isinstance(exc, (TimeoutError, ConnectionError, RetryableError)) or any(
-        word in name for word in ("timeout", "connection", "server", "unavailable", "transient")
-    )

@@ -135,6 +135,7 @@ PERMANENT_CODES = frozenset(
         "corrupt_artifact",
         "no_eligible_model",
         "provider_error",
+        "provider_unreliable",
         "budget_exhausted",
     }
 )

@@ -146,6 +146,37 @@ async def key_value(
         )
 
 
+async def cache_bucket(
+    bus: Bus, bucket: str, layout: StreamLayout | None = None, *, ttl: float, max_bytes: int
+) -> KeyValue:
+    """Open a KV bucket used as a cache, creating it first if needed: entries expire after ``ttl`` seconds and,
+    past ``max_bytes``, the oldest are dropped to make room (a plain KV bucket refuses new writes instead)."""
+    layout = layout or StreamLayout()
+    try:
+        return await bus.js.key_value(bucket)
+    except BucketNotFoundError:
+        pass
+    # nats-py's create_key_value fixes DiscardPolicy.NEW; the same stream layout with OLD, made here.
+    await bus.js.add_stream(
+        api.StreamConfig(
+            name=f"KV_{bucket}",
+            description="cache: oldest entries are dropped when full",
+            subjects=[f"$KV.{bucket}.>"],
+            allow_direct=True,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+            discard=api.DiscardPolicy.OLD,
+            duplicate_window=min(120.0, ttl),
+            max_age=ttl,
+            max_bytes=max_bytes,
+            max_msgs_per_subject=1,
+            num_replicas=layout.replicas,
+            storage=api.StorageType.FILE,
+        )
+    )
+    return await bus.js.key_value(bucket)
+
+
 async def object_store(bus: Bus, name: str, layout: StreamLayout | None = None) -> ObjectStore:
     """Open an object store, creating it first if needed."""
     layout = layout or StreamLayout()

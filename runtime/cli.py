@@ -24,6 +24,7 @@ from rich.tree import Tree
 
 from bus import DspyrtError, TaskRecord, ensure_streams
 from runtime.cli_dashboard import dashboard_command
+from runtime.cli_optimizers import optimizers_command
 from runtime.cli_roles import roles_app
 from runtime.client import Client, connect_client
 from runtime.config import CONFIG_FILE_ENV, IntegrationConfig, load_config
@@ -423,6 +424,7 @@ programs_app = typer.Typer(help="Deployed programs: list, show, rollback, promot
 app.add_typer(programs_app, name="programs")
 app.add_typer(roles_app, name="roles")
 app.command("dashboard")(dashboard_command)
+app.command("optimizers")(optimizers_command)
 DEPLOY_AGENT = "loop-deploy"
 
 

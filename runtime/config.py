@@ -71,6 +71,11 @@ class IntegrationConfig(BaseSettings):
 
     # LM models (TOML, [[models]] tables); unset: only the offline demo model.
     models_file: Path | None = None
+    # The switcher's LM response cache, shared by every switcher replica through a KV bucket.
+    lm_cache: bool = True
+    lm_cache_ttl_hours: float = Field(default=7 * 24, gt=0)
+    lm_cache_max_mb: int = Field(default=1024, ge=1, le=1_000_000)
+    lm_cache_memory_entries: int = Field(default=10_000, ge=0, le=10_000_000)
 
     # Empty: every agent the mode and the enable flags allow.
     agents: Annotated[list[str], NoDecode] = Field(default_factory=list)

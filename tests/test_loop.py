@@ -102,7 +102,9 @@ async def test_the_gate_rejects_a_program_below_its_objectives_with_every_reason
         assert verdict["deployed"] is False and verdict["version"] is None
         joined = " | ".join(verdict["reasons"])
         assert "below the required 99" in joined and "below the required 95" in joined and "latency p95" in joined
-        assert verdict["checks"] == {"min_improvement": False, "min_score": False, "max_latency_p95_ms": False}
+        assert verdict["checks"] == {
+            "min_improvement": False, "min_score": False, "max_latency_p95_ms": False, "min_coverage": True
+        }
         listing = await system.client.request("loop-deploy", "list", Empty(), ProgramList)
         assert listing.programs == []
 
@@ -286,7 +288,9 @@ async def test_a_program_failing_a_required_validator_is_not_deployed(config: In
         assert rejected.status is TaskStatus.SUCCEEDED, rejected.error
         verdict = rejected.result["verdict"]
         assert verdict["deployed"] is False
-        assert verdict["checks"] == {"min_improvement": True, "min_score": True, "validator:logic": False}
+        assert verdict["checks"] == {
+            "min_improvement": True, "min_score": True, "validator:logic": False, "min_coverage": True
+        }
         assert any("logic/" in r and "should be int" in r for r in verdict["reasons"])
         assert rejected.result["validation"]["passed"] is False
         # The same cycle with the right schema passes the same validator and deploys.

@@ -39,6 +39,7 @@ output_cost_per_million = 2.0
 model = "demo/broken"
 tags = ["flaky"]
 faults = { error_rate = 1.0 }
+fallback = ["demo/second"]
 """
 
 

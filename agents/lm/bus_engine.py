@@ -7,10 +7,17 @@ records the figures. Only text chat is proxied (system/user/assistant messages, 
 DSPy's optimizers are synchronous and run in worker threads; the sync engine hops back to the event loop
 that owns the NATS connection with ``anyio.from_thread.run`` and the loop's token, carrying the caller's trace
 context with it. A ``UsageMeter`` counts calls, tokens and cost per run and enforces a budget.
+
+A call that failed transiently after the switcher's retries and fallback is sent once more; if it fails again
+the meter counts it as a failed call and the error reaches DSPy (an evaluation then records the example as an
+error, not a wrong answer). A permanent failure (``provider_error``: a refused key, an unknown model) is kept
+by the meter and every later call of the run fails with it at once, so the run stops with the provider's own
+reason however DSPy's thread pools report it (they end with "Execution cancelled ...").
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -24,13 +31,18 @@ from dspy.lm15 import Message, Request, Response, Usage
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from agents.lm.cache import disable_dspy_cache
+from agents.lm.errors import TRANSIENT_CALL_CODES
 from agents.switcher_core import ChatMessage, CompletionReply, CompletionRequest
-from bus import DspyrtError
+from bus import DspyrtError, RemoteError
+from bus.errors import is_permanent
 from runtime.client import Client
 
 SWITCHER = "switcher"
 COMPLETE = "complete"
 PROXY_MODEL_PREFIX = "dspyrt/"
+# Pause before a call that failed after the switcher's retries is sent once more.
+RETRY_PAUSE = 1.0
 
 
 class BudgetExhaustedError(DspyrtError):
@@ -49,13 +61,31 @@ class UsageMeter:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
+    # Answers that came from the switcher's cache (no tokens, no cost), and calls that failed for good.
+    cached_calls: int = 0
+    failed_calls: int = 0
+    # Provider requests made for this run, failed attempts (429, 5xx) included.
+    provider_requests: int = 0
     models: dict[str, int] = field(default_factory=dict)
     exhausted: str | None = None
+    # The first permanent failure (the provider refused): every later call of the run fails with it.
+    fatal: DspyrtError | None = None
+    _samples: dict[str, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def answered_calls(self) -> int:
+        return self.calls - self.failed_calls
+
+    @property
+    def error_rate(self) -> float:
+        return self.failed_calls / self.calls if self.calls else 0.0
+
     def reserve(self) -> None:
-        """Claim one call, or raise when the budget is spent (checked before the call is made)."""
+        """Claim one call, or raise when the budget is spent or the provider refused (checked before the call)."""
         with self._lock:
+            if self.fatal is not None:
+                raise RemoteError(self.fatal.to_body())
             if self.exhausted is None:
                 if self.max_calls is not None and self.calls >= self.max_calls:
                     self.exhausted = f"LM-call budget of {self.max_calls} calls spent"
@@ -70,7 +100,26 @@ class UsageMeter:
             self.input_tokens += reply.usage.input_tokens
             self.output_tokens += reply.usage.output_tokens
             self.cost += reply.cost
+            self.cached_calls += reply.cached
+            self.provider_requests += reply.attempts
             self.models[reply.model] = self.models.get(reply.model, 0) + 1
+
+    def fail(self, error: DspyrtError) -> None:
+        """Count a call that failed for good; keep a permanent failure so the run stops with its reason."""
+        with self._lock:
+            self.failed_calls += 1
+            if self.fatal is None and is_permanent(error):
+                self.fatal = error
+
+    def sample(self, request: CompletionRequest) -> int:
+        """How many identical requests this run made before (a distinct sample each when temperature > 0)."""
+        if not request.temperature:
+            return 0
+        key = hashlib.sha256(request.model_dump_json(exclude={"sample"}).encode()).hexdigest()
+        with self._lock:
+            n = self._samples.get(key, 0)
+            self._samples[key] = n + 1
+            return n
 
 
 @dataclass(frozen=True)
@@ -83,6 +132,10 @@ class Routing:
     tags: tuple[str, ...] = ()
     max_price_per_million: float | None = None
     timeout: float = 120.0
+    # False: only the first model answers (no fallback chain). True: its declared chain may.
+    fallback: bool = True
+    # Skip the switcher's response cache for this run's calls.
+    no_cache: bool = False
 
 
 def _system_text(request: Request) -> str | None:
@@ -120,6 +173,8 @@ def to_completion_request(request: Request, routing: Routing) -> CompletionReque
         max_price_per_million=routing.max_price_per_million,
         temperature=config.temperature,
         max_tokens=config.max_tokens,
+        fallback=routing.fallback,
+        no_cache=routing.no_cache,
     )
 
 
@@ -142,18 +197,33 @@ class AsyncBusEngine:
         self.meter = meter
 
     async def call(self, request: Request) -> CompletionReply:
-        if self.meter is not None:
-            self.meter.reserve()
-        reply = await self.client.request(
-            SWITCHER,
-            COMPLETE,
-            to_completion_request(request, self.routing),
-            CompletionReply,
-            timeout=self.routing.timeout,
-        )
-        if self.meter is not None:
-            self.meter.charge(reply)
+        meter = self.meter
+        if meter is not None:
+            meter.reserve()
+        completion = to_completion_request(request, self.routing)
+        if meter is not None:
+            completion.sample = meter.sample(completion)
+        try:
+            try:
+                reply = await self._send(completion)
+            except DspyrtError as exc:
+                if exc.code not in TRANSIENT_CALL_CODES:
+                    raise
+                # Failed after the switcher's retries and the fallback chain: once more, after a pause.
+                await anyio.sleep(RETRY_PAUSE)
+                reply = await self._send(completion)
+        except DspyrtError as exc:
+            if meter is not None:
+                meter.fail(exc)
+            raise
+        if meter is not None:
+            meter.charge(reply)
         return reply
+
+    async def _send(self, completion: CompletionRequest) -> CompletionReply:
+        return await self.client.request(
+            SWITCHER, COMPLETE, completion, CompletionReply, timeout=self.routing.timeout
+        )
 
     async def complete(self, request: Request) -> Response:
         return to_response(await self.call(request))
@@ -198,6 +268,7 @@ class BusEngine:
 
 def bus_lm(client: Client, routing: Routing | None = None, meter: UsageMeter | None = None) -> Any:
     """A ``dspy.LM`` whose every call goes through the switcher. Call it on the event loop thread."""
+    disable_dspy_cache()
     routing = routing or Routing()
     inner = AsyncBusEngine(client, routing, meter)
     sync = BusEngine(inner, anyio.lowlevel.current_token())

@@ -8,6 +8,7 @@ A model is one ``[[models]]`` table in a TOML file; a real provider is one line 
     input_cost_per_million = 0.15
     output_cost_per_million = 0.60
     tags = ["fast", "classification"]
+    fallback = ["demo/fewshot"]             # tried, in order, when this model fails transiently
 
 Credentials come only from the environment, read when the LM is built; a :class:`ModelSpec` never holds
 one, so no repr, str or dump of it can leak a key. ``demo/...`` models use the offline demo engine.
@@ -23,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agents.lm.cache import disable_dspy_cache
 from agents.lm.demo import MODEL as DEMO_MODEL
 from agents.lm.demo import demo_lm
 from agents.lm.faults import FaultProfile
@@ -53,6 +55,10 @@ class ModelSpec(BaseModel):
     api_base: str | None = Field(default=None, description="endpoint override, e.g. a local OpenAI-compatible server")
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, gt=0)
+    fallback: tuple[str, ...] | None = Field(
+        default=None,
+        description="models tried in order when this one fails transiently; None: the file's default chain",
+    )
     # Demo models only: injected latency and failures, for benchmarks and fault tests.
     faults: FaultProfile | None = None
 
@@ -95,13 +101,28 @@ class ModelSpec(BaseModel):
 class ModelRegistry:
     """The configured models, by model string. Immutable once built."""
 
-    def __init__(self, models: Iterable[ModelSpec]) -> None:
+    def __init__(self, models: Iterable[ModelSpec], *, fallback: Iterable[str] = ()) -> None:
         by_name: dict[str, ModelSpec] = {}
         for spec in models:
             if spec.model in by_name:
                 raise ConfigurationError(f"model {spec.model!r} is configured twice")
             by_name[spec.model] = spec
         self._models = by_name
+        self.default_fallback = tuple(fallback)
+        chains = [("fallback", self.default_fallback)]
+        chains += [(f"{s.model}'s fallback", s.fallback) for s in by_name.values() if s.fallback]
+        for where, chain in chains:
+            unknown = [m for m in chain if m not in by_name]
+            if unknown:
+                raise ConfigurationError(
+                    f"{where} names unconfigured model(s) {', '.join(unknown)}; known: {', '.join(sorted(by_name))}"
+                )
+
+    def fallback_chain(self, model: str) -> list[str]:
+        """The models tried after ``model`` fails: its own ``fallback`` list, else the file's default chain."""
+        spec = self.get(model)
+        chain = spec.fallback if spec.fallback is not None else self.default_fallback
+        return [m for i, m in enumerate(chain) if m != model and m not in chain[:i]]
 
     @classmethod
     def default(cls) -> ModelRegistry:
@@ -124,10 +145,15 @@ class ModelRegistry:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str = "model configuration") -> ModelRegistry:
-        """Build from parsed configuration: ``{"models": [{...}, ...]}``."""
-        unknown = sorted(set(data) - {"models"})
+        """Build from parsed configuration: ``{"fallback": [...], "models": [{...}, ...]}``."""
+        unknown = sorted(set(data) - {"models", "fallback"})
         if unknown:
-            raise ConfigurationError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; expected [[models]]")
+            raise ConfigurationError(
+                f"{source}: unknown top-level key(s) {', '.join(unknown)}; expected [[models]] and fallback"
+            )
+        fallback = data.get("fallback", [])
+        if not isinstance(fallback, list) or not all(isinstance(m, str) for m in fallback):
+            raise ConfigurationError(f"{source}: fallback must be a list of model strings")
         entries = data.get("models")
         if not isinstance(entries, list) or not entries:
             raise ConfigurationError(f"{source}: expected at least one [[models]] table")
@@ -138,7 +164,10 @@ class ModelRegistry:
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
                 raise ConfigurationError(f"{source}: models[{index}] is invalid: {problems}") from None
-        return cls(specs)
+        try:
+            return cls(specs, fallback=fallback)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{source}: {exc.message}") from None
 
     def get(self, model: str) -> ModelSpec:
         """The spec for a model string; :class:`NotFoundError` lists the known ones."""
@@ -171,10 +200,14 @@ def build_lm(spec: ModelSpec, *, environ: Mapping[str, str] | None = None, num_r
     string is a real provider: ``dspy.LM(model, api_key=<value of api_key_env>)``. ``environ`` defaults to
     ``os.environ``; a missing or empty variable is a :class:`ConfigurationError` naming the variable.
     """
+    disable_dspy_cache()
     if spec.is_demo:
         return demo_lm(spec.model, faults=spec.faults, num_retries=num_retries)
     import dspy
 
+    # DSPy refreshes its model price list from the network on the first call unless this is set: no network
+    # at run time but the provider's (set it to false yourself to allow the refresh).
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     env = os.environ if environ is None else environ
     options: dict[str, Any] = {}
     if spec.api_key_env is not None:
@@ -194,6 +227,7 @@ def build_lm(spec: ModelSpec, *, environ: Mapping[str, str] | None = None, num_r
     from dspy.utils.exceptions import DSPyError
 
     try:
-        return dspy.LM(spec.model, num_retries=num_retries, **options)
+        # cache=False: the switcher's cache is the system's one (agents.lm.cache).
+        return dspy.LM(spec.model, num_retries=num_retries, cache=False, **options)
     except (TypeError, ValueError, DSPyError) as exc:
         raise ConfigurationError(f"model {spec.model!r} cannot be built: {exc}") from exc

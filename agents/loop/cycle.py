@@ -92,6 +92,9 @@ class FourPartOptimizationLoop:
                 model=req.model,
                 shard_size=req.shard_size,
                 evaluation_id=key,
+                allow_fallback=req.allow_fallback,
+                no_cache=req.no_cache,
+                max_error_rate=req.max_error_rate,
             )
 
         create = CreateResult.model_validate(await phase("create", lambda: self.phases.create(req)))
@@ -113,6 +116,9 @@ class FourPartOptimizationLoop:
             model=req.model or baseline.model,
             budget=req.budget,
             seed=req.seed,
+            allow_fallback=req.allow_fallback,
+            no_cache=req.no_cache,
+            max_error_rate=req.max_error_rate,
         )
         optimization = OptimizationResult.model_validate(
             await phase("optimize", lambda: self.phases.optimize(optimize_request, f"{cycle_id}-opt"))
@@ -141,6 +147,8 @@ class FourPartOptimizationLoop:
             validation=validation,
             verdict=verdict,
             phase_runs=dict(state.runs),
+            models_used=(used := models_used(baseline, optimization, optimized)),
+            mixed_models=len(used) > 1,
         )
 
     async def _deploy(
@@ -168,12 +176,25 @@ class FourPartOptimizationLoop:
                 optimized_score=optimized.score,
                 cost=round(baseline.cost + optimization.cost + optimized.cost, 6),
                 latency_p95_ms=optimized.latency_p95_ms,
+                coverage=min(baseline.coverage, optimized.coverage),
+                models_used=models_used(baseline, optimization, optimized),
                 validation=validation,
                 objectives=req.objectives,
                 canary_fraction=req.canary_fraction,
                 cycle_id=cycle_id,
             )
         )
+
+
+def models_used(
+    baseline: EvaluationResult, optimization: OptimizationResult, optimized: EvaluationResult | None
+) -> dict[str, int]:
+    """Every model that answered a call in the cycle's measured phases, with its calls."""
+    used: dict[str, int] = {}
+    for phase in (baseline.models_used, optimization.models_used, optimized.models_used if optimized else {}):
+        for model, calls in phase.items():
+            used[model] = used.get(model, 0) + calls
+    return used
 
 
 def _dump(result: Any) -> dict[str, Any]:

@@ -18,10 +18,11 @@ import anyio
 
 from agents.artifacts import ArtifactStore
 from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
-from agents.loop.evaluation import evaluate_examples, merge_shards, to_examples
+from agents.loop.evaluation import merge_shards, to_examples
 from agents.loop.models import EvaluateRequest, EvaluationResult, ProgramRef, ShardRequest, ShardResult
 from agents.metrics import MetricRegistry
 from agents.programs import build_program, load_program_state
+from agents.scoring import evaluate_examples
 from agents.switcher_core import Selection, SelectRequest
 from bus import PermanentError, TaskStatus
 from runtime.agent import Agent, TaskContext, task
@@ -64,7 +65,9 @@ class EvaluatorAgent(Agent):
         metric = MetricRegistry.installed().get(shard.metric, shard.metric_field, **shard.metric_params)
         examples = to_examples(shard.examples, shard.input_fields, shard.metric_field)
         meter = UsageMeter()
-        lm = bus_lm(self.client, Routing(model=shard.model, task_kind="evaluate"), meter)
+        routing = Routing(model=shard.model, task_kind="evaluate", fallback=shard.allow_fallback,
+                          no_cache=shard.no_cache)  # fmt: skip
+        lm = bus_lm(self.client, routing, meter)
         try:
             # A failure that is not about one example (the switcher unreachable, a timeout, an error reply)
             # fails the shard: the task worker retries it, or fails it at once if its code cannot heal.
@@ -78,6 +81,9 @@ class EvaluatorAgent(Agent):
             offset=shard.offset,
             results=results,
             lm_calls=meter.calls,
+            cached_calls=meter.cached_calls,
+            provider_requests=meter.provider_requests,
+            models_used=dict(meter.models),
             input_tokens=meter.input_tokens,
             output_tokens=meter.output_tokens,
             cost=round(meter.cost, 6),
@@ -120,6 +126,8 @@ async def run_evaluation(agent: Agent, job: EvaluateRequest, evaluation_id: str,
             metric_params=job.metric_params,
             model=model,
             num_threads=job.num_threads,
+            allow_fallback=job.allow_fallback,
+            no_cache=job.no_cache,
         )
         for offset in range(0, len(job.devset), job.shard_size)
     ]
@@ -152,4 +160,10 @@ async def run_evaluation(agent: Agent, job: EvaluateRequest, evaluation_id: str,
         # Raised outside the task group, which would wrap it in an ExceptionGroup (code "internal") and so hide
         # whether it is permanent, retryable or the switcher's error.
         raise failures[0]
-    return merge_shards(results.values(), total=len(job.devset), model=model, duration_s=time.perf_counter() - started)
+    return merge_shards(
+        results.values(),
+        total=len(job.devset),
+        model=model,
+        duration_s=time.perf_counter() - started,
+        max_error_rate=job.max_error_rate,
+    )

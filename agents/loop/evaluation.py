@@ -4,25 +4,21 @@ Each example is run once in a worker thread under ``dspy.context(lm=...)``; its 
 error are kept, keyed by the example's index in the whole devset. Merging is by index, so a shard scored twice
 (its first worker died after finishing) can never count an example twice.
 
-A failure of one example (the LM's answer could not be parsed, the metric raised on this prediction) scores it 0
-and the shard goes on. A failure that is not about the example (one of the project's errors: the switcher
-unreachable, a timeout, an error reply, a configuration error) fails the shard instead: scoring every example 0
-would report a baseline of 0 and a huge improvement.
+How each example's failure counts is ``agents.scoring``'s rule: a failure of the example scores 0, an LM call that
+failed after retries and fallback is an error left out of the score (and counted against coverage), anything else
+fails the shard: scoring every example 0 would report a baseline of 0 and a huge improvement.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dspy
 
-from agents.loop.models import EvaluationResult, ExampleResult, ShardResult
-from agents.metrics import Metric
-from bus import DspyrtError, MessageValidationError
+from agents.loop.models import EvaluationResult, ShardResult
+from agents.scoring import ExampleResult, check_error_rate, summarize
+from bus import MessageValidationError
 
 
 def to_examples(rows: list[dict[str, Any]], inputs: list[str], metric_field: str | None = None) -> list[Any]:
@@ -39,64 +35,6 @@ def to_examples(rows: list[dict[str, Any]], inputs: list[str], metric_field: str
     return examples
 
 
-def jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def project_error(exc: BaseException) -> DspyrtError | None:
-    """The project's error ``exc`` is or was raised from (DSPy wraps what the LM raises), if any."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, DspyrtError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__
-    return None
-
-
-def run_one(program: Any, example: Any, index: int, metric: Metric, lm: Any) -> ExampleResult:
-    """Score one example; a failure of the example scores 0, a failure of the bus or the setup is raised."""
-    started = time.perf_counter()
-    try:
-        with dspy.context(lm=lm):
-            prediction = program(**example.inputs())
-        latency = (time.perf_counter() - started) * 1000
-        score = float(metric(example, prediction))
-        outputs = {k: jsonable(v) for k, v in prediction.items()}
-        return ExampleResult(index=index, score=score, outputs=outputs, latency_ms=round(latency, 3))
-    except Exception as exc:
-        failure = exc
-    # Raised outside the handler, so the project's error is not chained to DSPy's wrapper around it.
-    error = project_error(failure)
-    if error is not None:
-        raise error
-    latency = (time.perf_counter() - started) * 1000
-    message = f"{type(failure).__name__}: {failure}"
-    return ExampleResult(index=index, score=0.0, latency_ms=round(latency, 3), error=message)
-
-
-def evaluate_examples(
-    program: Any, examples: list[Any], offset: int, metric: Metric, lm: Any, num_threads: int
-) -> list[ExampleResult]:
-    """Score ``examples`` (indices ``offset``...) with ``num_threads`` threads. Blocking: use a worker thread.
-
-    The first error that is not about one example is raised, once the examples already running are done;
-    the rest are not started."""
-    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples)))) as pool:
-        futures = [pool.submit(run_one, program, ex, offset + i, metric, lm) for i, ex in enumerate(examples)]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -107,8 +45,11 @@ def percentile(values: list[float], q: float) -> float:
     return round(ordered[low] + (ordered[high] - ordered[low]) * (rank - low), 3)
 
 
-def merge_shards(shards: Iterable[ShardResult], *, total: int, model: str, duration_s: float) -> EvaluationResult:
-    """One evaluation from its shards: every index exactly once."""
+def merge_shards(
+    shards: Iterable[ShardResult], *, total: int, model: str, duration_s: float, max_error_rate: float = 1.0
+) -> EvaluationResult:
+    """One evaluation from its shards: every index exactly once. More failed LM calls than ``max_error_rate``
+    of the examples fail it with ``provider_unreliable``."""
     by_index: dict[int, ExampleResult] = {}
     shard_list = list(shards)
     for shard in shard_list:
@@ -119,9 +60,22 @@ def merge_shards(shards: Iterable[ShardResult], *, total: int, model: str, durat
         raise MessageValidationError(f"evaluation incomplete: {len(missing)} example(s) missing, e.g. {missing[:5]}")
     results = [by_index[i] for i in range(total)]
     latencies = [r.latency_ms for r in results if r.error is None]
+    summary = summarize(results)
+    check_error_rate(summary.errors, total, max_error_rate, model=model, what="evaluation")
+    models_used: dict[str, int] = {}
+    for shard in shard_list:
+        for name, calls in shard.models_used.items():
+            models_used[name] = models_used.get(name, 0) + calls
     return EvaluationResult(
-        score=round(100.0 * sum(r.score for r in results) / total, 4),
+        score=summary.score if summary.score is not None else 0.0,
         examples=total,
+        answered=summary.answered,
+        errors=summary.errors,
+        coverage=summary.coverage,
+        models_used=models_used,
+        mixed_models=len(models_used) > 1,
+        cached_calls=sum(s.cached_calls for s in shard_list),
+        provider_requests=sum(s.provider_requests for s in shard_list),
         results=results,
         shards=len(shard_list),
         model=model,

@@ -54,6 +54,20 @@ def check_objectives(req: DeployRequest) -> tuple[dict[str, bool], list[str]]:
         checks["min_score"] = ok
         if not ok:
             reasons.append(f"score {req.optimized_score} is below the required {o.min_score}")
+    checks["min_coverage"] = req.coverage >= o.min_coverage
+    if not checks["min_coverage"]:
+        reasons.append(
+            f"coverage {req.coverage:.1%} is below the required {o.min_coverage:.1%}: some examples' LM calls "
+            "failed, so the scores are not over the whole devset"
+        )
+    if len(req.models_used) > 1:
+        checks["single_model"] = o.allow_mixed_models
+        if not o.allow_mixed_models:
+            used = ", ".join(f"{m} ({n} calls)" for m, n in sorted(req.models_used.items()))
+            reasons.append(
+                f"more than one model answered ({used}): the baseline and the optimized score are not a "
+                "comparison of one model; set objectives.allow_mixed_models to deploy anyway"
+            )
     if o.max_cost is not None:
         ok = req.cost <= o.max_cost
         checks["max_cost"] = ok

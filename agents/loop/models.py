@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from agents.optimizers import ArtifactRef, Budget, OptimizationResult
 from agents.programs import ProgramSpec, parse_program_spec
+from agents.scoring import DEFAULT_MAX_ERROR_RATE, ExampleResult
 from bus import Message
 
 Severity = Literal["info", "warning", "error", "critical"]
@@ -62,6 +63,12 @@ class EvaluateRequest(Message):
     num_threads: int = Field(default=8, ge=1, le=256)
     # Evaluation id: shard task ids derive from it, so a repeated request reuses finished shards.
     evaluation_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,100}$")
+    # More examples than this share whose LM call failed (after retries and fallback): provider_unreliable.
+    max_error_rate: float = Field(default=DEFAULT_MAX_ERROR_RATE, ge=0, le=0.5)
+    # Fall back along the model's declared chain when it fails; False: the model alone answers.
+    allow_fallback: bool = True
+    # Skip the switcher's response cache (answers are still stored).
+    no_cache: bool = False
 
 
 class ShardRequest(Message):
@@ -74,20 +81,17 @@ class ShardRequest(Message):
     metric_params: dict[str, Any] = Field(default_factory=dict)
     model: str
     num_threads: int = 8
-
-
-class ExampleResult(Message):
-    index: int
-    score: float
-    outputs: dict[str, Any] = Field(default_factory=dict)
-    latency_ms: float = 0.0
-    error: str | None = None
+    allow_fallback: bool = True
+    no_cache: bool = False
 
 
 class ShardResult(Message):
     offset: int
     results: list[ExampleResult]
     lm_calls: int = 0
+    cached_calls: int = 0
+    provider_requests: int = 0
+    models_used: dict[str, int] = Field(default_factory=dict)
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
@@ -95,12 +99,21 @@ class ShardResult(Message):
 
 
 class EvaluationResult(Message):
-    score: float  # percent, as dspy.Evaluate reports
+    score: float  # percent over the answered examples, as dspy.Evaluate reports
     examples: int
+    # Examples whose LM call failed after retries and fallback are errors: left out of the score.
+    answered: int | None = None
+    errors: int = 0
+    coverage: float = 1.0  # answered / examples
     results: list[ExampleResult]
     shards: int
     model: str
+    # Which models answered, and how many calls each; more than one: mixed_models.
+    models_used: dict[str, int] = Field(default_factory=dict)
+    mixed_models: bool = False
     lm_calls: int = 0
+    cached_calls: int = 0  # answered from the switcher's cache (no tokens, no cost)
+    provider_requests: int = 0  # requests the provider received, failed attempts included
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
@@ -125,6 +138,10 @@ class Objectives(Message):
     max_cost: float | None = Field(default=None, ge=0)  # USD for the whole cycle
     max_latency_p95_ms: float | None = Field(default=None, gt=0)
     required_validators: list[RequiredValidator] = Field(default_factory=list)
+    # Share of the evaluation examples that must have been answered (a failed LM call is an error, not a 0).
+    min_coverage: float = Field(default=1.0, ge=0, le=1)
+    # Deploy even when more than one model answered across baseline, optimization and the optimized evaluation.
+    allow_mixed_models: bool = False
 
 
 class ValidationSpec(Message):
@@ -145,6 +162,9 @@ class DeployRequest(Message):
     optimized_score: float | None = None
     cost: float = 0.0
     latency_p95_ms: float | None = None
+    # The lower coverage of the two evaluations, and every model that answered in the cycle (calls each).
+    coverage: float = 1.0
+    models_used: dict[str, int] = Field(default_factory=dict)
     validation: dict[str, Any] | None = None  # the aggregated validation report
     objectives: Objectives = Field(default_factory=Objectives)
     canary_fraction: float | None = Field(default=None, gt=0, lt=1)
@@ -186,6 +206,10 @@ class CycleRequest(Message):
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     canary_fraction: float | None = Field(default=None, gt=0, lt=1)
     shard_size: int = Field(default=25, ge=1)
+    # Passed to every phase: fallback along the model's declared chain, the LM cache, the failed-call limit.
+    allow_fallback: bool = True
+    no_cache: bool = False
+    max_error_rate: float = Field(default=DEFAULT_MAX_ERROR_RATE, ge=0, le=0.5)
 
     _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
 
@@ -212,6 +236,9 @@ class CycleResult(Message):
     validation: dict[str, Any] | None = None
     verdict: DeployVerdict
     phase_runs: dict[str, int] = Field(default_factory=dict)
+    # Every model that answered in the cycle; more than one: the comparison mixed models.
+    models_used: dict[str, int] = Field(default_factory=dict)
+    mixed_models: bool = False
 
 
 # ------------------------------------------------------------------------------------------ serving

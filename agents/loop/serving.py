@@ -18,10 +18,10 @@ import dspy
 from agents.artifacts import ArtifactStore
 from agents.deployments import DeployedVersion, DeployRegistry
 from agents.lm.bus_engine import Routing, bus_lm
-from agents.loop.evaluation import jsonable
 from agents.loop.models import PredictReply, PredictRequest
 from agents.optimizers import ArtifactRef
 from agents.programs import load_program_state, parse_program_spec
+from agents.scoring import jsonable
 from agents.switcher_core import Selection, SelectRequest
 from bus import MessageValidationError, NotFoundError
 from runtime.agent import Agent, endpoint

@@ -49,7 +49,7 @@ SWITCHER_LM = ("switcher.select", "switcher.complete")
 AGENTS: dict[str, Access] = {
     "system": Access(discovery=True),
     "example": Access(tasks=("wordcount",)),
-    "switcher": Access(events=("lm.call",), reads=("deployments",)),
+    "switcher": Access(events=("lm.call",), reads=("deployments",), buckets=("lmcache",)),
     "optimizer": Access(
         tasks=("optimize",),
         calls=SWITCHER_LM,

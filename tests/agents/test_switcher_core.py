@@ -12,6 +12,7 @@ from dspy import lm15
 from dspy.utils.exceptions import LMRateLimitError
 
 from agents import switcher_core
+from agents.lm.errors import AllModelsFailedError, ProviderError, RateLimitedError
 from agents.lm.faults import FaultProfile
 from agents.lm.models import ModelRegistry, ModelSpec
 from agents.switcher import DspyModelCaller
@@ -21,7 +22,6 @@ from agents.switcher_core import (
     CompletionRequest,
     ModelLike,
     ModelSwitcher,
-    RateLimitedError,
     TokenUsage,
 )
 
@@ -36,6 +36,8 @@ class Model:
     rate_limit_per_minute: int | None = None
     input_cost_per_million: float = 10.0
     output_cost_per_million: float = 10.0
+    temperature: float | None = None
+    max_tokens: int | None = None
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_cost_per_million + output_tokens * self.output_cost_per_million) / 1e6
@@ -100,11 +102,12 @@ async def test_failed_report_of_a_failure_keeps_the_retry_decision(sleeps: list[
     async def on_call(model: str, reply: CompletionReply | None, error: str | None) -> None:
         raise ConnectionClosedError("nats: connection closed")
 
-    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, on_call=on_call)
-    reply = await switcher.complete(request(model="a/x"))
-    # A permanent failure is not retried on the same model, whatever the report did: straight to the fallback.
-    assert caller.calls == ["a/x", "b/y"]
-    assert reply.model == "b/y"
+    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, on_call=on_call, fallback={"a/x": ["b/y"]})
+    with pytest.raises(ProviderError) as info:
+        await switcher.complete(request(model="a/x"))
+    # A permanent failure is neither retried nor handed to the fallback, whatever the report did: it fails now.
+    assert caller.calls == ["a/x"]
+    assert info.value.code == "provider_error" and "bad request" in info.value.message
     assert sleeps == []
 
 
@@ -117,7 +120,7 @@ async def test_report_runs_outside_the_concurrency_limit() -> None:
         borrowed.append(switcher._limits[model].borrowed_tokens)
 
     switcher.on_call = on_call
-    with pytest.raises(switcher_core.AllModelsFailedError):
+    with pytest.raises(ProviderError):
         await switcher.complete(request(model="a/x"))
     switcher.caller = StubCaller()
     await switcher.complete(request(model="a/x"))
@@ -141,16 +144,49 @@ async def test_pinned_model_is_tried_when_no_model_has_the_tags() -> None:
     assert (reply.model, caller.calls) == ("a/x", ["a/x"])
 
 
-async def test_pinned_model_falls_back_only_to_eligible_models(sleeps: list[float]) -> None:
-    caller = StubCaller(fail=ValueError("bad request"), failing=("a/x",))
+async def test_pinned_model_falls_back_along_its_declared_chain_whatever_the_rules(sleeps: list[float]) -> None:
+    caller = StubCaller(fail=ConnectionError("refused"), failing=("a/x", "b/y"))
     models: list[ModelLike] = [
         Model("a/x"),
         Model("b/y"),
         Model("c/z", input_cost_per_million=0.5, output_cost_per_million=0.5),
     ]
-    switcher = ModelSwitcher(models, caller)
-    reply = await switcher.complete(request(model="a/x", max_price_per_million=1))
-    assert (reply.model, reply.tried) == ("c/z", ["a/x", "c/z"])
+    switcher = ModelSwitcher(models, caller, retries=0, fallback={"a/x": ["b/y", "c/z"]})
+    # No model but c/z fits the budget and none has the tag: the declared chain is tried all the same, in order.
+    reply = await switcher.complete(request(model="a/x", max_price_per_million=1, tags=["vision"]))
+    assert (reply.model, reply.tried, caller.calls) == ("c/z", ["a/x", "b/y", "c/z"], ["a/x", "b/y", "c/z"])
+
+
+async def test_pinned_model_without_a_declared_chain_does_not_fall_back(sleeps: list[float]) -> None:
+    caller = StubCaller(fail=ConnectionError("refused"), failing=("a/x",))
+    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, retries=1)
+    with pytest.raises(AllModelsFailedError) as info:
+        await switcher.complete(request(model="a/x"))
+    assert caller.calls == ["a/x", "a/x"]
+    assert "after 2 attempt(s)" in info.value.message and "refused" in info.value.message
+
+
+async def test_fallback_false_keeps_to_the_first_model(sleeps: list[float]) -> None:
+    caller = StubCaller(fail=ConnectionError("refused"), failing=("a/x",))
+    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, retries=0, fallback={"a/x": ["b/y"]})
+    with pytest.raises(AllModelsFailedError):
+        await switcher.complete(request(model="a/x", fallback=False))
+    assert caller.calls == ["a/x"]
+
+
+async def test_unpinned_request_without_a_chain_falls_back_by_rank(sleeps: list[float]) -> None:
+    caller = StubCaller(fail=ConnectionError("refused"), failing=("a/x",))
+    cheap = Model("a/x", input_cost_per_million=1, output_cost_per_million=1)
+    switcher = ModelSwitcher([cheap, Model("b/y")], caller, retries=0)
+    reply = await switcher.complete(request())
+    assert (reply.model, reply.tried) == ("b/y", ["a/x", "b/y"])
+
+
+def test_select_names_the_fallback_chain() -> None:
+    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], StubCaller(), fallback={"a/x": ["b/y"], "b/y": []})
+    selection = switcher.select(switcher_core.SelectRequest())
+    assert selection.model == "a/x" and selection.fallback == ["b/y"]
+    assert "falls back to b/y" in selection.reason
 
 
 async def test_unpinned_request_with_no_eligible_model_still_refused() -> None:
@@ -164,7 +200,9 @@ async def test_unpinned_request_with_no_eligible_model_still_refused() -> None:
 
 async def test_rate_limit_sleeps_only_before_another_attempt_on_the_same_model(sleeps: list[float]) -> None:
     caller = StubCaller(fail=RateLimitedError("a/x is rate limited"), failing=("a/x",))
-    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, retries=2, retry_backoff=0.2)
+    switcher = ModelSwitcher(
+        [Model("a/x"), Model("b/y")], caller, retries=2, retry_backoff=0.2, fallback={"a/x": ["b/y"]}
+    )
     reply = await switcher.complete(request(model="a/x"))
     assert reply.model == "b/y"
     assert caller.calls == ["a/x", "a/x", "a/x", "b/y"]
@@ -174,8 +212,10 @@ async def test_rate_limit_sleeps_only_before_another_attempt_on_the_same_model(s
 
 async def test_rate_limit_waits_the_retry_after_hint(sleeps: list[float]) -> None:
     caller = StubCaller(fail=RateLimitedError("a/x is rate limited", delay=1.5), failing=("a/x", "b/y"))
-    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, retries=1, retry_backoff=0.2)
-    with pytest.raises(switcher_core.AllModelsFailedError):
+    switcher = ModelSwitcher(
+        [Model("a/x"), Model("b/y")], caller, retries=1, retry_backoff=0.2, fallback={"a/x": ["b/y"]}
+    )
+    with pytest.raises(AllModelsFailedError):
         await switcher.complete(request(model="a/x"))
     assert caller.calls == ["a/x", "a/x", "b/y", "b/y"]
     assert sleeps == [1.5, 1.5]
@@ -184,7 +224,9 @@ async def test_rate_limit_waits_the_retry_after_hint(sleeps: list[float]) -> Non
 async def test_a_retry_after_hint_longer_than_the_cap_moves_on_to_the_next_model(sleeps: list[float]) -> None:
     hint = switcher_core.MAX_RETRY_AFTER + 1
     caller = StubCaller(fail=RateLimitedError("a/x is rate limited", delay=hint), failing=("a/x",))
-    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, retries=2, retry_backoff=0.2)
+    switcher = ModelSwitcher(
+        [Model("a/x"), Model("b/y")], caller, retries=2, retry_backoff=0.2, fallback={"a/x": ["b/y"]}
+    )
     assert (await switcher.complete(request(model="a/x"))).model == "b/y"
     assert caller.calls == ["a/x", "b/y"]
     assert sleeps == []
@@ -192,7 +234,7 @@ async def test_a_retry_after_hint_longer_than_the_cap_moves_on_to_the_next_model
 
 async def test_rate_limit_with_no_retries_never_sleeps(sleeps: list[float]) -> None:
     caller = StubCaller(fail=RateLimitedError("rate limited"), failing=("a/x",))
-    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, retries=0)
+    switcher = ModelSwitcher([Model("a/x"), Model("b/y")], caller, retries=0, fallback={"a/x": ["b/y"]})
     assert (await switcher.complete(request(model="a/x"))).model == "b/y"
     assert sleeps == []
 
