@@ -223,6 +223,12 @@ def _print_record(record: TaskRecord, as_json: bool) -> None:
         console.print_json(json.dumps(record.result, default=str))
 
 
+def _coverage(evaluation: dict[str, Any]) -> str:
+    """", 2 errors (coverage 95.0%)" when some examples' LM calls failed; nothing when all were answered."""
+    errors = evaluation.get("errors") or 0
+    return f", {errors} errors (coverage {evaluation.get('coverage', 1.0):.1%})" if errors else ""
+
+
 def _print_cycle(result: dict[str, Any]) -> None:
     """A cycle's outcome in a few lines (``--json`` has everything, per-example results included)."""
     opt = result.get("optimization") or {}
@@ -235,18 +241,20 @@ def _print_cycle(result: dict[str, Any]) -> None:
     table.add_row(
         "evaluate (baseline)",
         str(result["phase_runs"].get("evaluate_baseline", 0)),
-        f"score {baseline.get('score')} on {baseline.get('examples')} examples in {baseline.get('shards')} shards",
+        f"score {baseline.get('score')} on {baseline.get('examples')} examples in {baseline.get('shards')} shards"
+        + _coverage(baseline),
     )
     table.add_row(
         "optimize",
         str(result["phase_runs"].get("optimize", 0)),
-        f"{opt.get('optimizer')} on {opt.get('model')}: {opt.get('status')}, {opt.get('lm_calls')} LM calls",
+        f"{opt.get('optimizer')} on {opt.get('model')}: {opt.get('status')}, {opt.get('lm_calls')} LM calls"
+        + (f" ({opt['cached_calls']} from the cache)" if opt.get("cached_calls") else ""),
     )
     if optimized:
         table.add_row(
             "evaluate (optimized)",
             str(result["phase_runs"].get("evaluate_optimized", 0)),
-            f"score {optimized.get('score')}, p95 {optimized.get('latency_p95_ms')} ms",
+            f"score {optimized.get('score')}, p95 {optimized.get('latency_p95_ms')} ms" + _coverage(optimized),
         )
     validation = result.get("validation")
     if validation:
@@ -263,6 +271,9 @@ def _print_cycle(result: dict[str, Any]) -> None:
     )
     table.add_row("deploy", str(result["phase_runs"].get("deploy", 0)), outcome)
     console.print(table)
+    if result.get("mixed_models"):
+        used = ", ".join(f"{m} ({n})" for m, n in sorted((result.get("models_used") or {}).items()))
+        console.print(f"  [yellow]![/yellow] more than one model answered: {used}")
     for reason in verdict.get("reasons", []):
         console.print(f"  [red]✗[/red] {reason}")
 

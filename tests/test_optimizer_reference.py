@@ -231,3 +231,10 @@ def test_a_bad_configuration_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "no such file" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_the_readme_reference_is_the_generated_one() -> None:
+    """The README's optimizer parameter tables are this generator's output: regenerate them when a model changes."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    docs = [d for d in optimizer_reference() if d.name in BUILTIN_OPTIMIZERS]
+    assert reference_markdown(docs).strip() in readme

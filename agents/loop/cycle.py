@@ -341,6 +341,8 @@ def _cycle_event(result: CycleResult) -> dict[str, Any]:
         "cost": round(result.baseline.cost + result.optimization.cost + (result.optimized.cost if result.optimized
                                                                           else 0.0), 6),
         "latency_p95_ms": result.optimized.latency_p95_ms if result.optimized else None,
+        "coverage": min(result.baseline.coverage, result.optimized.coverage if result.optimized else 1.0),
+        "mixed_models": result.mixed_models,
         "deployed": result.verdict.deployed,
         "version": result.verdict.version,
         "reasons": result.verdict.reasons,
