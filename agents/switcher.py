@@ -199,24 +199,33 @@ class SwitcherAgent(Agent):
         tokens = meter.create_counter("dspyrt.lm.tokens", unit="{token}", description="LM tokens")
         cost = meter.create_counter("dspyrt.lm.cost", unit="USD", description="LM cost")
         failures = meter.create_counter("dspyrt.lm.failures", unit="{call}", description="failed LM calls")
+        cache_hits = meter.create_counter(
+            "dspyrt.lm.cache_hits", unit="{call}", description="LM calls answered from the cache"
+        )
 
         async def on_call(model: str, reply: CompletionReply | None, error: str | None) -> None:
             labels = {"model": model}
-            if reply is not None:
+            data: dict[str, Any]
+            if reply is not None and reply.cached:
+                # Every call says where its answer came from. A cache hit has no provider latency, tokens or
+                # cost: none is recorded, so the model's figures stay the provider's.
+                cache_hits.add(1, labels)
+                data = {"model": model, "ok": True, "source": "cache", "input_tokens": 0, "output_tokens": 0,
+                        "cost": 0.0}  # fmt: skip
+            elif reply is not None:
                 latency.record(reply.latency_ms, labels)
                 tokens.add(reply.usage.input_tokens, {**labels, "direction": "input"})
                 tokens.add(reply.usage.output_tokens, {**labels, "direction": "output"})
                 cost.add(reply.cost, labels)
-                data: dict[str, Any] = {
+                data = {
                     "model": model,
                     "ok": True,
+                    "source": "provider",
                     "latency_ms": reply.latency_ms,
                     "input_tokens": reply.usage.input_tokens,
                     "output_tokens": reply.usage.output_tokens,
                     "cost": reply.cost,
                 }
-                # Every call says where its answer came from; tokens and cost are the provider's only.
-                data["source"] = "cache" if reply.cached else "provider"
             else:
                 failures.add(1, {**labels, "error.type": error or "error"})
                 data = {"model": model, "ok": False, "error": error, "source": "provider"}
