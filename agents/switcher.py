@@ -248,7 +248,7 @@ class SwitcherAgent(Agent):
             return None
         kv = await cache_bucket(
             self.bus,
-            self.bus.subjects.bucket("lmcache"),
+            self.bus.subjects.lm_cache_bucket,
             cfg.stream_layout,
             ttl=cfg.lm_cache_ttl_hours * 3600,
             max_bytes=cfg.lm_cache_max_mb * 1024 * 1024,

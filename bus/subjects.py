@@ -89,6 +89,11 @@ class Subjects:
     def task_bucket(self) -> str:
         return f"{self._upper}_tasks"
 
+    @property
+    def lm_cache_bucket(self) -> str:
+        """The switcher's LM response cache, shared by every switcher replica."""
+        return self.bucket("lmcache")
+
     def bucket(self, name: str) -> str:
         """A KV bucket owned by some agent (deployments, roles, caches, ...)."""
         return f"{self._upper}_{check_token(name, 'bucket name')}"

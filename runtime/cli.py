@@ -24,6 +24,7 @@ from rich.tree import Tree
 
 from bus import DspyrtError, TaskRecord, ensure_streams
 from runtime.cli_dashboard import dashboard_command
+from runtime.cli_lm_cache import lm_cache_command
 from runtime.cli_optimizers import optimizers_command
 from runtime.cli_roles import roles_app
 from runtime.client import Client, connect_client
@@ -436,6 +437,7 @@ app.add_typer(programs_app, name="programs")
 app.add_typer(roles_app, name="roles")
 app.command("dashboard")(dashboard_command)
 app.command("optimizers")(optimizers_command)
+app.command("lm-cache")(lm_cache_command)
 DEPLOY_AGENT = "loop-deploy"
 
 
