@@ -246,7 +246,7 @@ async def test_a_stopped_provider_with_a_declared_fallback_gives_a_flagged_mixed
         "shard_size": 10,
         "objectives": {"min_improvement": -100},
     }
-    await anyio.to_thread.run_sync(lambda: provider.control(latency=0.05))
+    await anyio.to_thread.run_sync(lambda: provider.control(latency=0.2))
     loop = ("switcher", "loop-create", "loop-evaluate", "evaluator", "optimizer", "loop-deploy", "cycle")
     async with serving(settings.model_copy(update={"auto_validate": False}), agents(*loop)) as system:
         task_id = (await system.client.submit("cycle", cycle)).task_id
@@ -270,7 +270,7 @@ async def test_a_stopped_provider_without_fallback_fails_the_task_instead_of_sco
     config: IntegrationConfig, tmp_path: Path, provider: DemoProviderProcess
 ) -> None:
     settings = system_config(config, tmp_path, provider, fallback=False)
-    await anyio.to_thread.run_sync(lambda: provider.control(latency=0.05))
+    await anyio.to_thread.run_sync(lambda: provider.control(latency=0.2))
     task = optimize_task(trainset=EXAMPLES[:40], valset=EXAMPLES[40:64])
     async with serving(settings, agents("switcher", "optimizer")) as system:
         task_id = (await system.client.submit("optimize", task)).task_id
