@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import nats
@@ -29,27 +31,138 @@ from bus.subjects import Subjects
 log = logging.getLogger("dspyrt.bus")
 R = TypeVar("R", bound=BaseModel)
 
+# Repaired or dropped inbound messages are logged at most once per this many seconds (with the totals).
+LOG_EVERY = 10.0
 
-def _tolerate_undecodable_status_lines(nc: Client) -> None:
-    """Drop the header block of a message whose inline status line is not UTF-8, instead of the read loop.
 
-    nats-py 2.16 decodes that line without a guard (``_process_headers``); the error escapes into its read loop,
-    which stops for good while the client still reports "connected": the process never reads again. Anyone who
-    may publish to one agent subject can send such a message. The message itself is still delivered, headerless.
+@dataclass
+class InboundRepairs:
+    """Inbound messages nats-py could not process as sent, which the connection survived (``_InboundGuard``).
+
+    ``headers_dropped``: delivered without their header block (nats-py could not parse it);
+    ``statuses_removed``: stored messages (JetStream deliveries) whose publisher wrote a ``Status``, delivered
+    without it; ``messages_dropped``: not delivered at all (a subject or reply subject that is not UTF-8: nobody
+    could answer or acknowledge it); ``processing_errors``: nats-py failed on a message after parsing it (its
+    JetStream bookkeeping); that message may be lost. ``last`` says what the latest one was.
     """
-    process_headers = getattr(nc, "_process_headers", None)
-    if process_headers is None:  # a nats-py without this private method: nothing to wrap
-        return
 
-    async def tolerant(headers: bytes | None) -> dict[str, str] | None:
+    headers_dropped: int = 0
+    statuses_removed: int = 0
+    messages_dropped: int = 0
+    processing_errors: int = 0
+    last: str = ""
+    _logged_at: float = field(default=float("-inf"), repr=False)
+
+    @property
+    def total(self) -> int:
+        return self.headers_dropped + self.statuses_removed + self.messages_dropped + self.processing_errors
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "headers_dropped": self.headers_dropped,
+            "statuses_removed": self.statuses_removed,
+            "messages_dropped": self.messages_dropped,
+            "processing_errors": self.processing_errors,
+        }
+
+    def note(self, what: str) -> None:
+        # A hostile publisher can send these in a loop: one warning per LOG_EVERY seconds, with the totals.
+        self.last = what
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            log.warning("%s (so far: %s)", what, ", ".join(f"{k} {v}" for k, v in self.as_dict().items()))
+
+
+# A JetStream delivery of a stored message: its reply subject is the ack subject.
+_STORED_REPLY = b"$JS.ACK."
+# What nats-py reads as a server status (inline status line or header lines; it keys Description by an enum).
+_STATUS_KEYS = ("Status", "Description")
+
+
+class _InboundGuard:
+    """Keeps hostile bytes from ending a connection's read loop; counts what was repaired or dropped.
+
+    nats-py 2.16 runs its message parsing inside its read loop (``_read_loop`` → parser → ``_process_msg``), and
+    an exception there ends the loop for good while the client still reports "connected": the process reads
+    nothing more until a stale-connection reconnect minutes later. The server relays any header block and any
+    subject bytes a publisher sends, so anyone allowed to publish on one subject an agent reads could do it:
+
+    - ``_process_headers``: a header block shorter than ``NATS/1.0`` + one byte (``NATS/1.0`` alone, ``\\r\\n\\r\\n``,
+      ``NAT``) raises IndexError; an inline status line or description that is not UTF-8, or whose first three
+      bytes cut a UTF-8 character (``NATS/1.0 ééé``), raises UnicodeDecodeError. The message is delivered
+      without headers instead.
+    - ``_build_message``: a subject or reply subject that is not UTF-8 raises UnicodeDecodeError. The message
+      is dropped instead (nats-py skips a message it could not build).
+    - the rest of ``_process_msg`` (JetStream flow control, heartbeats, ordered consumers parse headers and reply
+      subjects of messages that can be forged onto their delivery subjects): an error ends that message only.
+
+    Not an exception, but the same trust: a stored message (JetStream delivery, ``$JS.ACK.`` reply) never
+    carries a server status, yet nats-py's pull ``fetch`` reads a ``Status`` its publisher wrote as one: it
+    raised APIError for the whole batch (the other tasks fetched with it went back only after ``ack_wait``, one
+    delivery lost each) or skipped the message until ``max_deliver``. Such a status is removed.
+
+    Each wrapper exists only where nats-py has the private method it wraps. The fix nats-py itself could take:
+    ``deploy/upstream/nats-py-header-parsing.md``.
+    """
+
+    def __init__(self, nc: Client, repairs: InboundRepairs) -> None:
+        self.repairs = repairs
+        self._stored = False  # the message being processed is a JetStream delivery (the read loop is sequential)
+        # nats-py's own methods (bound), or None where this nats-py has no such private method.
+        self._process_headers: Any = getattr(nc, "_process_headers", None)
+        self._build_message: Any = getattr(nc, "_build_message", None)
+        self._process_msg: Any = getattr(nc, "_process_msg", None)
+        if self._process_headers is not None:
+            nc._process_headers = self.process_headers  # type: ignore[method-assign]
+        if self._build_message is not None:
+            nc._build_message = self.build_message  # type: ignore[method-assign]
+        if self._process_msg is not None:
+            nc._process_msg = self.process_msg  # type: ignore[method-assign]
+
+    async def process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         try:
-            parsed: dict[str, str] | None = await process_headers(headers)
-            return parsed
-        except UnicodeDecodeError:
-            log.warning("dropped the header block of a message: its status line is not UTF-8")
+            parsed: dict[str, str] | None = await self._process_headers(headers)
+        except Exception as exc:
+            self.repairs.headers_dropped += 1
+            self.repairs.note(f"delivered a message without its header block {_preview(headers)}: {_why(exc)}")
+            return None
+        if parsed and self._stored and any(key in parsed for key in _STATUS_KEYS):
+            self.repairs.statuses_removed += 1
+            self.repairs.note(f"removed the status a publisher wrote into a stored message {_preview(headers)}")
+            return {k: v for k, v in parsed.items() if k not in _STATUS_KEYS} or None
+        return parsed
+
+    def build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> Msg | None:
+        try:
+            msg: Msg = self._build_message(sid, subject, reply, data, headers)
+            return msg
+        except UnicodeDecodeError as exc:
+            self.repairs.messages_dropped += 1
+            self.repairs.note(f"dropped a message to {_preview(subject)} (reply {_preview(reply)}): {_why(exc)}")
             return None
 
-    nc._process_headers = tolerant  # type: ignore[method-assign]
+    async def process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self._stored = reply.startswith(_STORED_REPLY)
+        try:
+            await self._process_msg(sid, subject, reply, data, headers)
+        except Exception as exc:
+            self.repairs.processing_errors += 1
+            self.repairs.note(f"nats-py failed on a message to {_preview(subject)}: {_why(exc)}")
+        finally:
+            self._stored = False
+
+
+def _preview(raw: bytes | None, limit: int = 40) -> str:
+    if raw is None:
+        return "(none)"
+    return repr(raw[:limit]) + (f"... ({len(raw)} bytes)" if len(raw) > limit else "")
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 class TlsOptions(BaseModel):
@@ -102,7 +215,11 @@ class Bus:
         self._closed = False
         self._lost: anyio.Event | None = None
         self.lost_reason = ""
+        # True when this process gave the connection up (``mark_lost``), not nats-py.
+        self.gave_up = False
         self.reconnects = 0
+        # Inbound messages nats-py could not process (hostile bytes); the connection lived on.
+        self.inbound = InboundRepairs()
 
     @property
     def nc(self) -> Client:
@@ -199,11 +316,31 @@ class Bus:
                     f"NATS at {', '.join(opts.servers)} refused the credentials of {who} (Authorization Violation)"
                 ) from exc
             raise BusUnavailableError(f"cannot reach NATS at {', '.join(opts.servers)}: {exc}") from exc
-        _tolerate_undecodable_status_lines(self._nc)
+        _InboundGuard(self._nc, self.inbound)
         # nats-py reads this option on every reconnect; from now on the connection must never give up.
         self._nc.options["max_reconnect_attempts"] = opts.max_reconnect_attempts
         self._js = self._nc.jetstream()
         return self
+
+    async def force_reconnect(self, reason: str) -> bool:
+        """Drop the current connection and connect again (subscriptions are restored): for a connection that
+        stopped delivering while nats-py still reports it connected. False when there was nothing to do
+        (not connected: nats-py is already reconnecting, or the Bus is closed)."""
+        nc = self._nc
+        if self._closed or nc is None or not nc.is_connected or nc.is_draining:
+            return False
+        log.error("forcing a reconnect to NATS: %s", reason)
+        await nc.force_reconnect()
+        return True
+
+    def mark_lost(self, reason: str) -> None:
+        """Declare this connection lost for good (``wait_lost`` returns ``reason``): the process runs deaf
+        otherwise. ``serve`` then stops, so that the process manager starts the process again."""
+        if self._closed or self._lost is None or self._lost.is_set():
+            return
+        self.lost_reason, self.gave_up = reason, True
+        log.error("giving the connection to NATS up: %s", reason)
+        self._lost.set()
 
     async def wait_lost(self) -> str:
         """Return, with the reason, once NATS has closed this connection for good (not by ``close``)."""
@@ -233,6 +370,9 @@ class Bus:
         self._closed = True
         nc, self._nc, self._js = self._nc, None, None
         if nc is None or nc.is_closed:
+            return
+        if self.gave_up:  # deaf: a drain would wait drain_timeout for a PONG that cannot arrive
+            await nc.close()
             return
         try:
             await nc.drain()

@@ -196,17 +196,37 @@ async def kv_keys(kv: KeyValue) -> list[str]:
         return []
 
 
-async def read_tail(bus: Bus, stream: str, limit: int) -> list[tuple[int, str, bytes]]:
-    """The newest ``limit`` messages of a stream as (sequence, subject, body), oldest first; deleted ones are
-    skipped."""
+@dataclass(frozen=True)
+class StreamPage:
+    """One page of a stream, newest last: ``messages`` as (sequence, subject, body), oldest first;
+    ``next_before`` is the ``before`` that reads the page of older ones (``None``: there are none)."""
+
+    messages: list[tuple[int, str, bytes]]
+    next_before: int | None
+
+
+async def read_page(bus: Bus, stream: str, limit: int, *, before: int | None = None) -> StreamPage:
+    """The newest ``limit`` messages of a stream whose sequence is below ``before`` (default: all), read one by
+    one from the newest down; deleted, expired and empty ones are skipped and do not count."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
     info = await bus.js.stream_info(stream)
     first, last = info.state.first_seq, info.state.last_seq
-    messages: list[tuple[int, str, bytes]] = []
-    for seq in range(max(first, last - limit + 1), last + 1):
+    seq = last if before is None else min(last, before - 1)
+    newest_first: list[tuple[int, str, bytes]] = []
+    while seq >= max(first, 1) and len(newest_first) < limit:
         try:
             raw = await bus.js.get_msg(stream, seq)
         except APIError:
-            continue  # deleted or expired (the server answers not found or bad request)
-        if raw.data:
-            messages.append((seq, raw.subject or "", raw.data))
-    return messages
+            raw = None  # deleted or expired (the server answers not found or bad request)
+        if raw is not None and raw.data:
+            newest_first.append((seq, raw.subject or "", raw.data))
+        seq -= 1
+    older = seq >= max(first, 1) and bool(newest_first)
+    return StreamPage(messages=newest_first[::-1], next_before=newest_first[-1][0] if older else None)
+
+
+async def read_tail(bus: Bus, stream: str, limit: int) -> list[tuple[int, str, bytes]]:
+    """The newest ``limit`` messages of a stream as (sequence, subject, body), oldest first (see
+    :func:`read_page`)."""
+    return (await read_page(bus, stream, limit)).messages

@@ -164,6 +164,17 @@ class Subjects:
     def endpoint(self, agent: str, name: str) -> str:
         return f"{self.prefix}.{check_token(agent, 'agent name')}.{check_token(name, 'endpoint name')}"
 
+    def user_endpoint(self, agent: str, name: str, user: str = "*") -> str:
+        """A per-user endpoint, ``<prefix>.<agent>.<user>.<name>``: a user allowed to publish only under its own
+        name (``<prefix>.<agent>.<user>.>``) is vouched for by the server, whatever its message says."""
+        token = user if user == "*" else check_token(user, "user name")
+        return f"{self.prefix}.{check_token(agent, 'agent name')}.{token}.{check_token(name, 'endpoint name')}"
+
+    def user_of_endpoint(self, subject: str) -> str | None:
+        """The user token of a per-user endpoint's subject (see :meth:`user_endpoint`)."""
+        parts = subject.split(".")
+        return parts[-2] if len(parts) >= 4 and subject.startswith(f"{self.prefix}.") else None
+
     def service_name(self, agent: str) -> str:
         """The micro service name: ``$SRV.PING.<service_name>`` finds every instance of the agent."""
         return f"{self.prefix}-{check_token(agent, 'agent name')}"

@@ -1,25 +1,35 @@
 """Durable tasks on a JetStream work queue.
 
-Submit: the task record is created in the task bucket (``pending``), then the envelope is published with
-``Nats-Msg-Id`` = task id, so re-submitting the same id never runs it twice.
+Submit: only a kind that is served is accepted: one with a durable consumer on the task stream (workers create it
+when they start, and it outlives them). Any other kind (a typo) is refused with the served kinds before anything
+is written (``UnknownKindError``), unless the caller says it queues for a worker yet to come (``require_worker``).
+Then the task record is created in the task bucket (``pending``) and the envelope is published with
+``Nats-Msg-Id`` = task id. Re-submitting an id that exists runs nothing new; but a ``pending`` record that no
+delivery has picked up yet (its submit may have been cut off between the record and the publish) is published
+again, so re-submitting after a failed submit always makes the task run. It cannot make it run twice: within
+the stream's duplicate window the server drops the copy; after it, whichever copy is delivered first takes the
+task (the record names its message), and a worker acknowledges any other copy without running it.
 
 Work: replicas share one durable pull consumer per task kind. For each message the worker marks the record
-``running``, runs the handler while sending ``in_progress()`` heartbeats, stores the outcome with a
-compare-and-swap (``succeeded`` / ``failed`` / ``dead``), and only then acks. A retryable failure naks with a
-backoff delay; a permanent one, or the last delivery failing, goes to the dead-letter stream with its reason and
-delivery count. A crash before the ack means redelivery, never loss; a redelivered task whose result is already
-stored is acked without running again, so no task ends with two different results.
+``running`` (owned by that message), runs the handler while sending ``in_progress()`` heartbeats, stores the
+outcome with a compare-and-swap (``succeeded`` / ``failed`` / ``dead``), and only then acks. A retryable failure
+naks with a backoff delay; a permanent one, or the last delivery failing, goes to the dead-letter stream with its
+reason and delivery count. A crash before the ack means redelivery, never loss; a redelivered task whose result
+is already stored is acked without running again, so no task ends with two different results. A message that is
+not a task envelope of the consumer's own kind (garbage, or an envelope whose ``kind`` disagrees with its
+subject) is dead-lettered as ``invalid-<stream sequence>`` and never run; it touches no other task's record.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -40,6 +50,7 @@ from bus import tracing
 from bus.audit import record_audit
 from bus.connection import Bus
 from bus.errors import (
+    BusUnavailableError,
     DspyrtError,
     ErrorBody,
     MessageValidationError,
@@ -65,10 +76,15 @@ from bus.streams import key_value, kv_keys
 log = logging.getLogger("dspyrt.tasks")
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+TASK_KIND = re.compile(r"^[A-Za-z0-9_-]+$")  # one subject token (bus.subjects.check_token)
 # A dead letter keeps the task message for replay up to this size.
 MAX_DEAD_LETTER_BODY = 256 * 1024
 # Room a result leaves under max_payload for the rest of its task record and the headers.
 RESULT_HEADROOM = 8192
+# How long a submit that failed after writing its record tries to take the record back.
+FORGET_TIMEOUT = 2.0
+# JetStream's error code for "stream not found".
+STREAM_NOT_FOUND = 10059
 
 
 class TaskStatus(StrEnum):
@@ -119,6 +135,9 @@ class TaskRecord(BaseModel):
     trace_id: str | None = None
     result: Any = None
     error: ErrorBody | None = None
+    # Stream sequence of the task message whose delivery took the task (None: no delivery has yet). Another copy
+    # of the message (a re-submit after the duplicate window) is acknowledged without running.
+    message_seq: int | None = None
 
 
 class DeadLetter(BaseModel):
@@ -151,10 +170,11 @@ class TaskStore:
         return f"$KV.{self.bucket}.{task_id}"
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        entry = await self._entry(task_id)
+        entry = await self.entry(task_id)
         return entry[0] if entry else None
 
-    async def _entry(self, task_id: str) -> tuple[TaskRecord, int] | None:
+    async def entry(self, task_id: str) -> tuple[TaskRecord, int] | None:
+        """The record and its revision, or None."""
         try:
             entry = await self.kv.get(task_id)
         except KeyNotFoundError:
@@ -188,7 +208,7 @@ class TaskStore:
         current: tuple[TaskRecord, int] | None = known
         for attempt in range(20):
             if attempt or current is None:
-                current = await self._entry(task_id)
+                current = await self.entry(task_id)
             record, revision = current if current else (None, 0)
             new = change(record)
             if new is None:
@@ -203,8 +223,9 @@ class TaskStore:
                 continue
         raise DspyrtError(f"task {task_id}: too many concurrent updates", code="conflict")
 
-    async def delete(self, task_id: str) -> None:
-        await self.kv.delete(task_id)
+    async def delete(self, task_id: str, *, last: int | None = None) -> None:
+        """Delete the record; with ``last``, only if it is still at that revision (else the server refuses)."""
+        await self.kv.delete(task_id, last=last)
 
     async def list(self, limit: int = 50) -> list[TaskRecord]:
         """The most recently updated records."""
@@ -220,7 +241,108 @@ class TaskStore:
 @dataclass(frozen=True)
 class Submission:
     task_id: str
-    created: bool  # False: the id existed already, nothing was published
+    created: bool  # False: the id existed already
+    # With created False: its pending record had not been picked up, and the envelope was queued again (a submit
+    # cut off between its record and its publish is completed). False when the server dropped it as a duplicate.
+    requeued: bool = False
+
+
+class UnknownKindError(DspyrtError):
+    """No worker serves this task kind (no durable consumer for it on the task stream): nothing was submitted."""
+
+    code = "unknown_kind"
+
+    def __init__(self, kind: str, served: Iterable[str], stream: str) -> None:
+        self.kind = kind
+        self.served = tuple(sorted(served))
+        message = (
+            f"no worker serves task kind {kind!r} (stream {stream} has no consumer for it); nothing was submitted. "
+            f"Served kinds: {', '.join(self.served) if self.served else 'none (no worker has started yet)'}"
+        )
+        close = difflib.get_close_matches(kind, self.served, n=1)
+        if close:
+            message += f". Did you mean {close[0]!r}?"
+        super().__init__(message)
+
+
+class TaskKinds:
+    """Which task kinds are served: those with a durable consumer on the task stream. Workers create a kind's
+    consumer when they start and it outlives them, so a kind that was ever served keeps its queue.
+
+    One JetStream API request (``CONSUMER.NAMES`` on the task stream) answers for every kind; a served kind is
+    remembered for ``ttl`` seconds, an unknown one is asked about again before it is refused (a worker may have
+    just started).
+    """
+
+    def __init__(self, bus: Bus, *, ttl: float = 10.0, timeout: float = 5.0) -> None:
+        self.bus = bus
+        self.ttl = ttl
+        self.timeout = timeout
+        self._served: frozenset[str] = frozenset()
+        self._asked_at = -math.inf  # monotonic time the cached answer was asked for
+        self._lock = anyio.Lock()
+
+    async def served(self) -> frozenset[str]:
+        """The kinds served now (asks the server)."""
+        s = self.bus.subjects
+        head = s.task_consumer("x")[:-1]  # the consumer name of a kind is head + kind
+        names: set[str] = set()
+        offset = 0
+        while True:
+            reply = await self._names(s.task_stream, offset)
+            page = [str(name) for name in reply.get("consumers") or []]
+            names.update(page)
+            offset += len(page)
+            if not page or offset >= int(reply.get("total") or 0):
+                break
+        kinds = set()
+        for name in names:
+            kind = name.removeprefix(head)
+            if kind != name and TASK_KIND.match(kind):
+                kinds.add(kind)
+        return frozenset(kinds)
+
+    async def _names(self, stream: str, offset: int) -> dict[str, Any]:
+        subject = f"{api.DEFAULT_PREFIX}.CONSUMER.NAMES.{stream}"
+        try:
+            msg = await self.bus.nc.request(subject, json.dumps({"offset": offset}).encode(), timeout=self.timeout)
+        except NoRespondersError as exc:
+            raise BusUnavailableError(f"JetStream did not answer {subject} (no responders)") from exc
+        except (NatsTimeoutError, TimeoutError) as exc:
+            raise DspyrtError(
+                f"no answer on {subject} within {self.timeout:g}s (JetStream busy, or this user may not ask it), "
+                "so whether the kind is served is unknown; nothing was submitted",
+                code="timeout",
+            ) from exc
+        reply: dict[str, Any] = json.loads(msg.data)
+        error = reply.get("error")
+        if isinstance(error, dict):
+            if error.get("err_code") == STREAM_NOT_FOUND:
+                return {"consumers": [], "total": 0}
+            raise DspyrtError(f"{subject}: {error.get('description', error)}", code="unavailable")
+        return reply
+
+    async def check(self, kind: str) -> None:
+        """Return if ``kind`` is served; raise :class:`UnknownKindError` if it is not."""
+        asked = time.monotonic()
+        if kind in self._served and asked - self._asked_at < self.ttl:
+            return
+        async with self._lock:
+            # An answer asked for after this call began is as fresh as one we would ask for now.
+            if self._asked_at < asked:
+                started = time.monotonic()
+                self._served = await self.served()
+                self._asked_at = started
+            if kind not in self._served:
+                raise UnknownKindError(kind, self._served, self.bus.subjects.task_stream)
+
+
+def _task_headers(task_id: str, revision: int, submitted_by: str | None) -> dict[str, str]:
+    # The record's revision rides along, so the worker's first write needs no read.
+    headers = tracing.inject({MSG_ID_HEADER: task_id, TASK_ID_HEADER: task_id, RECORD_REV_HEADER: str(revision)})
+    if submitted_by:
+        headers[CLIENT_HEADER] = submitted_by
+    return headers
 
 
 async def submit_task(
@@ -231,12 +353,25 @@ async def submit_task(
     *,
     task_id: str | None = None,
     submitted_by: str | None = None,
+    require_worker: bool = True,
+    kinds: TaskKinds | None = None,
 ) -> Submission:
-    """Record and publish a task. Submitting an existing id again is a no-op that returns that id."""
+    """Record and publish a task.
+
+    A kind no worker serves is refused (:class:`UnknownKindError`) before anything is written, unless
+    ``require_worker`` is false: then the task waits in the queue for the first worker of its kind. ``kinds``
+    remembers served kinds between calls (else every call asks once).
+
+    Submitting an existing id again returns that id with ``created`` false and runs nothing new; a ``pending``
+    record that no delivery has picked up is published again (``requeued``), which completes a submit that failed
+    between writing the record and publishing it (see the module's delivery guarantees).
+    """
     task_id = check_task_id(task_id) if task_id else new_task_id()
     subject = bus.subjects.task(kind)
     envelope = TaskEnvelope(id=task_id, kind=kind, input=input, submitted_by=submitted_by)
     data = check_size(envelope.model_dump_json().encode(), bus.max_payload, f"task {kind}")
+    if require_worker:
+        await (kinds or TaskKinds(bus)).check(kind)
     with tracing.send_span(subject, size=len(data), message_id=task_id) as span:
         record = TaskRecord(
             id=task_id,
@@ -245,21 +380,45 @@ async def submit_task(
             submitted_by=submitted_by,
             trace_id=tracing.current_trace_id(),
         )
-        revision = await store.create(record)
-        if not revision:
+        for _ in range(3):
+            revision = await store.create(record)
+            if revision:
+                break
+            existing = await store.entry(task_id)
+            if existing is None:
+                continue  # deleted in between (a failed submit taking its record back): the id is free again
             span.set_attribute("dspyrt.task.duplicate", True)
-            return Submission(task_id, created=False)
-        # The record's revision rides along, so the worker's first write needs no read.
-        headers = tracing.inject({MSG_ID_HEADER: task_id, TASK_ID_HEADER: task_id, RECORD_REV_HEADER: str(revision)})
-        if submitted_by:
-            headers[CLIENT_HEADER] = submitted_by
+            current, current_revision = existing
+            if current.status is not TaskStatus.PENDING or current.message_seq is not None or current.kind != kind:
+                return Submission(task_id, created=False)
+            # Pending and never picked up: its message may never have been published. Publish it again under the
+            # same message id: the server drops it if the first one is still inside the duplicate window.
+            ack = await bus.js.publish(subject, data, headers=_task_headers(task_id, current_revision, submitted_by))
+            span.set_attribute("dspyrt.task.requeued", not ack.duplicate)
+            if not ack.duplicate:
+                detail = {"kind": kind, "requeued": True}
+                await record_audit(bus, "task.submit", task_id, identity=submitted_by, detail=detail)
+            return Submission(task_id, created=False, requeued=not ack.duplicate)
+        else:
+            raise DspyrtError(f"task {task_id}: its record keeps changing; submit it again", code="conflict")
         try:
-            await bus.js.publish(subject, data, headers=headers)
+            await bus.js.publish(subject, data, headers=_task_headers(task_id, revision, submitted_by))
         except BaseException:
-            await store.delete(task_id)  # nothing was queued: leave no orphan record
+            await _forget(store, task_id, revision)
             raise
         await record_audit(bus, "task.submit", task_id, identity=submitted_by, detail={"kind": kind})
     return Submission(task_id, created=True)
+
+
+async def _forget(store: TaskStore, task_id: str, revision: int) -> None:
+    """After a failed publish, take the pending record back if nothing has touched it, so a submit that failed
+    leaves nothing behind. If that fails too (the server is gone), the record stays ``pending``: submitting the
+    same id again publishes it. If the publish did reach the stream after all, the worker recreates the record."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(FORGET_TIMEOUT):
+        try:
+            await store.delete(task_id, last=revision)
+        except Exception as exc:
+            log.debug("task %s: pending record of a failed submit left in place (%s)", task_id, exc)
 
 
 async def _read_through_failover(store: TaskStore, task_id: str) -> TaskRecord | None:
@@ -470,20 +629,33 @@ class TaskWorker:
             message_id=headers.get(TASK_ID_HEADER),
             consumer_group=self.bus.subjects.task_consumer(self.kind),
         ) as span:
+            seq = int(msg.metadata.sequence.stream)
             try:
                 envelope = decode(TaskEnvelope, msg.data)
             except MessageValidationError as exc:
                 # Never under the id its header claims: a garbage message must not fail someone else's task.
-                task_id = f"invalid-{msg.metadata.sequence.stream}"
-                await self._dead_letter(msg, task_id, error_body(exc), attempt, TaskStatus.FAILED)
+                await self._dead_letter(msg, f"invalid-{seq}", error_body(exc), attempt, TaskStatus.FAILED)
                 tracing.mark_error(span, exc.code, exc.message)
+                return
+            if envelope.kind != self.kind:
+                # Run as this subject's kind it would feed one kind's input to another's handler. Its claimed id is
+                # not vouched for either: dead-lettered like garbage, under the message's own sequence.
+                reason = ErrorBody(
+                    code="kind_mismatch",
+                    message=clip(
+                        f"task {envelope.id!r} says kind {envelope.kind!r} but came on {subject} (kind "
+                        f"{self.kind!r}); not run. Submit it as {envelope.kind!r}."
+                    ),
+                )
+                await self._dead_letter(msg, f"invalid-{seq}", reason, attempt, TaskStatus.FAILED)
+                tracing.mark_error(span, reason.code, reason.message)
                 return
             span.set_attribute("dspyrt.task.id", envelope.id)
             span.set_attribute("dspyrt.task.attempt", attempt)
 
             def start(record: TaskRecord | None) -> TaskRecord | None:
-                if record is not None and record.status.terminal:
-                    return None
+                if record is not None and (record.status.terminal or record.message_seq not in (None, seq)):
+                    return None  # finished, or taken by another copy of this task's message
                 base = record or TaskRecord(
                     id=envelope.id,
                     kind=envelope.kind,
@@ -497,6 +669,7 @@ class TaskWorker:
                         "attempts": attempt,
                         "worker": self.worker_name,
                         "trace_id": tracing.current_trace_id(),
+                        "message_seq": seq,
                     }
                 )
 
@@ -509,9 +682,12 @@ class TaskWorker:
                 )  # fmt: skip
                 known = (pending, int(headers[RECORD_REV_HEADER]))
             record, revision = await self.store.transition_from(envelope.id, start, known)
-            if record is not None and record.status.terminal:
+            if record is not None and (record.status.terminal or record.message_seq != seq):
+                # Already finished by an earlier delivery, or another copy of the message has it (it is redelivered
+                # if its worker dies): do not run twice.
                 self.stats.duplicates += 1
-                await msg.ack()  # already finished by an earlier delivery: do not run twice
+                span.set_attribute("dspyrt.task.duplicate", True)
+                await msg.ack()
                 return
 
             run = TaskRun(envelope, attempt, msg)
@@ -701,7 +877,9 @@ async def replay_dead_letter(bus: Bus, store: TaskStore, letter: DeadLetter) -> 
 
     def reset(record: TaskRecord | None) -> TaskRecord:
         base = record or TaskRecord(id=envelope.id, kind=envelope.kind, status=TaskStatus.PENDING)
-        return base.model_copy(update={"status": TaskStatus.PENDING, "attempts": 0, "error": None, "result": None})
+        return base.model_copy(
+            update={"status": TaskStatus.PENDING, "attempts": 0, "error": None, "result": None, "message_seq": None}
+        )
 
     await store.transition(envelope.id, reset)
     # A fresh message id: the original one may still be inside the duplicate window.

@@ -47,6 +47,8 @@ class EndpointSpec:
     request: type[BaseModel]
     reply: type[BaseModel]
     description: str
+    # Served on <prefix>.<agent>.<user>.<name> for every user; the handler reads the user with current_requester().
+    per_user: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,11 @@ def _signature_types(fn: Callable[..., Any]) -> tuple[type[BaseModel], Any]:
     return first, hints.get("return")
 
 
-def endpoint(name: str, *, description: str = "") -> Callable[[F], F]:
-    """A request/reply endpoint on ``<prefix>.<agent>.<name>``: ``async def h(self, req: Model) -> Reply``."""
+def endpoint(name: str, *, description: str = "", per_user: bool = False) -> Callable[[F], F]:
+    """A request/reply endpoint on ``<prefix>.<agent>.<name>``: ``async def h(self, req: Model) -> Reply``.
+
+    ``per_user``: on ``<prefix>.<agent>.<user>.<name>`` instead, one subject per NATS user, so the server's
+    publish permissions vouch for who asks (``current_requester()``)."""
     check_token(name, "endpoint name")
 
     def mark(fn: F) -> F:
@@ -87,7 +92,7 @@ def endpoint(name: str, *, description: str = "") -> Callable[[F], F]:
         if not (inspect.isclass(reply) and issubclass(reply, BaseModel)):
             raise TypeError(f"{fn.__qualname__}: annotate the return type with a pydantic model")
         fn.__dspyrt_endpoint__ = EndpointSpec(  # type: ignore[attr-defined]
-            name, fn.__name__, request, reply, description or (fn.__doc__ or "").strip().split("\n")[0]
+            name, fn.__name__, request, reply, description or (fn.__doc__ or "").strip().split("\n")[0], per_user
         )
         return fn
 
@@ -126,6 +131,14 @@ _caller: ContextVar[str | None] = ContextVar("dspyrt_caller", default=None)
 def current_caller() -> str | None:
     """The identity the requesting client declared (``Dspyrt-Client`` header), inside an endpoint handler."""
     return _caller.get()
+
+
+_requester: ContextVar[str | None] = ContextVar("dspyrt_requester", default=None)
+
+
+def current_requester() -> str | None:
+    """Inside a ``per_user`` endpoint's handler: the user token of the subject the request came on."""
+    return _requester.get()
 
 
 class CheckResult(BaseModel):

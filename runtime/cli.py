@@ -23,6 +23,8 @@ from rich.table import Table
 from rich.tree import Tree
 
 from bus import DspyrtError, TaskRecord, ensure_streams
+from bus.streams import read_page
+from bus.tasks import DeadLetter
 from runtime.cli_dashboard import dashboard_command
 from runtime.cli_lm_cache import lm_cache_command
 from runtime.cli_optimizers import optimizers_command
@@ -187,27 +189,63 @@ def _read_input(source: str) -> dict[str, Any]:
     return data
 
 
-async def _follow(client: Client, task_id: str, timeout: float | None) -> TaskRecord:
-    """Wait for a task with a progress bar fed by its progress events."""
+async def _follow(
+    client: Client,
+    task_id: str,
+    timeout: float | None,
+    *,
+    notice_after: float | None = None,
+    progress: bool = True,
+) -> TaskRecord:
+    """Wait for a task, with a progress bar fed by its progress events (unless ``progress`` is false).
+
+    With ``notice_after``, say on stderr when no worker has picked the task up after that many seconds. After
+    ``timeout`` seconds ``TimeoutError`` (the task itself goes on)."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err, transient=True,
+        TimeElapsedColumn(), console=err, transient=True, disable=not progress,
     ) as bar:  # fmt: skip
         row = bar.add_task(f"{task_id} pending", total=None)
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
-                async for event in client.progress(task_id):
-                    d = event.data
-                    label = str(d.get("phase", "working"))
-                    if d.get("best_score") is not None:
-                        label += f" best={d['best_score']}"
-                    bar.update(row, description=label, completed=d.get("step") or 0, total=d.get("total"))
+                try:
+                    async for event in client.progress(task_id):
+                        d = event.data
+                        label = str(d.get("phase", "working"))
+                        if d.get("best_score") is not None:
+                            label += f" best={d['best_score']}"
+                        bar.update(row, description=label, completed=d.get("step") or 0, total=d.get("total"))
+                except Exception as exc:  # the bar is a hint: losing it must not end the wait
+                    logging.getLogger("dspyrt.cli").debug("progress of %s not followed: %s", task_id, exc)
 
-            tg.start_soon(watch)
-            record = await client.result(task_id, timeout=timeout)
+            async def notice(after: float) -> None:
+                await anyio.sleep(after)
+                try:
+                    record = await client.task(task_id)
+                except Exception:  # the notice is a hint: a failed read must not end the wait
+                    return
+                if record.status.value == "pending" and not record.attempts:
+                    err.print(
+                        f"[yellow]notice[/yellow] no worker has picked up task {task_id} in {after:g}s: "
+                        f"no worker may be serving kind {record.kind!r} (is its agent running? see 'dspyrt status'). "
+                        + ("Still waiting." if timeout is None else f"Waiting up to {timeout:g}s in all.")
+                    )
+
+            if progress:
+                tg.start_soon(watch)
+            if notice_after:
+                tg.start_soon(notice, notice_after)
+            try:
+                outcome: TaskRecord | Exception = await client.result(task_id, timeout=timeout)
+            except Exception as exc:
+                # Raised outside the task group, which would wrap it in an ExceptionGroup (a timeout, a DspyrtError
+                # would no longer be told apart by the caller).
+                outcome = exc
             tg.cancel_scope.cancel()
-    return record
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _print_record(record: TaskRecord, as_json: bool) -> None:
@@ -284,23 +322,73 @@ def submit(
     kind: Annotated[str, typer.Argument(help="task kind, e.g. optimize, cycle")],
     source: Annotated[str, typer.Argument(help="JSON file with the task input, or - for stdin")],
     wait: Annotated[bool, typer.Option("--wait", help="wait for the result (progress bar)")] = False,
-    task_id: Annotated[str | None, typer.Option("--id", help="task id (re-submitting an id is a no-op)")] = None,
-    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    task_id: Annotated[
+        str | None,
+        typer.Option("--id", help="task id: submitting it again runs nothing twice, and completes a failed submit"),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="with --wait: give up after this many seconds (exit 124; the task goes on)")
+    ] = None,
+    notice_after: Annotated[
+        float,
+        typer.Option(help="with --wait: say so if no worker has picked the task up after this many seconds (0: never)"),
+    ] = 30.0,
     as_json: JsonOption = False,
     config_file: ConfigOption = None,
 ) -> None:
-    """Submit a durable task; print its id, or with --wait its result."""
+    """Submit a durable task; print its id, or with --wait its result.
+
+    A kind no worker serves is refused (exit 2, with the served kinds). Exit codes with --wait: 0 succeeded,
+    1 failed or dead, 124 timed out."""
+    from rich.markup import escape
+
+    from bus.tasks import new_task_id
 
     async def body(client: Client) -> int:
-        submission = await client.submit(kind, _read_input(source), task_id=task_id)
+        payload = _read_input(source)
+        the_id = task_id or new_task_id()
+        try:
+            submission = await client.submit(kind, payload, task_id=the_id)
+        except DspyrtError:
+            raise
+        except Exception as exc:  # the server went away mid-submit, a timeout: say how to finish it
+            reason = escape(f"{type(exc).__name__}: {exc}")
+            err.print(
+                f"[red]error[/red] submitting task {the_id} did not complete ({reason}). "
+                f"It may not run until it is submitted again: repeat this command with --id {the_id} "
+                "(a task that was queued is not run twice)."
+            )
+            return 2
+        if submission.requeued and not as_json:
+            err.print(f"task {the_id} was recorded but never queued (an earlier submit failed): queued now")
         if not wait:
             if as_json:
-                console.print_json(json.dumps({"task_id": submission.task_id, "created": submission.created}))
+                console.print_json(
+                    json.dumps(
+                        {"task_id": submission.task_id, "created": submission.created, "requeued": submission.requeued}
+                    )
+                )
             else:
                 console.print(submission.task_id)
             return 0
-        record = await (_follow(client, submission.task_id, timeout) if not as_json else client.result(
-            submission.task_id, timeout=timeout))  # fmt: skip
+        try:
+            record = await _follow(
+                client, submission.task_id, timeout, notice_after=notice_after or None, progress=not as_json
+            )
+        except TimeoutError:
+            if timeout is None:
+                raise
+            status = "not finished"
+            with anyio.move_on_after(2):
+                try:
+                    status = (await client.task(submission.task_id)).status.value
+                except Exception:
+                    pass
+            err.print(
+                f"[red]timed out[/red] after {timeout:g}s: task {submission.task_id} ({kind}) is still {status}. "
+                f"It goes on; wait for it again with: dspyrt submit {kind} {source} --id {submission.task_id} --wait"
+            )
+            return 124
         _print_record(record, as_json)
         return 0 if record.status.value == "succeeded" else 1
 
@@ -332,23 +420,43 @@ def tasks(
 @app.command()
 def dlq(
     replay: Annotated[str | None, typer.Option("--replay", help="task id to run again")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000, help="dead letters per page")] = 100,
+    before: Annotated[
+        int | None,
+        typer.Option("--before", min=1, metavar="SEQ", help="only those with a stream sequence below SEQ (older)"),
+    ] = None,
     as_json: JsonOption = False,
     config_file: ConfigOption = None,
 ) -> None:
-    """Dead-lettered tasks, with reason and delivery count; --replay ID runs one again."""
+    """Dead-lettered tasks, with reason and delivery count, newest --limit (100) of them; --before SEQ pages back
+    to older ones; --replay ID runs one again."""
 
     async def body(client: Client) -> None:
         if replay:
             console.print(f"replayed {await client.replay(replay)}")
             return
-        letters = await client.dead_letters()
+        page = await read_page(client.bus, client.bus.subjects.dlq_stream, limit, before=before)
+        letters = [(seq, DeadLetter.model_validate_json(data)) for seq, _, data in page.messages]
         if as_json:
-            console.print_json(json.dumps([{"seq": seq, **dl.model_dump(mode="json")} for seq, dl in letters]))
+            dead_letters = [{"seq": seq, **dl.model_dump(mode="json")} for seq, dl in letters]
+            console.print_json(json.dumps({"dead_letters": dead_letters, "next_before": page.next_before}))
             return
         table = Table("seq", "task", "kind", "deliveries", "reason")
         for seq, dl in letters:
             table.add_row(str(seq), dl.task_id, dl.kind, str(dl.deliveries), f"{dl.reason.code}: {dl.reason.message}")
+        below = f" below seq {before}" if before is not None else ""
+        if not letters:
+            console.print(f"no dead letters{below}")
+            return
         console.print(table)
+        oldest, newest = letters[0][0], letters[-1][0]
+        span = f"seq {oldest}" if oldest == newest else f"seq {oldest}-{newest}"
+        shown = f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}{below} ({span})"
+        if page.next_before is None:
+            console.print(f"{shown}; no older ones")
+        else:
+            more = f" --limit {limit}" if limit != 100 else ""
+            console.print(f"{shown}; older ones: dspyrt dlq --before {page.next_before}{more}", soft_wrap=True)
 
     _with_client(config_file, body)
 

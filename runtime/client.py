@@ -3,6 +3,9 @@
 async with connect_client(load_config()) as client:
     sub = await client.submit("optimize", {...})
     record = await client.result(sub.task_id, timeout=600)
+
+A kind no worker serves is refused at submit (``UnknownKindError``, code ``unknown_kind``, naming the served
+kinds). A submit that failed (say, the server restarted under it) is completed by submitting the same id again.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pydantic import BaseModel
 from bus import (
     Bus,
     BusUnavailableError,
+    ConfigurationError,
     DeadLetter,
+    DspyrtError,
     Event,
     NotFoundError,
     TaskRecord,
@@ -30,8 +35,9 @@ from bus import (
 from bus.events import follow_events
 from bus.messages import CLIENT_HEADER, encode
 from bus.streams import read_tail
-from bus.tasks import Submission, replay_dead_letter
+from bus.tasks import Submission, TaskKinds, replay_dead_letter
 from runtime.config import IntegrationConfig
+from runtime.gateway import GatewayTasks
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -39,12 +45,32 @@ SYSTEM_FILE = "system.json"
 
 
 class Client:
-    """Talks to a running system over an open :class:`Bus`."""
+    """Talks to a running system over an open :class:`Bus`.
 
-    def __init__(self, bus: Bus, store: TaskStore, *, identity: str | None = None) -> None:
+    Tasks go to JetStream directly (``store``), or, with ``gateway``, through the gateway agent as the
+    connection's own NATS user: the deploy's client users have no JetStream access, and see their own tasks only.
+    """
+
+    def __init__(
+        self, bus: Bus, store: TaskStore | None, *, identity: str | None = None, gateway: GatewayTasks | None = None
+    ) -> None:
+        if store is None and gateway is None:
+            raise ValueError("a Client needs the task store or the gateway")
         self.bus = bus
-        self.store = store
+        self._store = store
+        self.gateway = gateway
         self.identity = identity
+        self.kinds = TaskKinds(bus)  # served kinds, remembered briefly between submits
+
+    @property
+    def store(self) -> TaskStore:
+        """The task bucket, for callers with JetStream access (agents, admin); not through the gateway."""
+        if self._store is None:
+            raise DspyrtError(
+                "this client goes through the gateway (client_gateway): task records are read with task()/tasks()",
+                code="invalid_config",
+            )
+        return self._store
 
     async def request(
         self,
@@ -77,11 +103,40 @@ class Client:
         # Who asked: agents read it as current_caller() (audit records, logs).
         return {CLIENT_HEADER: self.identity} if self.identity else None
 
-    async def submit(self, kind: str, input: BaseModel | dict[str, Any], *, task_id: str | None = None) -> Submission:
+    async def submit(
+        self,
+        kind: str,
+        input: BaseModel | dict[str, Any],
+        *,
+        task_id: str | None = None,
+        require_worker: bool = True,
+    ) -> Submission:
+        """Submit a durable task; its id (``created`` false if the id existed already).
+
+        A kind that no worker serves (no worker of it has ever started) is refused with
+        :class:`~bus.tasks.UnknownKindError` before anything is written. ``require_worker=False`` queues it
+        anyway, for a deployment whose workers of that kind start later: the task waits for the first one.
+
+        If a submit fails (an exception, say while the server restarts), submit the same ``task_id`` again: a task
+        that was recorded but never queued is queued then, and one that was queued is not run twice.
+        """
         payload = input.model_dump(mode="json") if isinstance(input, BaseModel) else input
-        return await submit_task(self.bus, self.store, kind, payload, task_id=task_id, submitted_by=self.identity)
+        if self.gateway is not None:  # the gateway checks the kind (and which kinds clients may submit)
+            return await self.gateway.submit(kind, payload, task_id=task_id)
+        return await submit_task(
+            self.bus,
+            self.store,
+            kind,
+            payload,
+            task_id=task_id,
+            submitted_by=self.identity,
+            require_worker=require_worker,
+            kinds=self.kinds,
+        )
 
     async def result(self, task_id: str, *, timeout: float | None = None) -> TaskRecord:
+        if self.gateway is not None:
+            return await self.gateway.result(task_id, timeout)
         return await wait_for_task(self.bus, self.store, task_id, timeout)
 
     async def run(self, kind: str, input: BaseModel | dict[str, Any], *, timeout: float | None = None) -> TaskRecord:
@@ -89,16 +144,23 @@ class Client:
         return await self.result(submission.task_id, timeout=timeout)
 
     async def task(self, task_id: str) -> TaskRecord:
+        if self.gateway is not None:
+            return await self.gateway.task(task_id)
         record = await self.store.get(task_id)
         if record is None:
             raise NotFoundError(f"no task with id {task_id}")
         return record
 
     async def tasks(self, limit: int = 50) -> list[TaskRecord]:
+        if self.gateway is not None:
+            return await self.gateway.tasks(limit)
         return await self.store.list(limit)
 
     def progress(self, task_id: str) -> AsyncIterator[Event]:
-        """Progress events of one task, from its first (replayed) to live ones."""
+        """Progress events of one task, from its first (replayed) to live ones (through the gateway: the latest
+        one each time it changes)."""
+        if self.gateway is not None:
+            return self.gateway.progress(task_id)
         return follow_events(self.bus, self.bus.subjects.task_progress_topic(task_id), replay=True)
 
     async def dead_letters(self, limit: int = 100) -> list[tuple[int, DeadLetter]]:
@@ -121,6 +183,7 @@ class Client:
         except Exception:
             return 0
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
 
 def system_file(config: IntegrationConfig) -> Path:
     """Where ``dspyrt up`` writes how to reach it, so other commands in the same folder find it."""
@@ -158,6 +221,12 @@ async def connect_client(
     try:
         if create_streams:
             await ensure_streams(bus, config.stream_layout)
-        yield Client(bus, await TaskStore.open(bus), identity=identity)
+        if config.client_gateway:
+            if not config.nats_user:
+                raise ConfigurationError("client_gateway needs nats_user: the gateway answers about that user's tasks")
+            headers = {CLIENT_HEADER: identity} if identity else None
+            yield Client(bus, None, identity=identity, gateway=GatewayTasks(bus, config.nats_user, headers=headers))
+        else:
+            yield Client(bus, await TaskStore.open(bus), identity=identity)
     finally:
         await bus.close()

@@ -77,6 +77,13 @@ class IntegrationConfig(BaseSettings):
     lm_cache_max_mb: int = Field(default=1024, ge=1, le=1_000_000)
     lm_cache_memory_entries: int = Field(default=10_000, ge=0, le=10_000_000)
 
+    # Clients with their own NATS user go through the gateway agent (the deploy's client users): no JetStream access.
+    client_gateway: bool = False
+    # Task kinds the gateway accepts from clients (the others are submitted by agents to agents).
+    gateway_kinds: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["optimize", "cycle", "evaluate", "refine-role", "wordcount"]
+    )
+
     # Empty: every agent the mode and the enable flags allow.
     agents: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Concurrent requests/tasks one agent instance handles.
@@ -84,6 +91,10 @@ class IntegrationConfig(BaseSettings):
     task_ack_wait: float = Field(default=30.0, gt=0)
     task_max_deliver: int = Field(default=5, ge=1, le=1000)
     shutdown_grace: float = Field(default=10.0, ge=0)
+    # Each process probes its own NATS connection through the server this often; no echo within the timeout while
+    # nats-py says "connected" forces a reconnect (runtime.liveness).
+    liveness_interval: float = Field(default=5.0, gt=0, le=3600)
+    liveness_timeout: float = Field(default=3.0, gt=0, le=600)
     log_level: str = "INFO"
     # OpenTelemetry instrumentors turned on when installed (by their "opentelemetry_instrumentor" entry-point
     # name). "dspy" is openinference's DSPy instrumentation (the [phoenix] extra): LM, Predict, Module spans.
@@ -99,7 +110,7 @@ class IntegrationConfig(BaseSettings):
     def _prefix(cls, value: str) -> str:
         return check_token(value, "subject prefix")
 
-    @field_validator("nats_urls", "agents", "instrumentations", mode="before")
+    @field_validator("nats_urls", "agents", "instrumentations", "gateway_kinds", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):  # DSPYRT_NATS_URLS=nats://a:4222,nats://b:4222

@@ -37,8 +37,9 @@ from bus import (
     tracing,
 )
 from bus.messages import CLIENT_HEADER, Empty, check_size, decode, encode, error_body, field_errors_of
-from runtime.agent import Agent, CheckResult, EndpointSpec, TaskContext, TaskSpec, _caller
+from runtime.agent import Agent, CheckResult, EndpointSpec, TaskContext, TaskSpec, _caller, _requester
 from runtime.client import Client
+from runtime.liveness import LivenessGuard
 from runtime.telemetry import current_telemetry
 
 log = logging.getLogger("dspyrt.host")
@@ -92,6 +93,9 @@ class HealthReply(BaseModel):
     dropped_spans: int = 0
     # The OpenTelemetry instrumentors the process turned on (e.g. "dspy").
     instrumentations: list[str] = Field(default_factory=list)
+    # The process's NATS connection: reconnects, inbound messages nats-py could not process (repaired or dropped:
+    # bus.connection.InboundRepairs), liveness probes and the forced reconnects that brought it back.
+    bus: dict[str, int] = Field(default_factory=dict)
 
 
 @dataclass
@@ -105,6 +109,8 @@ class AgentHost:
     consumers: list[EventConsumer] = field(default_factory=list)
     service: Service | None = None
     last_health: HealthReply | None = None
+    # The process's liveness guard (``serve`` runs one per connection); its figures ride in health.
+    liveness: LivenessGuard | None = None
     # Each request's own (shielded) cancel scope: shutdown answers requests in flight within
     # ``shutdown_grace`` instead of cancelling them, then cancels what is left through these.
     _running: set[anyio.CancelScope] = field(default_factory=set, init=False, repr=False)
@@ -143,7 +149,10 @@ class AgentHost:
                     await anyio.sleep_forever()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await self._stop_service()
+                    # Bounded: micro's stop drains each subscription, a flush that waits for a PONG, which a
+                    # deaf connection (runtime.liveness gave it up) never sends.
+                    with anyio.move_on_after(config.shutdown_grace):
+                        await self._stop_service()
                     with anyio.move_on_after(config.shutdown_grace):
                         while any(c.in_flight for c in self.counters.values()):
                             await anyio.sleep(0.02)
@@ -176,7 +185,7 @@ class AgentHost:
             self.counters[spec.name] = EndpointCounters()
             await service.add_endpoint(
                 name=spec.name,
-                subject=s.endpoint(agent.name, spec.name),
+                subject=s.user_endpoint(agent.name, spec.name) if spec.per_user else s.endpoint(agent.name, spec.name),
                 handler=self._dispatcher(spec, requests, limit),
                 metadata={"request": spec.request.__name__, "reply": spec.reply.__name__},
             )
@@ -206,6 +215,8 @@ class AgentHost:
                         try:
                             if req.headers and CLIENT_HEADER in req.headers:
                                 _caller.set(req.headers[CLIENT_HEADER])  # this request's own task context
+                            if spec.per_user:
+                                _requester.set(self.bus.subjects.user_of_endpoint(req.subject))
                             reply = await method(decode(spec.request, req.data))
                             await req.respond(check_size(encode(reply), max_payload, f"reply of {spec.name}"))
                         except Exception as exc:
@@ -274,7 +285,9 @@ class AgentHost:
         return await self.refresh_health()
 
     async def refresh_health(self) -> HealthReply:
-        checks: dict[str, CheckResult] = {"nats": CheckResult(ok=self.bus.connected, detail="connected")}
+        checks: dict[str, CheckResult] = {"nats": self._nats_check()}
+        if self.liveness is not None:
+            checks["liveness"] = self.liveness.check()
         try:
             with anyio.fail_after(3):
                 checks.update(await self.agent.health_checks())
@@ -292,8 +305,22 @@ class AgentHost:
             events={c.name: {"handled": c.handled, "failed": c.failed} for c in self.consumers},
             dropped_spans=telemetry.dropped_spans() if telemetry else 0,
             instrumentations=telemetry.instrumentations if telemetry else [],
+            bus={
+                "reconnects": self.bus.reconnects,
+                **self.bus.inbound.as_dict(),
+                **(self.liveness.figures() if self.liveness is not None else {}),
+            },
         )
         return self.last_health
+
+    def _nats_check(self) -> CheckResult:
+        bus = self.bus
+        parts = ["connected" if bus.connected else "disconnected (reconnecting)"]
+        if bus.reconnects:
+            parts.append(f"{bus.reconnects} reconnect(s)")
+        if bus.inbound.total:
+            parts.append(f"{bus.inbound.total} malformed inbound message(s) survived, last: {bus.inbound.last}")
+        return CheckResult(ok=bus.connected, detail="; ".join(parts))
 
     async def _health_loop(self) -> None:
         while True:

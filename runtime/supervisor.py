@@ -26,6 +26,7 @@ from runtime.agent import Agent
 from runtime.client import Client, system_file
 from runtime.config import IntegrationConfig
 from runtime.host import AgentHost
+from runtime.liveness import LivenessGuard, liveness_guard
 from runtime.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger("dspyrt.supervisor")
@@ -43,6 +44,7 @@ class Supervisor:
     store: TaskStore
     hosts: dict[str, AgentHost] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
+    liveness: LivenessGuard | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -56,7 +58,11 @@ class Supervisor:
         while True:
             try:
                 host = AgentHost(
-                    cls(self.config), self.bus, self.store, Client(self.bus, self.store, identity=cls.name)
+                    cls(self.config),
+                    self.bus,
+                    self.store,
+                    Client(self.bus, self.store, identity=cls.name),
+                    liveness=self.liveness,
                 )
                 async with anyio.create_task_group() as tg:
                     await tg.start(host.run)
@@ -131,7 +137,8 @@ async def _cancel_on_signal(scope: CancelScope) -> None:
 
 
 async def _cancel_when_lost(bus: Bus, scope: CancelScope) -> None:
-    # A process off the bus for good must not run on deaf: stop it (serve says why), so it is restarted.
+    # A process off the bus for good (closed by nats-py, or deaf in spite of forced reconnects: the liveness
+    # guard) must not run on deaf: stop it (serve says why), so it is restarted.
     await bus.wait_lost()
     scope.cancel()
 
@@ -146,7 +153,8 @@ async def serve(
 ) -> None:
     """Run ``agent_classes`` until cancelled or signalled; start the embedded NATS when no URL is configured.
 
-    Raises ``BusUnavailableError`` when NATS closes the connection for good (nats-py does not reconnect then).
+    Raises ``BusUnavailableError`` when the connection is lost for good: NATS closed it (nats-py does not reconnect
+    then), or it stayed deaf in spite of forced reconnects (``runtime.liveness``).
     """
     telemetry = setup_telemetry(config.state_dir, service_name=process_name, instrumentations=config.instrumentations)
     try:
@@ -157,8 +165,11 @@ async def serve(
             try:
                 await ensure_streams(bus, config.stream_layout, update=config.manage_streams)
                 store = await TaskStore.open(bus)
-                supervisor = Supervisor(config, agent_classes, bus, store)
-                async with anyio.create_task_group() as tg:
+                async with (
+                    liveness_guard(bus, interval=config.liveness_interval, timeout=config.liveness_timeout) as guard,
+                    anyio.create_task_group() as tg,
+                ):
+                    supervisor = Supervisor(config, agent_classes, bus, store, liveness=guard)
                     if handle_signals:
                         tg.start_soon(_cancel_on_signal, tg.cancel_scope)
                     tg.start_soon(_cancel_when_lost, bus, tg.cancel_scope)
@@ -170,9 +181,10 @@ async def serve(
                     if on_ready is not None:
                         tg.start_soon(on_ready, running)
                 if bus.lost_reason:
+                    what = "this process gave the connection up" if bus.gave_up else "NATS closed the connection"
                     raise BusUnavailableError(
-                        f"NATS closed the connection for good ({bus.lost_reason}); this process stops so that its "
-                        "process manager starts it again"
+                        f"{what} for good ({bus.lost_reason}); this process stops so that its process manager "
+                        "starts it again"
                     )
             finally:
                 with anyio.CancelScope(shield=True):

@@ -1,5 +1,6 @@
 """deploy/: the NATS configs are valid and their permissions let every agent work and refuse the rest; the
-collector, Prometheus, compose and Kubernetes files parse and agree with each other and with the agents.
+collector, Prometheus, compose and Kubernetes files parse and agree with each other and with the agents; nothing
+in them listens beyond loopback without a login (the files are parsed: there is no Docker engine here).
 
 The permission tests run a real nats-server with ``deploy/nats/accounts.conf`` (passwords generated here) and
 look at what the server logs: every permission violation is an ``[ERR] ... Violation`` line naming the user and
@@ -16,8 +17,10 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+import urllib.request
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
@@ -29,13 +32,16 @@ import nats
 import pytest
 import yaml
 
-from bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus, TaskStore
+from agents.dashboard.agent import DashboardSettings
+from agents.dashboard.web import is_loopback, is_wildcard, web_access
+from bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus
 from bus.audit import read_audit
-from bus.server import nats_server_binary
+from bus.server import free_port, nats_server_binary
 from bus.subjects import inbox_prefix
 from runtime.agent import Agent
 from runtime.client import Client
 from runtime.config import IntegrationConfig
+from runtime.gateway import GatewayAgent, GatewayTasks
 from runtime.registry import available_agents
 from runtime.system import collect_status
 from tests.helpers import serving, wait_until
@@ -47,6 +53,8 @@ DEPLOY = ROOT / "deploy"
 NATS_DIR = DEPLOY / "nats"
 K8S = DEPLOY / "k8s"
 PASSWORD_VAR = re.compile(r"\$(NATS_PW_[A-Z0-9_]+)")
+# Secrets of deploy/.env beyond the NATS users' passwords (compose refuses to start without them).
+OTHER_SECRETS = {"NATS_ROUTE_PASSWORD", "DASHBOARD_TOKEN"}
 # Agents that exist but are not (yet) registered under the dspyrt.agents entry points.
 UNREGISTERED = {"dashboard": ("agents.dashboard.agent", "DashboardAgent")}
 
@@ -81,6 +89,14 @@ def password_variables() -> set[str]:
 def env_file(path: Path) -> dict[str, str]:
     pairs = [line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")]
     return {key: value for key, value in pairs}
+
+
+def route_env(password: str = "pw-example-route-change-me") -> dict[str, str]:
+    """What compose gives the nats-servers for the cluster routes (``x-nats-routes``), with ``password``."""
+    routes: dict[str, str] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["x-nats-routes"]
+    return {key: value.replace("${NATS_ROUTE_PASSWORD}", password) for key, value in routes.items()} | {
+        "NATS_ROUTE_PASSWORD": password
+    }
 
 
 def nats_test(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -138,18 +154,34 @@ def test_the_generator_names_things_as_the_bus_does(prefix: str) -> None:
 
 @pytest.mark.parametrize("node", ["nats-1.conf", "nats-2.conf", "nats-3.conf"])
 def test_node_configs_are_valid(node: str) -> None:
-    result = nats_test(NATS_DIR / node, env_file(DEPLOY / "example.env"))
+    result = nats_test(NATS_DIR / node, env_file(DEPLOY / "example.env") | route_env())
     assert result.returncode == 0, result.stderr + result.stdout
     text = (NATS_DIR / node).read_text() + (NATS_DIR / "cluster.conf").read_text()
     assert f"server_name: {node.removesuffix('.conf')}" in text
-    for peer in ("nats-1", "nats-2", "nats-3"):
-        assert f"nats-route://{peer}:6222" in text
+    routes = route_env("PW")
+    for i, peer in enumerate(("nats-1", "nats-2", "nats-3"), start=1):
+        assert f"$NATS_ROUTE_{i}" in text and routes[f"NATS_ROUTE_{i}"] == f"nats-route://route:PW@{peer}:6222"
+
+
+def test_a_missing_route_password_stops_the_server_with_its_name() -> None:
+    env = env_file(DEPLOY / "example.env") | route_env()
+    del env["NATS_ROUTE_PASSWORD"]
+    os_env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    result = subprocess.run(
+        [str(nats_server_binary()), "-t", "-c", str(NATS_DIR / "nats-1.conf")],
+        env={**os_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "NATS_ROUTE_PASSWORD" in result.stderr + result.stdout
 
 
 def test_a_missing_password_stops_the_server_with_its_name() -> None:
-    env = env_file(DEPLOY / "example.env")
+    env = env_file(DEPLOY / "example.env") | route_env()
     del env["NATS_PW_OPTIMIZER"]
-    os_env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_PW_")}
+    os_env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
     result = subprocess.run(
         [str(nats_server_binary()), "-t", "-c", str(NATS_DIR / "nats-1.conf")],
         env={**os_env, **env},
@@ -172,7 +204,8 @@ def test_each_user_may_read_only_the_inbox_the_runtime_gives_it() -> None:
 def test_every_password_variable_is_in_example_env_compose_and_the_k8s_secret() -> None:
     variables = password_variables()
     assert variables == {gen.password_variable(u) for u in gen.users()}
-    assert set(env_file(DEPLOY / "example.env")) == variables
+    # example.env also holds the routes' password and the dashboard's token (compose reads them from deploy/.env)
+    assert set(env_file(DEPLOY / "example.env")) == variables | {"NATS_ROUTE_PASSWORD", "DASHBOARD_TOKEN"}
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     assert set(compose["x-nats-passwords"]) == variables
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
@@ -232,11 +265,9 @@ def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Secured
         server.stop()
 
 
-@pytest.fixture
-async def client_of(secured: SecuredServer, tmp_path: Path) -> AsyncIterator[Client]:
-    config = secured.config("client", tmp_path / "client")
-    async with Bus(config.connection_options(name="client"), config.subjects) as bus:
-        yield Client(bus, await TaskStore.open(bus), identity="someone")
+def gateway_client(bus: Bus, user: str = "client") -> Client:
+    """A client user's Client: no JetStream access, its tasks through the gateway (``client_gateway``)."""
+    return Client(bus, None, identity="someone", gateway=GatewayTasks(bus, user))
 
 
 async def test_an_agent_and_a_client_can_do_their_work_under_their_users(
@@ -244,10 +275,12 @@ async def test_an_agent_and_a_client_can_do_their_work_under_their_users(
 ) -> None:
     from agents.example import EchoReply, EchoRequest, ExampleAgent, WordCountInput
 
-    async with serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]):
+    async with serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]), serving(
+        secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]
+    ):
         config = secured.config("client", tmp_path / "client")
         async with Bus(config.connection_options(name="client"), config.subjects) as bus:
-            client = Client(bus, await TaskStore.open(bus), identity="someone")
+            client = gateway_client(bus)
             submission = await client.submit("wordcount", WordCountInput(text="to be or not to be"))
             progress = client.progress(submission.task_id)
             with anyio.fail_after(20):
@@ -261,7 +294,7 @@ async def test_an_agent_and_a_client_can_do_their_work_under_their_users(
             assert reply.text == "hi"
             assert submission.task_id in [r.id for r in await client.tasks()]
             status = await collect_status(bus, config)
-            assert [a.name for a in status.agents] == ["example"] and status.healthy
+            assert [a.name for a in status.agents] == ["example", "gateway"] and status.healthy
             # a task the agent refuses is dead-lettered by the agent's user
             refused = await client.run("wordcount", {"text": ""}, timeout=20)
             assert refused.status is TaskStatus.FAILED
@@ -354,8 +387,10 @@ async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer
 
         # nothing was deleted, and the agent still works
         config = secured.config("client", tmp_path / "client")
-        async with Bus(config.connection_options(name="client"), config.subjects) as bus:
-            client = Client(bus, await TaskStore.open(bus))
+        async with serving(secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]), Bus(
+            config.connection_options(name="client"), config.subjects
+        ) as bus:
+            client = gateway_client(bus)
             assert (await client.run("wordcount", {"text": "still here"}, timeout=20)).status is TaskStatus.SUCCEEDED
     logged = secured.violations()
     assert logged and all(line.split()[0] in ("client", "example") for line in logged)
@@ -379,7 +414,7 @@ async def test_every_agent_runs_under_its_own_user(
             await stack.enter_async_context(serving(secured.config(name, tmp_path / name), [cls]))
         config = secured.config("client", tmp_path / "client")
         async with Bus(config.connection_options(name="client"), config.subjects) as bus:
-            client = Client(bus, await TaskStore.open(bus), identity="someone")
+            client = gateway_client(bus)
             record = await client.run("cycle", cycle, timeout=90)
             assert record.status is TaskStatus.SUCCEEDED, record.error
             assert record.result["verdict"]["deployed"]
@@ -402,9 +437,10 @@ async def test_every_agent_runs_under_its_own_user(
         admin = secured.config("admin", tmp_path / "admin")
         async with Bus(admin.connection_options(name="admin"), admin.subjects) as bus:
             who = {(r.action, r.nats_user, r.identity) for r in await read_audit(bus, 500)}
-        assert ("task.submit", "client", "someone") in who
+        # a client's submit is recorded by the gateway, for the client user the server vouched for
+        assert ("task.submit", "gateway", "client") in who
         assert ("deploy", "loop-deploy", "cycle") in who
-        submitters = {"client", *(name for name, access in gen.AGENTS.items() if access.submits)}
+        submitters = {name for name, access in gen.AGENTS.items() if access.submits}
         assert {user for action, user, _ in who if action == "task.submit"} <= submitters, who
     assert secured.violations() == []
 
@@ -477,8 +513,10 @@ async def test_stream_settings_are_applied_by_admin_and_left_alone_by_agents(
         info = await system.bus.js.stream_info("DSPY_EVENTS")
         assert info.config.max_bytes == 16 * 1024 * 1024
         config = secured.config("client", tmp_path / "client")
-        async with Bus(config.connection_options(name="client"), config.subjects) as bus:
-            client = Client(bus, await TaskStore.open(bus))
+        async with serving(secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]), Bus(
+            config.connection_options(name="client"), config.subjects
+        ) as bus:
+            client = gateway_client(bus)
             assert (await client.run("wordcount", {"text": "a b"}, timeout=20)).status is TaskStatus.SUCCEEDED
     assert "stream DSPY_EVENTS exists with other settings" in caplog.text
     assert secured.violations() == []
@@ -545,8 +583,11 @@ def test_compose_runs_every_agent_against_the_cluster() -> None:
     assert streams["environment"]["DSPYRT_NATS_USER"] == "admin"
     assert streams["environment"]["DSPYRT_NATS_PASSWORD"].startswith("${NATS_PW_ADMIN:?")
     assert "streams" not in streams["depends_on"]
-    referenced = set(re.findall(r"\$\{([A-Z0-9_]+)", (DEPLOY / "compose.yaml").read_text()))
-    assert referenced <= set(env_file(DEPLOY / "example.env"))
+    text = (DEPLOY / "compose.yaml").read_text()
+    referenced = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
+    assert referenced <= set(env_file(DEPLOY / "example.env")) | OTHER_SECRETS
+    for secret in OTHER_SECRETS:  # the header says what they are; compose refuses to start without them
+        assert f"# - {secret}:" in text and f"${{{secret}:?set {secret} in deploy/.env" in text
     # every file the services mount or build from exists
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -635,3 +676,315 @@ def test_the_probe_picks_its_own_instance_when_instances_name_their_host() -> No
     anonymous = [stats(None, True)]  # agents that publish no host: the agent as a whole
     assert probe._mine(anonymous, "pod-a") == (anonymous, False)
     assert probe._healthy(anonymous[0])
+
+
+# ------------------------------------------------------------ nothing listens beyond loopback without a login
+
+_NATS_TOKEN = re.compile(r"""\s+|#[^\n]*|//[^\n]*|"(?:[^"\\]|\\.)*"|'[^']*'|[{}\[\],;=]|[^\s{}\[\],;=#"']+""")
+
+
+class _NatsConf:
+    """Just enough of the nats-server config syntax for deploy/nats: ``key: value`` / ``key = value`` /
+    ``key value``, blocks, arrays, comments, quoted strings, ``include`` (relative to the including file)."""
+
+    def __init__(self, path: Path) -> None:
+        text = path.read_text()
+        tokens: list[str] = _NATS_TOKEN.findall(text)
+        self.tokens = [t for t in tokens if not t.isspace() and not t.startswith(("#", "//"))]
+        self.at = 0
+        self.base = path.parent
+
+    def parse(self) -> dict[str, Any]:
+        return self._block(None)
+
+    def _next(self) -> str:
+        token = self.tokens[self.at]
+        self.at += 1
+        return token
+
+    def _peek(self) -> str | None:
+        return self.tokens[self.at] if self.at < len(self.tokens) else None
+
+    def _block(self, end: str | None) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        while (token := self._peek()) is not None and token != end:
+            self._next()
+            if token in (",", ";"):
+                continue
+            key = token.strip("\"'").removesuffix(":")
+            if self._peek() in (":", "="):
+                self._next()
+            value = self._value()
+            if key == "include":
+                found.update(parse_nats_conf(self.base / value))
+            else:
+                found[key] = value
+        if end is not None:
+            self._next()
+        return found
+
+    def _value(self) -> Any:
+        token = self._next()
+        if token == "{":
+            return self._block("}")
+        if token == "[":
+            items: list[Any] = []
+            while (peek := self._peek()) != "]":
+                if peek in (",", ";"):
+                    self._next()
+                else:
+                    items.append(self._value())
+            self._next()
+            return items
+        return token[1:-1] if token[0] in "\"'" else token
+
+
+def parse_nats_conf(path: Path) -> dict[str, Any]:
+    return _NatsConf(path).parse()
+
+
+def _host_of(address: str) -> str:
+    """``host:port``, ``[v6]:port``, ``:port`` or ``port`` -> the host (``""``: every interface)."""
+    if address.isdigit():
+        return ""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+def nats_listeners(conf: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """What a nats-server with this config listens on: name -> (host, whether a connection must log in)."""
+    client_host = _host_of(str(conf["listen"])) if "listen" in conf else str(conf.get("host", conf.get("net", "")))
+    users = [u for account in conf.get("accounts", {}).values() for u in account.get("users", [])]
+    clients_log_in = bool(users) and "no_auth_user" not in conf and all("password" in u or "nkey" in u for u in users)
+    listeners = {"clients": (client_host, clients_log_in)}
+    for key in ("http", "https", "http_port", "https_port", "monitor_port"):
+        if key in conf:  # no login on monitoring; without a host of its own it binds where the clients do
+            host = _host_of(str(conf[key])) if key in ("http", "https") else client_host
+            listeners[f"monitoring ({key})"] = (host, False)
+    if "prof_port" in conf:
+        listeners["profiling"] = (client_host, False)
+    for block in ("cluster", "gateway", "leafnodes", "websocket", "mqtt"):
+        if block in conf:
+            section = conf[block]
+            host = _host_of(str(section["listen"])) if "listen" in section else str(section.get("host", ""))
+            auth = section.get("authorization", {})
+            logs_in = bool(auth.get("token") or (auth.get("user") and auth.get("password")))
+            listeners[block] = (host, logs_in or bool(section.get("tls", {}).get("verify")))
+    return listeners
+
+
+@pytest.mark.parametrize("node", ["nats-1.conf", "nats-2.conf", "nats-3.conf"])
+def test_nats_listens_beyond_loopback_only_where_connections_log_in(node: str) -> None:
+    conf = parse_nats_conf(NATS_DIR / node)
+    listeners = nats_listeners(conf)
+    assert set(listeners) == {"clients", "monitoring (http)", "cluster"}
+    for name, (host, logs_in) in listeners.items():
+        assert logs_in or is_loopback(host), f"{node}: {name} listens on {host or 'every interface'} without a login"
+    assert is_loopback(listeners["monitoring (http)"][0])
+    # the routes log in with the route password, from the environment like the users' passwords
+    cluster = conf["cluster"]
+    assert cluster["authorization"] == {"user": "route", "password": "$NATS_ROUTE_PASSWORD", "timeout": "2"}
+    assert cluster["routes"] == ["$NATS_ROUTE_1", "$NATS_ROUTE_2", "$NATS_ROUTE_3"]
+    # the compose health check reads monitoring from inside the container, where loopback is
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    port = conf["http"].rsplit(":", 1)[1]
+    assert f"http://127.0.0.1:{port}/healthz" in " ".join(compose["x-nats"]["healthcheck"]["test"])
+
+
+def test_the_parser_sees_what_nats_server_would_listen_on(tmp_path: Path) -> None:
+    """The checks above are only as good as the parser: it reads wildcard binds, bare ports and logins."""
+    path = tmp_path / "sample.conf"
+    path.write_text(
+        """
+        port: 4222   # every interface
+        http_port: 8222
+        cluster { listen: "0.0.0.0:6222", authorization { user: r, password: $P } }
+        leafnodes { host: 10.0.0.1, port: 7422 }
+        accounts { A { users: [ {user: a, password: $X} ] } }
+        """
+    )
+    assert nats_listeners(parse_nats_conf(path)) == {
+        "clients": ("", True),
+        "monitoring (http_port)": ("", False),
+        "cluster": ("0.0.0.0", True),
+        "leafnodes": ("10.0.0.1", False),
+    }
+
+
+def _routes_of(monitor_port: int) -> set[str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/routez", timeout=1) as reply:
+            return {str(r.get("remote_name", "")) for r in json.loads(reply.read())["routes"]}
+    except OSError:
+        return set()
+
+
+def test_routes_log_in_with_the_route_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cluster.conf's route login, for real: two nats-servers with its ``authorization`` block and route URLs
+    from the environment form a cluster; a third whose route URL has no password is refused."""
+    text = (NATS_DIR / "cluster.conf").read_text()
+    authorization = "authorization {" + text.split("authorization {", 1)[1].split("}", 1)[0] + "}"
+    assert "password: $NATS_ROUTE_PASSWORD" in authorization
+    routes, monitors = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    password = f"pw-{secrets.token_hex(12)}"
+    monkeypatch.setenv("NATS_ROUTE_PASSWORD", password)  # the servers read it from their environment
+    monkeypatch.setenv("ROUTE_TO_0", f"nats-route://route:{password}@127.0.0.1:{routes[0]}")
+    monkeypatch.setenv("ROUTE_TO_1", f"nats-route://route:{password}@127.0.0.1:{routes[1]}")
+    monkeypatch.setenv("ROUTE_TO_0_NO_PASSWORD", f"nats-route://127.0.0.1:{routes[0]}")
+    servers: list[EmbeddedServer] = []
+    try:
+        for i, route_to in enumerate(("$ROUTE_TO_1", "$ROUTE_TO_0", "$ROUTE_TO_0_NO_PASSWORD")):
+            conf = tmp_path / f"n{i}.conf"
+            conf.write_text(
+                f"server_name: n{i}\nhttp: 127.0.0.1:{monitors[i]}\n"
+                f"cluster {{\n name: t\n listen: 127.0.0.1:{routes[i]}\n {authorization}\n routes: [ {route_to} ]\n}}\n"
+            )
+            server = EmbeddedServer(tmp_path / f"js{i}", extra_args=["-c", str(conf)], log_file=tmp_path / f"n{i}.log")
+            servers.append(server.start())
+        deadline = time.monotonic() + 20
+        while not (_routes_of(monitors[0]) == {"n1"} and "authentication error" in (tmp_path / "n0.log").read_text()):
+            assert time.monotonic() < deadline, (_routes_of(monitors[0]), (tmp_path / "n0.log").read_text())
+            time.sleep(0.1)
+        assert _routes_of(monitors[1]) == {"n0"} and _routes_of(monitors[2]) == set()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """The collector's ``${env:NAME:-default}``."""
+    return re.sub(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}", lambda m: env.get(m[1]) or m[2] or "", value)
+
+
+def collector_listeners(config: dict[str, Any]) -> dict[str, str]:
+    """Where the collector listens: receivers and extensions (their ``endpoint``s), the Prometheus exporter, its
+    own metrics. (Other exporters' endpoints are where it sends, not where it listens.)"""
+    found: dict[str, str] = {}
+    for section in ("receivers", "extensions"):
+        for name, component in (config.get(section) or {}).items():
+            if "endpoint" in component:
+                found[f"{section}.{name}"] = component["endpoint"]
+            for protocol, settings in (component.get("protocols") or {}).items():
+                found[f"{section}.{name}.{protocol}"] = (settings or {}).get("endpoint", "")  # unset: the default
+    for name, component in (config.get("exporters") or {}).items():
+        if name.split("/")[0] == "prometheus":
+            found[f"exporters.{name}"] = component["endpoint"]
+    for i, reader in enumerate(config["service"]["telemetry"]["metrics"]["readers"]):
+        exporter = reader["pull"]["exporter"]["prometheus"]
+        found[f"service.telemetry.metrics.readers[{i}]"] = f"{exporter['host']}:{exporter['port']}"
+    return found
+
+
+def test_the_collector_listens_on_no_wildcard_address() -> None:
+    config = _yaml(DEPLOY / "otel" / "collector.yaml")
+    listeners = collector_listeners(config)
+    assert {"receivers.otlp.grpc", "receivers.otlp.http", "exporters.prometheus", "extensions.health_check"} <= set(
+        listeners
+    )
+    compose_env = _yaml(DEPLOY / "compose.yaml")["services"]["otel-collector"]["environment"]
+    assert compose_env["COLLECTOR_LISTEN_HOST"] == "otel-collector"  # the compose network, by its service name
+    for where, endpoint in listeners.items():
+        assert endpoint, f"{where}: no endpoint, so the collector's default"
+        unset, in_compose = _expand(endpoint, {}), _expand(endpoint, compose_env)
+        assert is_loopback(_host_of(unset)), f"{where}: {endpoint} without COLLECTOR_LISTEN_HOST is {unset}"
+        assert _host_of(in_compose) == "otel-collector", f"{where}: {in_compose} in compose"
+
+
+def _dashboard_guard(env: dict[str, str], secrets_of: dict[str, str]) -> None:
+    """A dashboard's environment: beyond loopback only with a token (from a secret, never a value here) and its
+    allowed hosts; the settings model and the web view's guard accept it."""
+    dashboard = {k.removeprefix("DSPYRT_").lower(): v for k, v in env.items() if k.startswith("DSPYRT_DASHBOARD")}
+    settings = DashboardSettings.model_validate(dashboard)
+    if is_loopback(settings.dashboard_host):
+        return
+    assert settings.dashboard_token_env, "a dashboard beyond loopback needs DSPYRT_DASHBOARD_TOKEN_ENV"
+    assert settings.dashboard_token_env in secrets_of, f"{settings.dashboard_token_env} does not come from a secret"
+    token = "t" * 32
+    access = web_access(settings.dashboard_host, settings.dashboard_hosts, "T", {"T": token})
+    assert access.token is not None and access.token.get_secret_value() == token
+    assert "localhost" in access.hosts and "*" not in access.hosts
+
+
+def test_the_dashboard_check_bites() -> None:
+    _dashboard_guard({"DSPYRT_DASHBOARD_HOST": "127.0.0.1"}, {})
+    for env, secrets_of in (
+        ({"DSPYRT_DASHBOARD_HOST": "0.0.0.0"}, {}),
+        ({"DSPYRT_DASHBOARD_HOST": "0.0.0.0", "DSPYRT_DASHBOARD_TOKEN_ENV": "T"}, {}),  # T written in the file
+        ({"DSPYRT_DASHBOARD_HOST": "0.0.0.0", "DSPYRT_DASHBOARD_TOKEN_ENV": "T", "DSPYRT_DASHBOARD_HOSTS": "*"},
+         {"T": ""}),
+    ):  # fmt: skip
+        with pytest.raises(AssertionError):
+            _dashboard_guard(env, secrets_of)
+
+
+def test_compose_publishes_on_loopback_only_and_the_dashboard_needs_its_token() -> None:
+    compose = _yaml(DEPLOY / "compose.yaml")
+    for name, service in compose["services"].items():
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip", "") if isinstance(port, dict) else str(port).rsplit(":", 2)[0]
+            assert is_loopback(host_ip) and str(port).count(":") == 2, f"{name} publishes {port} beyond loopback"
+        env = service.get("environment") or {}
+        if any("DSPYRT_DASHBOARD" in key for key in env):
+            secrets_of = {k: v for k, v in env.items() if re.fullmatch(r"\$\{[A-Z0-9_]+:\?.+\}", str(v))}
+            _dashboard_guard(env, secrets_of)
+    dashboard = compose["services"]["dashboard"]
+    env = dashboard["environment"]
+    assert is_wildcard(env["DSPYRT_DASHBOARD_HOST"]) and dashboard["ports"] == ["127.0.0.1:8765:8765"]
+    assert env["DASHBOARD_TOKEN"].startswith("${DASHBOARD_TOKEN:?")
+    assert "dashboard" in DashboardSettings(dashboard_hosts=env["DSPYRT_DASHBOARD_HOSTS"]).dashboard_hosts
+    assert not any("8222" in str(p) for s in compose["services"].values() for p in s.get("ports", []))
+
+
+def test_k8s_exposes_nothing_outside_the_cluster_and_the_dashboard_needs_its_token() -> None:
+    documents = [d for p in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    assert not [d["metadata"]["name"] for d in documents if d.get("kind") == "Ingress"]
+    for service in (d for d in documents if d.get("kind") == "Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", service["metadata"]["name"]
+    pods = [d["spec"]["template"]["spec"] for d in documents if d.get("kind") in ("Deployment", "Job")]
+    for pod in pods:
+        assert not pod.get("hostNetwork")
+        for container in pod["containers"]:
+            assert not any("hostPort" in port for port in container.get("ports", [])), container["name"]
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            secrets_of = {e["name"]: "" for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            if any("DSPYRT_DASHBOARD" in key for key in env):
+                _dashboard_guard({k: v for k, v in env.items() if v is not None}, secrets_of)
+    [dashboard] = [c for pod in pods for c in pod["containers"] if c["name"] == "dashboard"]
+    env = {e["name"]: e for e in dashboard["env"]}
+    assert is_wildcard(env["DSPYRT_DASHBOARD_HOST"]["value"])
+    assert env["DASHBOARD_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dspyrt-dashboard", "key": "token"}
+    hosts = DashboardSettings(dashboard_hosts=env["DSPYRT_DASHBOARD_HOSTS"]["value"]).dashboard_hosts
+    [service] = [d for d in documents if d.get("kind") == "Service" and d["metadata"]["name"] == "dspyrt-dashboard"]
+    assert service["metadata"]["name"] in hosts and "dspyrt-dashboard.dspyrt.svc.cluster.local" in hosts
+    # every other container leaves the dashboard settings alone (the shared ConfigMap sets none)
+    [shared] = [d for d in documents if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "dspyrt-env"]
+    assert not [key for key in shared["data"] if "DASHBOARD" in key]
+    template = _yaml(K8S / "dashboard-secret.example.yaml")
+    assert template["metadata"]["name"] == "dspyrt-dashboard" and "change-me" in template["stringData"]["token"]
+    assert "dashboard-secret.example.yaml" not in _yaml(K8S / "kustomization.yaml")["resources"]
+
+    # NATS (the Helm chart): clients log in; no pod reaches monitoring, only NATS pods reach the routes
+    values = _yaml(K8S / "nats-values.yaml")
+    assert "service" not in values  # the chart's Service: the client port only (monitor is off there by default)
+    [policy] = [d for d in documents if d.get("kind") == "NetworkPolicy"]
+    nats_pods = {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": "nats"}
+    assert nats_pods.items() <= policy["spec"]["podSelector"]["matchLabels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = {rule["ports"][0]["port"]: rule.get("from") for rule in policy["spec"]["ingress"]}
+    assert set(rules) == {4222, 6222}  # 8222: no rule, so no pod (the kubelet's probes come from the node)
+    assert rules[4222] is None  # every connection logs in
+    assert rules[6222] == [{"podSelector": policy["spec"]["podSelector"]}]
+    assert "networkpolicy.yaml" in _yaml(K8S / "kustomization.yaml")["resources"]
+
+
+def test_systemd_and_the_toml_example_keep_the_dashboard_on_loopback() -> None:
+    for unit in (DEPLOY / "systemd").glob("*.service"):
+        settings = dict(
+            line.removeprefix("Environment=").split("=", 1)
+            for line in unit.read_text().splitlines()
+            if line.startswith("Environment=")
+        )
+        assert "DSPYRT_DASHBOARD_HOST" not in settings, unit.name  # default 127.0.0.1; see the unit's comment
+    example = tomllib.loads((DEPLOY / "dspyrt.example.toml").read_text())
+    assert not [key for key in example if key.startswith("dashboard")]
+    assert DashboardSettings().dashboard_host == "127.0.0.1" and DashboardSettings().dashboard_token_env is None

@@ -59,7 +59,7 @@ class Napper(Agent):
 async def test_stop_finishes_tasks_in_flight_and_leaves_the_rest(config: IntegrationConfig, client: Client) -> None:
     config = config.model_copy(update={"agent_concurrency": 2, "shutdown_grace": 20.0})
     ledger = Ledger()
-    ids = [(await client.submit("nap", Nap(seconds=1.0))).task_id for _ in range(6)]
+    ids = [(await client.submit("nap", Nap(seconds=1.0), require_worker=False)).task_id for _ in range(6)]
 
     async with hosting(Napper(config, ledger)) as first:
         await wait_until(lambda: sum(ledger.started.values()) == 2)
@@ -86,7 +86,7 @@ async def test_stop_finishes_tasks_in_flight_and_leaves_the_rest(config: Integra
 async def test_task_past_the_grace_period_goes_back_to_the_queue(config: IntegrationConfig, client: Client) -> None:
     config = config.model_copy(update={"shutdown_grace": 0.2})
     ledger = Ledger()
-    submission = await client.submit("nap", Nap(seconds=3.0))
+    submission = await client.submit("nap", Nap(seconds=3.0), require_worker=False)
     async with hosting(Napper(config, ledger)):
         await wait_until(lambda: ledger.started[submission.task_id] == 1)
     # cut short by the stop, and handed back (nak) rather than left to its ack_wait

@@ -130,7 +130,10 @@ def endpoints_of(config: IntegrationConfig, classes: list[type[Agent]]) -> list[
     found = []
     for cls in classes:
         for spec in cls.endpoints():
-            subject = config.subjects.endpoint(cls.name, spec.name)
+            if spec.per_user:  # e.g. the gateway: one subject per NATS user, here a made-up one
+                subject = config.subjects.user_endpoint(cls.name, spec.name, "fuzzer")
+            else:
+                subject = config.subjects.endpoint(cls.name, spec.name)
             found.append(Endpoint(cls.name, spec.name, subject, spec.request, spec.reply))
         subject = config.subjects.endpoint(cls.name, HEALTH_ENDPOINT)
         found.append(Endpoint(cls.name, HEALTH_ENDPOINT, subject, Empty, HealthReply))
@@ -1167,7 +1170,7 @@ async def test_a_garbage_task_message_cannot_fail_another_task(config: Integrati
     """An invalid task message was recorded under the id its Dspyrt-Task-Id header claimed, unchecked: garbage
     naming another task's id marked that task failed."""
     async with serving(config, _agents("example")) as system:
-        victim = await system.client.submit("nobody-serves-this-kind", {"x": 1})
+        victim = await system.client.submit("nobody-serves-this-kind", {"x": 1}, require_worker=False)
         ack = await system.bus.js.publish(
             config.subjects.task("wordcount"), b"garbage", headers={TASK_ID_HEADER: victim.task_id}
         )

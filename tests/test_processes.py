@@ -96,7 +96,7 @@ async def test_killed_worker_on_last_delivery_is_dead_lettered(
 async def test_sigterm_drains_and_a_new_process_finishes_the_rest(
     config: IntegrationConfig, client: Client, tmp_path: Path, markers: Path, processes: list[AgentProcess]
 ) -> None:
-    ids = [(await client.submit("sleep", SleepJob(seconds=1.0))).task_id for _ in range(6)]
+    ids = [(await client.submit("sleep", SleepJob(seconds=1.0), require_worker=False)).task_id for _ in range(6)]
     first = await start(processes, config, tmp_path / "first", markers, agent_concurrency=2, shutdown_grace=30)
 
     await wait_until(lambda: sum(len(marked(markers, "started", i)) for i in ids) == 2)

@@ -226,7 +226,12 @@ async def run_everything(config: IntegrationConfig, tmp_path: Path) -> Any:
                     except ValueError:
                         continue
                 name = spec.name if spec is not None else "health"
-                msg = await system.bus.nc.request(config.subjects.endpoint(cls.name, name), b"{}", timeout=10)
+                subject = (
+                    config.subjects.user_endpoint(cls.name, name, "someone")
+                    if spec is not None and spec.per_user
+                    else config.subjects.endpoint(cls.name, name)
+                )
+                msg = await system.bus.nc.request(subject, b"{}", timeout=10)
                 replies[f"{cls.name}.{name}"] = msg.data
                 replies[f"{cls.name}.{name} headers"] = json.dumps(msg.headers or {}).encode()
         models_reply = json.loads(replies["switcher.models"])

@@ -319,7 +319,7 @@ async def test_an_advisory_short_of_max_deliver_does_not_dead_letter_a_live_task
     kind = "watched"
     watcher = await ExhaustedTaskWatcher(bus, client.store, kind, max_deliver=5).start()
     try:
-        submission = await client.submit(kind, Job(n=1))
+        submission = await client.submit(kind, Job(n=1), require_worker=False)  # only the watcher runs
         info = await bus.js.stream_info(s.task_stream)
         subject = s.max_deliveries_advisory(kind)
         forged = {"stream_seq": info.state.last_seq, "deliveries": 2}

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -35,7 +35,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from opentelemetry import metrics
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agents.dashboard.alerts import (
     Alert,
@@ -55,7 +55,7 @@ from agents.dashboard.core import (
     SnapshotQuery,
 )
 from agents.dashboard.otel import DashboardInstruments
-from agents.dashboard.web import create_app, listen, running_web
+from agents.dashboard.web import DEFAULT_HOSTS, create_app, env_name, host_pattern, listen, running_web, web_access
 from agents.deployments import DeployRegistry, ProgramPointer
 from bus import DspyrtError, Empty, Event, Message, TaskStatus, decode
 from bus.streams import key_value, kv_keys
@@ -73,8 +73,13 @@ class DashboardSettings(BaseSettings):
     """The dashboard's own settings (environment ``DSPYRT_*``; not part of ``IntegrationConfig`` yet).
 
     ``DSPYRT_ALERTS_FILE``             TOML file of ``[[rules]]`` (see ``agents.dashboard.alerts``)
-    ``DSPYRT_DASHBOARD_HOST``          where the web view listens (default 127.0.0.1)
+    ``DSPYRT_DASHBOARD_HOST``          where the web view listens (default 127.0.0.1; beyond loopback only
+                                       with a token)
     ``DSPYRT_DASHBOARD_PORT``          its port (default 8765; 0 picks a free one; ``off`` serves no page)
+    ``DSPYRT_DASHBOARD_HOSTS``         comma-separated names the page answers to in ``Host`` (default
+                                       ``localhost,127.0.0.1,[::1]``; the listening address is added)
+    ``DSPYRT_DASHBOARD_TOKEN_ENV``     the NAME of the environment variable holding the page's bearer token
+                                       (unset: no token)
     ``DSPYRT_DASHBOARD_POLL``          seconds between the page's refreshes (default 2)
     ``DSPYRT_DASHBOARD_EVAL_INTERVAL`` seconds between alert evaluations (default 1)
     ``DSPYRT_DASHBOARD_QUEUE_INTERVAL`` seconds between queue-depth readings (default 5)
@@ -86,6 +91,9 @@ class DashboardSettings(BaseSettings):
     alerts_file: Path | None = None
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int | None = Field(default=8765, ge=0, le=65535)
+    dashboard_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_HOSTS), min_length=1)
+    # The name of the variable, never the token (as the models file's api_key_env).
+    dashboard_token_env: str | None = None
     dashboard_poll: float = Field(default=2.0, gt=0)
     dashboard_eval_interval: float = Field(default=1.0, gt=0)
     dashboard_queue_interval: float = Field(default=5.0, gt=0)
@@ -96,6 +104,25 @@ class DashboardSettings(BaseSettings):
     def _off(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in {"off", "none", "disabled", ""}:
             return None
+        return value
+
+    @field_validator("dashboard_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # DSPYRT_DASHBOARD_HOSTS=dashboard.example.com,localhost
+            return [h.strip() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("dashboard_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [host_pattern(h) for h in value]
+
+    @field_validator("dashboard_token_env", mode="before")
+    @classmethod
+    def _token_env(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return env_name(value.strip()) if value.strip() else None
         return value
 
 
@@ -182,21 +209,28 @@ class DashboardAgent(Agent):
 
     @asynccontextmanager
     async def _web(self) -> AsyncIterator[None]:
-        app = create_app(self.snapshot_of, poll_interval=self.settings.dashboard_poll)
+        settings = self.settings
         sock: socket.socket | None = None
         try:
-            sock = listen(self.settings.dashboard_host, self.settings.dashboard_port or 0)
+            access = web_access(settings.dashboard_host, settings.dashboard_hosts, settings.dashboard_token_env)
+            sock = listen(settings.dashboard_host, settings.dashboard_port or 0)
         except DspyrtError as exc:
-            # A busy port must not take the bus side down (a second replica on the same host, say):
-            # the health check says why there is no page.
+            # A busy port or a missing token must not take the bus side down (a second replica on the same
+            # host, say): the health check says why there is no page.
             self.web_error = exc.message
             log.error("%s", exc.message)
         if sock is None:
             yield
             return
+        app = create_app(self.snapshot_of, poll_interval=settings.dashboard_poll, access=access)
         async with running_web(app, sock) as url:
             self.web_url = url
-            log.info("dashboard web view at %s", url)
+            log.info(
+                "dashboard web view at %s (hosts %s; %s)",
+                url,
+                ", ".join(sorted(access.hosts)),
+                f"token from {settings.dashboard_token_env}" if access.token is not None else "no token",
+            )
             yield
 
     async def _load_state(self) -> None:

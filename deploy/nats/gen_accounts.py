@@ -4,6 +4,7 @@
     python deploy/nats/gen_accounts.py --prefix acme > accounts.conf             # another deployment
     python deploy/nats/gen_accounts.py --check deploy/nats/accounts.conf         # exit 1 if out of date
     python deploy/nats/gen_accounts.py --env-example > deploy/example.env         # the password variables
+    python deploy/nats/gen_accounts.py --client client --client team-a > accounts.conf   # one user per client
 
 Standard library only, so it runs anywhere. The table ``AGENTS`` below says what each agent does on the bus
 besides serving its own endpoints; the permissions follow from it. When an agent starts to call another agent,
@@ -39,15 +40,21 @@ class Access:
     reads_objects: tuple[str, ...] = ()  # object stores it only reads
     audits: tuple[str, ...] = ()  # audit actions it records (``<prefix>.audit.<user>.<action>``)
     follows_events: bool = False  # reads the whole event stream with an ordered consumer (dashboard)
+    reads_progress: bool = False  # reads a task's latest progress event by subject (the gateway)
     discovery: bool = False  # asks every service instance ($SRV.PING|INFO|STATS), e.g. for system status
 
 
 VALIDATORS = ("validator-code", "validator-logic", "validator-performance", "validator-security", "validator-custom")
 SWITCHER_LM = ("switcher.select", "switcher.complete")
 
+# Task kinds a client may submit (the others are submitted by agents to agents, e.g. evaluate-shard): the gateway
+# submits them for clients (and accepts only these: IntegrationConfig.gateway_kinds has the same list).
+PUBLIC_TASKS = ("optimize", "cycle", "evaluate", "refine-role", "wordcount")
+
 # Agent name -> what it does. Names are the entry points of the ``dspyrt.agents`` group.
 AGENTS: dict[str, Access] = {
     "system": Access(discovery=True),
+    "gateway": Access(submits=PUBLIC_TASKS, reads_progress=True),
     "example": Access(tasks=("wordcount",)),
     "switcher": Access(events=("lm.call",), reads=("deployments",), buckets=("lmcache",)),
     "optimizer": Access(
@@ -84,8 +91,9 @@ AGENTS: dict[str, Access] = {
     ),
 }
 
-# Task kinds a client may submit (the others are submitted by agents to agents, e.g. evaluate-shard).
-PUBLIC_TASKS = ("optimize", "cycle", "evaluate", "refine-role", "wordcount")
+
+# Client users: people and programs that submit work, each with its own user (add one with --client NAME).
+CLIENTS = ("client",)
 
 # Request/reply endpoints a client (the ``client`` user: people and programs that submit work) may call.
 PUBLIC_ENDPOINTS = (
@@ -169,6 +177,10 @@ class Names:
     def endpoint(self, dotted: str) -> str:
         return f"{self.prefix}.{dotted}"
 
+    def gateway(self, user: str) -> str:
+        """A client's own gateway subjects (``bus.subjects.Subjects.user_endpoint``): the subject names the user."""
+        return f"{self.prefix}.gateway.{user}.>"
+
     def event(self, topic: str) -> str:
         return f"{self.prefix}.event.{topic}"
 
@@ -250,6 +262,8 @@ def object_write(store: str) -> list[str]:
 class Permissions:
     publish: list[str]
     subscribe: list[str]
+    # May answer the requests it receives (once each) without publishing on anyone's inbox otherwise.
+    allow_responses: bool = False
 
     def add(self, publish: list[str] | None = None, subscribe: list[str] | None = None) -> None:
         for subject in publish or []:
@@ -279,12 +293,15 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
             f"$SRV.*.{service}",
             f"$SRV.*.{service}.*",
             f"{n.prefix}.{agent}.*",
+            f"{n.prefix}.{agent}.*.*",  # per-user endpoints: <prefix>.<agent>.<user>.<name>
         ]
     )
-    # Replies to its own requests (and JetStream API answers) arrive on its own inbox; it answers requests on
-    # the requester's inbox. Its health probe (deploy/k8s/probe.py, same user) asks its own service.
+    # Replies to its own requests (and JetStream API answers) arrive on its own inbox; it answers the requests it
+    # receives (allow_responses) but may not publish on anyone's inbox otherwise. Its health probe
+    # (deploy/k8s/probe.py, same user) asks its own service.
+    perms.allow_responses = True
     perms.add(
-        publish=["_INBOX.>", f"$SRV.PING.{service}", f"$SRV.INFO.{service}", f"$SRV.STATS.{service}"],
+        publish=[n.inbox(agent), f"$SRV.PING.{service}", f"$SRV.INFO.{service}", f"$SRV.STATS.{service}"],
         subscribe=[n.inbox(agent)],
     )
 
@@ -303,7 +320,9 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
         perms.add([n.event("task.progress.*")])
     if access.submits:
         perms.add(
-            [n.task(kind) for kind in access.submits] + [n.audit(agent, "task.submit")],
+            # Submit asks which kinds are served (the task stream's consumers) before it writes anything.
+            [n.task(kind) for kind in access.submits]
+            + [n.audit(agent, "task.submit"), _api("CONSUMER.NAMES", n.task_stream)],
             [f"$KV.{n.bucket('tasks')}.>"],  # waiting for the result watches the record's key
         )
     perms.add([n.endpoint(call) for call in access.calls])
@@ -319,31 +338,24 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
         perms.add(object_read(n.bucket(store)))
     if access.follows_events:
         perms.add(ordered_consumer(n.event_stream))
+    if access.reads_progress:
+        perms.add([_api("STREAM.INFO", n.event_stream), *read_messages(n.event_stream)])
     if access.discovery:
         perms.add(["$SRV.PING", "$SRV.INFO", "$SRV.STATS"])
     return perms
 
 
-def client_permissions(names: Names) -> Permissions:
-    """People and programs that submit work: submit the public task kinds, follow a task's progress, read task
-    records, call the public endpoints, discover services. No stream/consumer management, no agent-internal
-    endpoints or task kinds (``switcher.complete``, ``loop-deploy.deploy``, ``evaluate-shard``, ...), no dead
-    letters, no event publishing, no other bucket.
-
-    Not expressible with subject permissions: *whose* task a record is. A client can read (and, since creating
-    a record is a KV write, overwrite) any task record; keys do not name their submitter."""
+def client_permissions(names: Names, user: str) -> Permissions:
+    """A client user: its own gateway subjects (submit, read and wait for its own tasks), the public endpoints,
+    service discovery, its own inbox. No JetStream API at all (no stream, consumer or KV access: a consumer it could
+    create might deliver its bytes anywhere), no task subject, no agent-internal endpoint (``switcher.complete``,
+    ``loop-deploy.deploy``, ...), no dead letters, no events: another client's tasks are out of its reach, and the
+    gateway answers each user about its own tasks only (the server vouches for the user named in the subject)."""
     n = names
-    tasks = n.bucket("tasks")
     perms = Permissions([], [])
     perms.add(
         [
-            *[n.task(kind) for kind in PUBLIC_TASKS],
-            n.audit("client", "task.submit"),
-            f"$KV.{tasks}.*",  # create the pending record of a task it submits
-            *kv_read(tasks, create=False),
-            _api("STREAM.INFO", n.task_stream),
-            _api("STREAM.INFO", n.event_stream),
-            *ordered_consumer(n.event_stream),  # progress of a task (dspyrt submit --wait)
+            n.gateway(user),
             *[n.endpoint(e) for e in PUBLIC_ENDPOINTS],
             *[n.endpoint(f"{agent}.health") for agent in AGENTS],
             "$SRV.PING",
@@ -353,7 +365,7 @@ def client_permissions(names: Names) -> Permissions:
             "$SRV.INFO.*",
             "$SRV.STATS.*",
         ],
-        [f"$KV.{tasks}.*", n.inbox("client")],
+        [n.inbox(user)],
     )
     return perms
 
@@ -377,27 +389,31 @@ def _user(user: str, perms: Permissions | None, comment: str) -> str:
             "          subscribe: { allow: [",
             _quoted(perms.subscribe, "            "),
             "          ] }",
-            "        }",
         ]
+        if perms.allow_responses:
+            lines.append("          allow_responses: true")
+        lines.append("        }")
     lines.append("      }")
     return "\n".join(lines)
 
 
-def render(prefix: str = "dspy") -> str:
+def render(prefix: str = "dspy", clients: tuple[str, ...] = CLIENTS) -> str:
     names = Names(prefix)
     account = names.upper
     users = [
         _user(agent, agent_permissions(names, agent, access), f"agent {agent}: dspyrt agent {agent}")
         for agent, access in AGENTS.items()
     ]
-    users.append(_user("client", client_permissions(names), "submits tasks, reads results, public endpoints"))
+    for client in clients:
+        users.append(_user(client, client_permissions(names, client), "a client: its own tasks (through the gateway)"))
     users.append(_user("admin", None, "operators: everything in this account (nats CLI, dlq replay, rollback)"))
     header = f"""\
 # Generated by deploy/nats/gen_accounts.py --prefix {prefix}; edit the table there, not this file.
 #
 # Account {account}: the deployment (subject prefix "{prefix}"), with JetStream.
 #   - one user per agent, named after it, allowed only the subjects it uses;
-#   - "client" for whoever submits tasks and reads results; "admin" for operators.
+#   - one user per client ("client" by default; more with --client NAME): its own tasks only, through the gateway;
+#   - "admin" for operators.
 # Account SYS: the system account (server monitoring: nats server report/list, $SYS.>).
 #
 # Passwords come from the nats-server's environment, one variable per user: NATS_PW_<USER> ("-" -> "_"),
@@ -423,20 +439,22 @@ system_account: SYS
 """
 
 
-def users() -> list[str]:
+def users(clients: tuple[str, ...] = CLIENTS) -> list[str]:
     """Every user of the deployment's account, and the system account's."""
-    return [*AGENTS, "client", "admin", "sys"]
+    return [*AGENTS, *clients, "admin", "sys"]
 
 
-def render_env_example() -> str:
+def render_env_example(clients: tuple[str, ...] = CLIENTS) -> str:
     """``example.env``: one password variable per user, with values that are obviously not to be used."""
     lines = [
-        "# Example passwords for deploy/compose.yaml: copy to deploy/.env and replace EVERY value, e.g. with",
-        "#   for v in $(grep -o '^NATS_PW_[A-Z_]*' example.env); do echo $v=pw-$(openssl rand -hex 24); done > .env",
+        "# Example secrets for deploy/compose.yaml: copy to deploy/.env and replace EVERY value, e.g. with",
+        "#   for v in $(grep -o '^[A-Z_]*' example.env); do echo $v=pw-$(openssl rand -hex 24); done > .env",
         "# (a value must start with a letter and be letters, digits, '-' or '_': nats-server reads it as a config",
-        "# value). The same values go to the nats-servers (accounts.conf reads them) and to each agent.",
+        "# value). The NATS_PW_* go to the nats-servers (accounts.conf reads them) and to each agent;",
+        "# NATS_ROUTE_PASSWORD is the cluster routes' login; DASHBOARD_TOKEN the dashboard page's bearer token.",
     ]
-    lines += [f"{password_variable(user)}=pw-example-{user}-change-me" for user in users()]
+    lines += [f"{password_variable(user)}=pw-example-{user}-change-me" for user in users(clients)]
+    lines += ["NATS_ROUTE_PASSWORD=pw-example-route-change-me", "DASHBOARD_TOKEN=pw-example-dashboard-token-change-me"]
     return "\n".join(lines) + "\n"
 
 
@@ -445,8 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="dspy", help="subject prefix of the deployment (default dspy)")
     parser.add_argument("--check", type=Path, help="compare with this file; exit 1 if it is out of date")
     parser.add_argument("--env-example", action="store_true", help="print example.env (the password variables)")
+    parser.add_argument(
+        "--client", action="append", default=[], metavar="NAME",
+        help="a client user (repeat for several; default: one user named client)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    text = render_env_example() if args.env_example else render(args.prefix)
+    clients = tuple(args.client) or CLIENTS
+    for client in clients:
+        if not _TOKEN.match(client) or client in AGENTS or client in ("admin", "sys"):
+            parser.error(f"client name {client!r} must be letters, digits, '_' or '-' and not an agent's or admin")
+    text = render_env_example(clients) if args.env_example else render(args.prefix, clients)
     if args.check is not None:
         if args.check.read_text() != text:
             print(f"{args.check} is out of date: regenerate it with {Path(__file__).name}", file=sys.stderr)

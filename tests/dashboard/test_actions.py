@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.js import api
 
 from agents.dashboard.agent import RuleList, SetRules
 from agents.deployments import DeployedVersion, DeployRegistry
@@ -89,6 +90,13 @@ async def test_auto_optimize_starts_one_cycle_for_a_regressing_program(
     await registry.deploy(version(1, 80.0))
     cycles = await key_value(bus, bus.subjects.bucket("cycles"))
     await cycles.put(last_cycle_key(PROGRAM), json.dumps(CYCLE).encode())
+    # The cycle agent has run here (its queue, the kind's durable consumer, exists); none runs now: the cycle
+    # the dashboard starts waits in the queue.
+    s = bus.subjects
+    queue = api.ConsumerConfig(
+        durable_name=s.task_consumer("cycle"), filter_subject=s.task("cycle"), ack_policy=api.AckPolicy.EXPLICIT
+    )
+    await bus.js.add_consumer(s.task_stream, queue)
     assert config.auto_optimize
     async with dashboard(config) as agent:
         await set_rule(client)
