@@ -17,6 +17,7 @@ from bus.errors import (
     RemoteError,
     RetryableError,
     TaskError,
+    UnknownKindError,
 )
 from bus.events import Event, EventConsumer, publish_event
 from bus.messages import Empty, Message, decode, encode
@@ -67,6 +68,7 @@ __all__ = [
     "TaskStore",
     "TaskWorker",
     "TlsOptions",
+    "UnknownKindError",
     "WorkerOptions",
     "decode",
     "encode",

@@ -8,6 +8,7 @@ Every error that crosses the bus carries a stable ``code`` and a human ``message
     ├── PayloadTooLargeError     code "payload_too_large" (names the size and the limit)
     ├── ConfigurationError       code "invalid_config"
     ├── NotFoundError            code "not_found"
+    ├── UnknownKindError         code "unknown_kind"      (no worker serves a task kind: nothing was submitted)
     ├── BusUnavailableError      code "unavailable"       (no NATS reachable)
     ├── RemoteError              code from the remote side (an agent answered with an error)
     └── TaskError                a task handler's failure
@@ -17,6 +18,8 @@ Every error that crosses the bus carries a stable ``code`` and a human ``message
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -84,6 +87,24 @@ class ConfigurationError(DspyrtError):
 
 class NotFoundError(DspyrtError):
     code = "not_found"
+
+
+class UnknownKindError(DspyrtError):
+    """No worker serves this task kind (no durable consumer for it on the task stream): nothing was submitted."""
+
+    code = "unknown_kind"
+
+    def __init__(self, kind: str, served: Iterable[str], stream: str) -> None:
+        self.kind = kind
+        self.served = tuple(sorted(served))
+        message = (
+            f"no worker serves task kind {kind!r} (stream {stream} has no consumer for it); nothing was submitted. "
+            f"Served kinds: {', '.join(self.served) if self.served else 'none (no worker has started yet)'}"
+        )
+        close = difflib.get_close_matches(kind, self.served, n=1)
+        if close:
+            message += f". Did you mean {close[0]!r}?"
+        super().__init__(message)
 
 
 class BusUnavailableError(DspyrtError):

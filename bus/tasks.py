@@ -22,14 +22,13 @@ subject) is dead-lettered as ``invalid-<stream sequence>`` and never run; it tou
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -55,6 +54,7 @@ from bus.errors import (
     ErrorBody,
     MessageValidationError,
     RetryableError,
+    UnknownKindError,
     is_permanent,
 )
 from bus.errors import (
@@ -245,24 +245,6 @@ class Submission:
     # With created False: its pending record had not been picked up, and the envelope was queued again (a submit
     # cut off between its record and its publish is completed). False when the server dropped it as a duplicate.
     requeued: bool = False
-
-
-class UnknownKindError(DspyrtError):
-    """No worker serves this task kind (no durable consumer for it on the task stream): nothing was submitted."""
-
-    code = "unknown_kind"
-
-    def __init__(self, kind: str, served: Iterable[str], stream: str) -> None:
-        self.kind = kind
-        self.served = tuple(sorted(served))
-        message = (
-            f"no worker serves task kind {kind!r} (stream {stream} has no consumer for it); nothing was submitted. "
-            f"Served kinds: {', '.join(self.served) if self.served else 'none (no worker has started yet)'}"
-        )
-        close = difflib.get_close_matches(kind, self.served, n=1)
-        if close:
-            message += f". Did you mean {close[0]!r}?"
-        super().__init__(message)
 
 
 class TaskKinds:
