@@ -9,7 +9,9 @@ refusal. Through the gateway, each client sees and touches its own tasks only.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -209,3 +211,30 @@ async def test_progress_reaches_its_owner_through_the_gateway(tenants: SecuredSe
 
 def test_the_gateway_offers_the_kinds_the_deploy_lets_clients_submit() -> None:
     assert tuple(IntegrationConfig().gateway_kinds) == gen.PUBLIC_TASKS
+
+
+async def test_the_cli_of_a_client_user_goes_through_the_gateway(tenants: SecuredServer, tmp_path: Path) -> None:
+    """As a client user would run it: ``dspyrt submit … --wait`` and ``dspyrt tasks`` with only its own user."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSPYRT_")}
+    env.update(
+        DSPYRT_NATS_URLS=tenants.url,
+        DSPYRT_NATS_USER="team-b",
+        DSPYRT_NATS_PASSWORD=tenants.passwords[gen.password_variable("team-b")],
+        DSPYRT_CLIENT_GATEWAY="true",
+        DSPYRT_STATE_DIR=str(tmp_path / "cli"),
+    )
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"kind": "wordcount", "input": {"text": "one two three four"}}))
+    cli = [sys.executable, "-m", "runtime.cli"]
+    before = len(violations_of(tenants, "team-b"))
+    async with gateway_system(tenants, tmp_path):
+        submitted = await anyio.run_process(
+            [*cli, "submit", "wordcount", str(task), "--wait", "--json"], env=env, check=False
+        )
+        assert submitted.returncode == 0, submitted.stderr.decode()
+        record = json.loads(submitted.stdout)
+        assert record["status"] == "succeeded" and record["result"]["words"] == 4
+        listed = await anyio.run_process([*cli, "tasks", "--json"], env=env, check=False)
+        assert listed.returncode == 0, listed.stderr.decode()
+        assert [r["id"] for r in json.loads(listed.stdout)] == [record["id"]]
+    assert len(violations_of(tenants, "team-b")) == before
