@@ -301,7 +301,7 @@ async def run_distributed(system: RunningSystem, meter: CpuMeter, job: dict[str,
                 )
             )
 
-    sub = await system.bus.nc.subscribe(f"$KV.{client.store.bucket}.*", cb=on_update)
+    sub = await system.bus.nc.subscribe(f"$KV.{client.store.bucket}.*.*", cb=on_update)  # <kind>.<task id>
     await system.bus.nc.flush()
     try:
         before = meter.sample()

@@ -4,10 +4,11 @@ With the default prefix ``dspy``:
 
 - ``dspy.task.<kind>``               durable tasks (work-queue stream ``DSPY_TASKS``)
 - ``dspy.<agent>.<endpoint>``        request/reply endpoints (micro service ``dspy-<agent>``)
-- ``dspy.event.<topic>``             fan-out events (limits stream ``DSPY_EVENTS``)
+- ``dspy.event.<topic>``             fan-out events (limits stream ``DSPY_EVENTS``); a task's progress is
+                                     ``dspy.event.task.progress.<kind>.<task id>``
 - ``dspy.dlq.<kind>``                dead letters (stream ``DSPY_DLQ``)
 - ``dspy.audit.<user>.<action>``     who did what when (stream ``DSPY_AUDIT``), by NATS user
-- KV ``DSPY_tasks``                  task status and results, keyed by task id
+- KV ``DSPY_tasks``                  task status and results, keyed by ``<kind>.<task id>``
 - ``_INBOX.<user>.*``                replies to NATS user ``<user>`` (see ``inbox_prefix``)
 
 Two deployments share one NATS account by choosing different prefixes.
@@ -154,8 +155,13 @@ class Subjects:
     def all_events(self) -> str:
         return f"{self.prefix}.event.>"
 
-    def task_progress_topic(self, task_id: str) -> str:
-        return f"task.progress.{check_token(task_id, 'task id')}"
+    def task_progress_topic(self, kind: str, task_id: str) -> str:
+        """A task's progress events: the kind is in the subject, so a permission keeps each agent to its own."""
+        return f"task.progress.{check_token(kind, 'task kind')}.{check_token(task_id, 'task id')}"
+
+    def task_progress_pattern(self, task_id: str) -> str:
+        """The progress events of a task whatever its kind (for ``follow_events``)."""
+        return f"task.progress.*.{check_token(task_id, 'task id')}"
 
     def event_consumer(self, agent: str, handler: str) -> str:
         return f"events_{check_token(agent, 'agent name')}_{check_token(handler, 'handler name')}"

@@ -77,6 +77,7 @@ log = logging.getLogger("dspyrt.tasks")
 
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 TASK_KIND = re.compile(r"^[A-Za-z0-9_-]+$")  # one subject token (bus.subjects.check_token)
+TASK_KEY = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{1,128}$")  # <kind>.<task id>
 # A dead letter keeps the task message for replay up to this size.
 MAX_DEAD_LETTER_BODY = 256 * 1024
 # Room a result leaves under max_payload for the rest of its task record and the headers.
@@ -109,6 +110,13 @@ def check_task_id(value: str) -> str:
     return value
 
 
+def task_key(kind: str, task_id: str) -> str:
+    """A task record's key in the task bucket: ``<kind>.<task id>`` (the kind lets permissions tell kinds apart)."""
+    if not TASK_KIND.match(kind):
+        raise ValueError(f"task kind {kind!r} must be letters, digits, '_' or '-'")
+    return f"{kind}.{check_task_id(task_id)}"
+
+
 class TaskEnvelope(Message):
     """What goes on ``dspy.task.<kind>``: the task's identity and its (not yet validated) input."""
 
@@ -122,7 +130,7 @@ class TaskEnvelope(Message):
 
 
 class TaskRecord(BaseModel):
-    """A task's state in the task bucket, keyed by task id."""
+    """A task's state in the task bucket, keyed by ``<kind>.<task id>``."""
 
     id: str
     kind: str
@@ -155,28 +163,69 @@ class DeadLetter(BaseModel):
 
 
 class TaskStore:
-    """Task records in KV. Writes that end a task are compare-and-swap, so the first outcome wins."""
+    """Task records in KV under ``<kind>.<task id>``, so the server's subject permissions can tell kinds apart
+    (an agent writes the records of its own kinds only). Writes that end a task are compare-and-swap, so the first
+    outcome wins.
+
+    Whoever knows the kind passes it (``kind=``); a lookup by bare task id finds the key once with a filtered key
+    listing (``*.<task id>``) and remembers it. Records written under a bare task id (before kinds were part of
+    the key) are not found and not listed.
+    """
+
+    # Keys found by a listing that are remembered (the oldest are forgotten first).
+    MAX_REMEMBERED_KEYS = 10_000
 
     def __init__(self, kv: KeyValue, bucket: str) -> None:
         self.kv = kv
         self.bucket = bucket
+        self._keys: dict[str, str] = {}  # task id -> key, for lookups by bare id
 
     @classmethod
     async def open(cls, bus: Bus) -> TaskStore:
         return cls(await key_value(bus, bus.subjects.task_bucket), bus.subjects.task_bucket)
 
-    def key_subject(self, task_id: str) -> str:
-        """Where KV announces every write of this record (the KV protocol's own subject)."""
-        return f"$KV.{self.bucket}.{task_id}"
+    def key_subject(self, task_id: str, kind: str | None = None) -> str:
+        """Where KV announces every write of this record (the KV protocol's own subject); without ``kind``, a
+        pattern matching the task's record whatever its kind."""
+        return f"$KV.{self.bucket}.{task_key(kind, task_id) if kind else '*.' + check_task_id(task_id)}"
 
-    async def get(self, task_id: str) -> TaskRecord | None:
-        entry = await self.entry(task_id)
+    async def find_key(self, task_id: str, kind: str | None = None) -> str | None:
+        """The key of the task's record: ``<kind>.<task id>`` when the kind is given, else the one a filtered
+        key listing finds (the most recently written if the id exists under several kinds), or None."""
+        if kind is not None:
+            return task_key(kind, task_id)
+        check_task_id(task_id)
+        known = self._keys.get(task_id)
+        if known is not None:
+            return known
+        keys = await kv_keys(self.kv, f"*.{task_id}")
+        if not keys:
+            return None
+        self._remember(task_id, keys[-1])
+        return keys[-1]
+
+    def _remember(self, task_id: str, key: str) -> None:
+        if len(self._keys) >= self.MAX_REMEMBERED_KEYS:
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[task_id] = key
+
+    async def get(self, task_id: str, kind: str | None = None) -> TaskRecord | None:
+        entry = await self.entry(task_id, kind)
         return entry[0] if entry else None
 
-    async def entry(self, task_id: str) -> tuple[TaskRecord, int] | None:
+    async def entry(self, task_id: str, kind: str | None = None) -> tuple[TaskRecord, int] | None:
         """The record and its revision, or None."""
+        key = await self.find_key(task_id, kind)
+        if key is None:
+            return None
+        entry = await self._read(key)
+        if entry is None and kind is None:
+            self._keys.pop(task_id, None)  # deleted since it was found: look again next time
+        return entry
+
+    async def _read(self, key: str) -> tuple[TaskRecord, int] | None:
         try:
-            entry = await self.kv.get(task_id)
+            entry = await self.kv.get(key)
         except KeyNotFoundError:
             return None
         if entry.value is None:
@@ -184,31 +233,34 @@ class TaskStore:
         return TaskRecord.model_validate_json(entry.value), int(entry.revision or 0)
 
     async def create(self, record: TaskRecord) -> int:
-        """Store a new record; its revision, or 0 if the id already exists."""
+        """Store a new record; its revision, or 0 if the id already exists (for its kind)."""
         try:
-            return int(await self.kv.create(record.id, record.model_dump_json().encode()))
+            return int(await self.kv.create(task_key(record.kind, record.id), record.model_dump_json().encode()))
         except KeyWrongLastSequenceError:
             return 0
 
     async def transition(
-        self, task_id: str, change: Callable[[TaskRecord | None], TaskRecord | None]
+        self, task_id: str, change: Callable[[TaskRecord | None], TaskRecord | None], *, kind: str
     ) -> TaskRecord | None:
         """Apply ``change`` to the current record with CAS, retrying on races. ``None`` from change: no write."""
-        return (await self.transition_from(task_id, change))[0]
+        return (await self.transition_from(task_id, change, kind=kind))[0]
 
     async def transition_from(
         self,
         task_id: str,
         change: Callable[[TaskRecord | None], TaskRecord | None],
         known: tuple[TaskRecord, int] | None = None,
+        *,
+        kind: str,
     ) -> tuple[TaskRecord | None, int]:
         """``transition`` that may start from a record and revision the caller already knows (saving a read;
         a stale guess costs one failed compare-and-swap, then the record is read). Returns the record and
         its revision."""
+        key = task_key(kind, task_id)
         current: tuple[TaskRecord, int] | None = known
         for attempt in range(20):
             if attempt or current is None:
-                current = await self.entry(task_id)
+                current = await self._read(key)
             record, revision = current if current else (None, 0)
             new = change(record)
             if new is None:
@@ -217,20 +269,22 @@ class TaskStore:
             data = new.model_dump_json().encode()
             try:
                 if current is None:
-                    return new, int(await self.kv.create(task_id, data))
-                return new, int(await self.kv.update(task_id, data, last=revision))
+                    return new, int(await self.kv.create(key, data))
+                return new, int(await self.kv.update(key, data, last=revision))
             except KeyWrongLastSequenceError:
                 continue
         raise DspyrtError(f"task {task_id}: too many concurrent updates", code="conflict")
 
-    async def delete(self, task_id: str, *, last: int | None = None) -> None:
+    async def delete(self, task_id: str, *, kind: str, last: int | None = None) -> None:
         """Delete the record; with ``last``, only if it is still at that revision (else the server refuses)."""
-        await self.kv.delete(task_id, last=last)
+        await self.kv.delete(task_key(kind, task_id), last=last)
+        if self._keys.get(task_id) == task_key(kind, task_id):
+            del self._keys[task_id]
 
     async def list(self, limit: int = 50) -> list[TaskRecord]:
         """The most recently updated records."""
-        keys = await kv_keys(self.kv)
-        records = [r for r in [await self.get(k) for k in keys] if r is not None]
+        keys = [k for k in await kv_keys(self.kv) if TASK_KEY.match(k)]
+        records = [entry[0] for entry in [await self._read(k) for k in keys] if entry is not None]
         records.sort(key=lambda r: r.updated_at, reverse=True)
         return records[:limit]
 
@@ -348,12 +402,19 @@ async def submit_task(
     record that no delivery has picked up is published again (``requeued``), which completes a submit that failed
     between writing the record and publishing it (see the module's delivery guarantees).
     """
+    given = task_id is not None
     task_id = check_task_id(task_id) if task_id else new_task_id()
     subject = bus.subjects.task(kind)
     envelope = TaskEnvelope(id=task_id, kind=kind, input=input, submitted_by=submitted_by)
     data = check_size(envelope.model_dump_json().encode(), bus.max_payload, f"task {kind}")
     if require_worker:
         await (kinds or TaskKinds(bus)).check(kind)
+    if given:
+        # Keys name the kind, so the bucket would take the same id under a second kind; but an id names one task
+        # (and one message id in the stream's duplicate window), so an id taken by another kind is not new.
+        key = await store.find_key(task_id)
+        if key is not None and key != task_key(kind, task_id):
+            return Submission(task_id, created=False)
     with tracing.send_span(subject, size=len(data), message_id=task_id) as span:
         record = TaskRecord(
             id=task_id,
@@ -366,7 +427,7 @@ async def submit_task(
             revision = await store.create(record)
             if revision:
                 break
-            existing = await store.entry(task_id)
+            existing = await store.entry(task_id, kind)
             if existing is None:
                 continue  # deleted in between (a failed submit taking its record back): the id is free again
             span.set_attribute("dspyrt.task.duplicate", True)
@@ -386,49 +447,55 @@ async def submit_task(
         try:
             await bus.js.publish(subject, data, headers=_task_headers(task_id, revision, submitted_by))
         except BaseException:
-            await _forget(store, task_id, revision)
+            await _forget(store, kind, task_id, revision)
             raise
         await record_audit(bus, "task.submit", task_id, identity=submitted_by, detail={"kind": kind})
     return Submission(task_id, created=True)
 
 
-async def _forget(store: TaskStore, task_id: str, revision: int) -> None:
+async def _forget(store: TaskStore, kind: str, task_id: str, revision: int) -> None:
     """After a failed publish, take the pending record back if nothing has touched it, so a submit that failed
     leaves nothing behind. If that fails too (the server is gone), the record stays ``pending``: submitting the
     same id again publishes it. If the publish did reach the stream after all, the worker recreates the record."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(FORGET_TIMEOUT):
         try:
-            await store.delete(task_id, last=revision)
+            await store.delete(task_id, kind=kind, last=revision)
         except Exception as exc:
             log.debug("task %s: pending record of a failed submit left in place (%s)", task_id, exc)
 
 
-async def _read_through_failover(store: TaskStore, task_id: str) -> TaskRecord | None:
+async def _read_through_failover(store: TaskStore, task_id: str, kind: str | None) -> TaskRecord | None:
     """Read a record; a cluster fail-over or reconnect (timeouts, no responders) is waited out, not reported."""
     delay = 0.1
     while True:
         try:
-            return await store.get(task_id)
+            return await store.get(task_id, kind)
         except (NatsTimeoutError, TimeoutError, NoRespondersError, OutboundBufferLimitError):
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
 
-async def wait_for_task(bus: Bus, store: TaskStore, task_id: str, timeout: float | None = None) -> TaskRecord:
-    """Wait until the task reaches a terminal state, watching its KV key (no polling)."""
+async def wait_for_task(
+    bus: Bus, store: TaskStore, task_id: str, timeout: float | None = None, *, kind: str | None = None
+) -> TaskRecord:
+    """Wait until the task reaches a terminal state, watching its KV key (no polling).
+
+    Pass ``kind`` when it is known (a parent waiting for its child): the watch is then on that kind's key only,
+    which is all an agent's permissions allow. Without it the watch matches the id under any kind."""
     # Subscribe before the first read so no update can slip between them.
-    sub = await bus.nc.subscribe(store.key_subject(check_task_id(task_id)))
+    sub = await bus.nc.subscribe(store.key_subject(check_task_id(task_id), kind))
     try:
         with anyio.fail_after(timeout):
-            record = await _read_through_failover(store, task_id)
+            record = await _read_through_failover(store, task_id, kind)
             if record is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
+            kind = record.kind  # found: every later read goes to its key
             while not record.status.terminal:
                 try:  # a missed update (say, during a reconnect) costs at most a second
                     await sub.next_msg(timeout=1.0)
                 except NatsTimeoutError:
                     pass
-                record = await _read_through_failover(store, task_id) or record
+                record = await _read_through_failover(store, task_id, kind) or record
             return record
     finally:
         with anyio.CancelScope(shield=True):
@@ -663,7 +730,7 @@ class TaskWorker:
                     submitted_by=envelope.submitted_by, submitted_at=envelope.submitted_at,
                 )  # fmt: skip
                 known = (pending, int(headers[RECORD_REV_HEADER]))
-            record, revision = await self.store.transition_from(envelope.id, start, known)
+            record, revision = await self.store.transition_from(envelope.id, start, known, kind=self.kind)
             if record is not None and (record.status.terminal or record.message_seq != seq):
                 # Already finished by an earlier delivery, or another copy of the message has it (it is redelivered
                 # if its worker dies): do not run twice.
@@ -746,7 +813,7 @@ class TaskWorker:
             base = record or TaskRecord(id=task_id, kind=self.kind, status=TaskStatus.RUNNING)
             return base.model_copy(update={"status": TaskStatus.SUCCEEDED, "result": payload, "error": None})
 
-        await self.store.transition_from(task_id, done, running)
+        await self.store.transition_from(task_id, done, running, kind=self.kind)
         await msg.ack()
         self.stats.succeeded += 1
 
@@ -758,7 +825,7 @@ class TaskWorker:
                 return None
             return record.model_copy(update={"status": TaskStatus.PENDING, "error": body})
 
-        await self.store.transition(task_id, back_to_pending)
+        await self.store.transition(task_id, back_to_pending, kind=self.kind)
         await msg.nak(delay=delay)
         self.stats.retried += 1
         log.info("task %s %s: attempt %d failed (%s), retry in %.1fs", self.kind, task_id, attempt, body.code, delay)
@@ -791,7 +858,7 @@ async def dead_letter(
         return base.model_copy(update={"status": status, "error": reason, "attempts": deliveries})
 
     if TASK_ID.match(task_id):
-        await store.transition(task_id, end)
+        await store.transition(task_id, end, kind=kind)
     # Kept verbatim for replay when it fits; a huge or undecodable body is described, not copied.
     try:
         text = original.decode() if len(original) <= MAX_DEAD_LETTER_BODY else ""
@@ -863,7 +930,7 @@ async def replay_dead_letter(bus: Bus, store: TaskStore, letter: DeadLetter) -> 
             update={"status": TaskStatus.PENDING, "attempts": 0, "error": None, "result": None, "message_seq": None}
         )
 
-    await store.transition(envelope.id, reset)
+    await store.transition(envelope.id, reset, kind=envelope.kind)
     # A fresh message id: the original one may still be inside the duplicate window.
     msg_id = f"{envelope.id}-replay-{math.floor(time.time() * 1000)}"
     headers = tracing.inject({MSG_ID_HEADER: msg_id, TASK_ID_HEADER: envelope.id})

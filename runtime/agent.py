@@ -167,7 +167,8 @@ class TaskContext:
     async def progress(self, phase: str, *, step: int | None = None, total: int | None = None, **data: Any) -> None:
         """Publish a progress event for this task (``dspyrt submit --wait`` shows them) and keep it alive."""
         payload = {"task_id": self.task_id, "phase": phase, "step": step, "total": total, **data}
-        await self.agent.publish_event(self.agent.bus.subjects.task_progress_topic(self.task_id), payload)
+        topic = self.agent.bus.subjects.task_progress_topic(self.run.envelope.kind, self.task_id)
+        await self.agent.publish_event(topic, payload)
         await self.run.heartbeat()
 
 

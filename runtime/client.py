@@ -134,19 +134,21 @@ class Client:
             kinds=self.kinds,
         )
 
-    async def result(self, task_id: str, *, timeout: float | None = None) -> TaskRecord:
+    async def result(self, task_id: str, *, timeout: float | None = None, kind: str | None = None) -> TaskRecord:
+        """Wait until the task ends. Pass its ``kind`` when known (an agent waiting for a task it submitted: its
+        permissions let it watch the records of the kinds it submits only)."""
         if self.gateway is not None:
             return await self.gateway.result(task_id, timeout)
-        return await wait_for_task(self.bus, self.store, task_id, timeout)
+        return await wait_for_task(self.bus, self.store, task_id, timeout, kind=kind)
 
     async def run(self, kind: str, input: BaseModel | dict[str, Any], *, timeout: float | None = None) -> TaskRecord:
         submission = await self.submit(kind, input)
-        return await self.result(submission.task_id, timeout=timeout)
+        return await self.result(submission.task_id, timeout=timeout, kind=kind)
 
-    async def task(self, task_id: str) -> TaskRecord:
+    async def task(self, task_id: str, *, kind: str | None = None) -> TaskRecord:
         if self.gateway is not None:
             return await self.gateway.task(task_id)
-        record = await self.store.get(task_id)
+        record = await self.store.get(task_id, kind)
         if record is None:
             raise NotFoundError(f"no task with id {task_id}")
         return record
@@ -161,7 +163,7 @@ class Client:
         one each time it changes)."""
         if self.gateway is not None:
             return self.gateway.progress(task_id)
-        return follow_events(self.bus, self.bus.subjects.task_progress_topic(task_id), replay=True)
+        return follow_events(self.bus, self.bus.subjects.task_progress_pattern(task_id), replay=True)
 
     async def dead_letters(self, limit: int = 100) -> list[tuple[int, DeadLetter]]:
         """Dead letters with their stream sequence, newest last."""

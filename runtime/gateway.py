@@ -126,9 +126,9 @@ class GatewayAgent(Agent):
         record = await self._owned(request.task_id)
         if not record.status.terminal:
             with anyio.move_on_after(request.timeout):
-                record = await wait_for_task(self.bus, self.store, request.task_id)
+                record = await wait_for_task(self.bus, self.store, request.task_id, kind=record.kind)
             record = await self._owned(request.task_id)
-        return WaitReply(record=record, progress=await self._progress(request.task_id))
+        return WaitReply(record=record, progress=await self._progress(record.kind, request.task_id))
 
     @endpoint("list", per_user=True)
     async def list_tasks(self, request: ListRequest) -> TaskList:
@@ -137,10 +137,10 @@ class GatewayAgent(Agent):
         records = [r for r in await self.store.list(limit=10_000) if r.submitted_by == user]
         return TaskList(records=records[: request.limit])
 
-    async def _progress(self, task_id: str) -> dict[str, Any] | None:
+    async def _progress(self, kind: str, task_id: str) -> dict[str, Any] | None:
         s = self.bus.subjects
         try:
-            raw = await self.bus.js.get_last_msg(s.event_stream, s.event(s.task_progress_topic(task_id)))
+            raw = await self.bus.js.get_last_msg(s.event_stream, s.event(s.task_progress_topic(kind, task_id)))
         except Exception:  # none yet (not found), or the stream is busy: progress is best effort
             return None
         try:
@@ -197,6 +197,7 @@ class GatewayTasks:
             reply = await self.wait(task_id, 2.0)
             if reply.progress is not None and reply.progress != last:
                 last = reply.progress
-                yield Event(topic=self.bus.subjects.task_progress_topic(task_id), source=GATEWAY, data=last)
+                topic = self.bus.subjects.task_progress_topic(reply.record.kind, task_id)
+                yield Event(topic=topic, source=GATEWAY, data=last)
             if reply.record.status.terminal:
                 return

@@ -118,7 +118,8 @@ async def record_histories(bus: Bus, timeout: float = 30.0) -> dict[str, list[Ta
                     while True:
                         msg = await sub.next_msg(timeout=5)
                         if msg.data:
-                            histories[msg.subject[len(head) :]].append(TaskRecord.model_validate_json(msg.data))
+                            record = TaskRecord.model_validate_json(msg.data)  # key <kind>.<task id>
+                            histories[record.id].append(record)
                         if not msg.metadata.num_pending:
                             return histories
                 finally:

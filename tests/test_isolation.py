@@ -21,7 +21,8 @@ import anyio
 import nats
 import pytest
 
-from bus import Bus, EmbeddedServer, RemoteError, TaskStatus
+from bus import Bus, EmbeddedServer, RemoteError, TaskRecord, TaskStatus, TaskStore, ensure_streams
+from bus.events import publish_event
 from bus.subjects import inbox_prefix
 from runtime.config import IntegrationConfig
 from runtime.gateway import GatewayAgent, GatewayTasks
@@ -76,8 +77,14 @@ PUBLISH_ATTEMPTS: list[tuple[str, str, dict[str, Any]]] = [
     (
         "push-consumer redirection: a consumer delivering its bytes to an agent-only endpoint",
         "$JS.API.CONSUMER.CREATE.KV_DSPY_tasks",
-        {"stream_name": "KV_DSPY_tasks", "config": {"deliver_subject": "dspy.optimizer.set_active",
-                                                    "deliver_group": "dspy-workers", "ack_policy": "none"}},
+        {
+            "stream_name": "KV_DSPY_tasks",
+            "config": {
+                "deliver_subject": "dspy.optimizer.set_active",
+                "deliver_group": "dspy-workers",
+                "ack_policy": "none",
+            },
+        },
     ),
     ("the same with a named consumer", "$JS.API.CONSUMER.CREATE.KV_DSPY_tasks.x.$KV.DSPY_tasks.>", {}),
     ("replaying every event of everyone", "$JS.API.CONSUMER.CREATE.DSPY_EVENTS", {}),
@@ -90,7 +97,7 @@ PUBLISH_ATTEMPTS: list[tuple[str, str, dict[str, Any]]] = [
     ("queueing a task past the gateway", "dspy.task.wordcount", {"id": "x", "kind": "wordcount"}),
     ("acting as another client at the gateway", "dspy.gateway.team-b.submit", {"kind": "wordcount"}),
     ("an agent-internal endpoint", "dspy.optimizer.set_active", {"name": "copro"}),
-    ("forging an event", "dspy.event.task.progress.victim-task", {}),
+    ("forging an event", "dspy.event.task.progress.wordcount.victim-task", {}),
 ]
 SUBSCRIBE_ATTEMPTS: list[tuple[str, str]] = [
     ("watching every task record", "$KV.DSPY_tasks.>"),
@@ -101,10 +108,32 @@ SUBSCRIBE_ATTEMPTS: list[tuple[str, str]] = [
 ]
 
 
+# What an agent must not do beyond its role: ``example`` serves ``wordcount`` only (and submits nothing), so the
+# records and the progress of every other kind's tasks are out of its reach. (subject to publish on, payload)
+AGENT_ATTEMPTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("writing a record of another kind", "$KV.DSPY_tasks.optimize.x", {"id": "x", "kind": "optimize"}),
+    ("writing a record under a bare task id", "$KV.DSPY_tasks.x", {"id": "x", "kind": "wordcount"}),
+    ("forging progress of another kind's task", "dspy.event.task.progress.optimize.x", {"phase": "done"}),
+    ("forging progress under a bare task id", "dspy.event.task.progress.x", {"phase": "done"}),
+]
+
+
 @pytest.mark.parametrize(("why", "subject", "payload"), PUBLISH_ATTEMPTS, ids=[a[0] for a in PUBLISH_ATTEMPTS])
 async def test_a_client_is_refused(tenants: SecuredServer, why: str, subject: str, payload: dict[str, Any]) -> None:
+    await refused(tenants, "client", why, subject, payload)
+
+
+@pytest.mark.parametrize(("why", "subject", "payload"), AGENT_ATTEMPTS, ids=[a[0] for a in AGENT_ATTEMPTS])
+async def test_an_agent_is_refused_beyond_its_kinds(
+    tenants: SecuredServer, why: str, subject: str, payload: dict[str, Any]
+) -> None:
+    await refused(tenants, "example", why, subject, payload)
+
+
+async def refused(server: SecuredServer, user: str, why: str, subject: str, payload: dict[str, Any]) -> None:
+    """``user`` publishes on ``subject`` with raw nats-py: the server refuses it, and logs the refusal."""
     errors: list[str] = []
-    nc = await raw(tenants, "client", errors)
+    nc = await raw(server, user, errors)
     try:
         await nc.publish(subject, json.dumps(payload).encode(), reply=nc.new_inbox())
         await nc.flush()
@@ -114,7 +143,34 @@ async def test_a_client_is_refused(tenants: SecuredServer, why: str, subject: st
     finally:
         await nc.close()
     # and the server says so in its own log (written a moment later)
-    await wait_until(lambda: f"client Publish {subject}" in tenants.violations(), timeout=5, what="logged")
+    await wait_until(lambda: f"{user} Publish {subject}" in server.violations(), timeout=5, what="logged")
+
+
+async def test_an_agent_writes_the_records_and_progress_of_its_own_kind(tenants: SecuredServer, tmp_path: Path) -> None:
+    """What the refusals above leave to ``example``: its own kind's records (create, update, delete, read back by
+    bare id) and progress events, with no permission violation."""
+    config = tenant_config(tenants, "example", tmp_path / "example")
+    before = len(violations_of(tenants, "example"))
+    task_id = f"own-{secrets.token_hex(4)}"
+    async with Bus(config.connection_options(name="own-kind"), config.subjects) as bus:
+        await ensure_streams(bus, config.stream_layout)
+        store = await TaskStore.open(bus)
+        assert await store.create(TaskRecord(id=task_id, kind="wordcount", status=TaskStatus.PENDING))
+
+        def finish(record: TaskRecord | None) -> TaskRecord | None:
+            assert record is not None
+            return record.model_copy(update={"status": TaskStatus.SUCCEEDED, "result": {"words": 2}})
+
+        await store.transition(task_id, finish, kind="wordcount")
+        record = await store.get(task_id)  # by bare id: found by a filtered key listing
+        assert record is not None and record.status is TaskStatus.SUCCEEDED and record.result == {"words": 2}
+        assert store.key_subject(task_id, "wordcount") == f"$KV.DSPY_tasks.wordcount.{task_id}"
+        await publish_event(bus, bus.subjects.task_progress_topic("wordcount", task_id), {"phase": "x"}, source="t")
+        entry = await store.entry(task_id, "wordcount")
+        assert entry is not None
+        await store.delete(task_id, kind="wordcount", last=entry[1])
+        assert await store.get(task_id) is None
+    assert len(violations_of(tenants, "example")) == before
 
 
 @pytest.mark.parametrize(("why", "subject"), SUBSCRIBE_ATTEMPTS, ids=[a[0] for a in SUBSCRIBE_ATTEMPTS])
@@ -206,7 +262,6 @@ async def test_progress_reaches_its_owner_through_the_gateway(tenants: SecuredSe
         record = await tasks.result(submitted.task_id, timeout=30)
     assert record.status is TaskStatus.SUCCEEDED
     assert all(e.data["task_id"] == submitted.task_id for e in events)
-
 
 
 def test_the_gateway_offers_the_kinds_the_deploy_lets_clients_submit() -> None:

@@ -234,7 +234,7 @@ async def check_whole_trace(phoenix: str, system: System) -> None:
 
     async with await nats.connect(system.env["DSPYRT_NATS_URLS"]) as nc:
         kv = await nc.jetstream().key_value(system.config.subjects.bucket("tasks"))
-        record = json.loads((await kv.get(task_id)).value or b"{}")
+        record = json.loads((await kv.get(f"cycle.{task_id}")).value or b"{}")
     assert record["status"] == "succeeded"
     trace_id = record["trace_id"]
 

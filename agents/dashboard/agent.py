@@ -330,7 +330,7 @@ class DashboardAgent(Agent):
         if not isinstance(cycle_id, str) or not isinstance(program, str):
             return
         try:
-            record = await self.client.store.get(cycle_id)
+            record = await self.client.store.get(cycle_id, kind="cycle")
         except Exception as exc:  # not a task id, bucket trouble: the rest of the cycle is recorded
             log.debug("no record for cycle %s: %s", cycle_id, exc)
             return
@@ -344,7 +344,7 @@ class DashboardAgent(Agent):
 
     async def _await_validation(self, cycle_id: str, program: str, at: float) -> None:
         try:
-            record = await self.client.result(cycle_id, timeout=60)
+            record = await self.client.result(cycle_id, timeout=60, kind="cycle")
         except Exception as exc:
             log.debug("cycle %s result not read: %s", cycle_id, exc)
             return

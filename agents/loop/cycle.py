@@ -242,7 +242,7 @@ class BusPhases:
 
     async def _task(self, kind: str, payload: Any, task_id: str) -> dict[str, Any]:
         await self.agent.client.submit(kind, payload, task_id=task_id)
-        record = await self.agent.client.result(task_id)
+        record = await self.agent.client.result(task_id, kind=kind)
         if record.status is TaskStatus.SUCCEEDED:
             return dict(record.result or {})
         error = record.error

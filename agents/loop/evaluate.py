@@ -138,7 +138,7 @@ async def run_evaluation(agent: Agent, job: EvaluateRequest, evaluation_id: str,
         shard_id = f"{evaluation_id}-s{number}"
         try:
             await agent.client.submit("evaluate-shard", shard, task_id=shard_id)
-            record = await agent.client.result(shard_id)
+            record = await agent.client.result(shard_id, kind="evaluate-shard")
             if record.status is not TaskStatus.SUCCEEDED:
                 # Its id is fixed, so a retry would read the same finished record: retrying cannot help.
                 error = record.error

@@ -34,7 +34,7 @@ class Access:
     submits: tuple[str, ...] = ()  # task kinds it submits and waits for
     calls: tuple[str, ...] = ()  # "agent.endpoint" it sends requests to
     events: tuple[str, ...] = ()  # event topics it publishes (``*``/``>`` allowed); task progress is implied
-    buckets: tuple[str, ...] = ()  # KV buckets it writes (and reads); the task bucket is everyone's
+    buckets: tuple[str, ...] = ()  # KV buckets it writes (and reads); task records: see agent_permissions
     reads: tuple[str, ...] = ()  # KV buckets it only reads (opening a missing one creates it)
     objects: tuple[str, ...] = ()  # object stores it writes (and reads)
     reads_objects: tuple[str, ...] = ()  # object stores it only reads
@@ -174,6 +174,10 @@ class Names:
     def task(self, kind: str) -> str:
         return f"{self.prefix}.task.{kind}"
 
+    def task_records(self, kind: str) -> str:
+        """Writes (and updates) of the task records of ``kind``: keys are ``<kind>.<task id>`` (bus.tasks.task_key)."""
+        return f"$KV.{self.bucket('tasks')}.{kind}.>"
+
     def endpoint(self, dotted: str) -> str:
         return f"{self.prefix}.{dotted}"
 
@@ -278,11 +282,14 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
     n = names
     perms = Permissions([], [])
     # Every agent process: creates the deployment's streams and the task bucket at start when missing
-    # (runtime.supervisor.serve -> bus.streams.ensure_streams), reads and writes task records. Changing a
-    # stream's settings is for admin (`dspyrt streams`): agents run with manage_streams = false.
+    # (runtime.supervisor.serve -> bus.streams.ensure_streams) and reads task records (a KV get cannot be
+    # restricted by key: it is a JetStream API request on the bucket's stream). It writes only the records of the
+    # kinds it consumes or submits: the key is <kind>.<task id>. Changing a stream's settings is for admin
+    # (`dspyrt streams`): agents run with manage_streams = false.
     for stream in n.streams:
         perms.add(open_stream(stream))
-    perms.add(kv_write(n.bucket("tasks")))
+    perms.add(kv_read(n.bucket("tasks")))
+    perms.add([n.task_records(kind) for kind in (*access.tasks, *access.submits)])
     # Its micro service: discovery requests for all services, this service and this instance; its endpoints.
     service = n.service(agent)
     perms.add(
@@ -316,14 +323,15 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
             ],
             [n.max_deliveries_advisory(kind)],
         )
-    if access.tasks:
-        perms.add([n.event("task.progress.*")])
+    # Progress events of its own kinds' tasks only (<prefix>.event.task.progress.<kind>.<task id>).
+    perms.add([n.event(f"task.progress.{kind}.>") for kind in access.tasks])
     if access.submits:
         perms.add(
             # Submit asks which kinds are served (the task stream's consumers) before it writes anything.
             [n.task(kind) for kind in access.submits]
             + [n.audit(agent, "task.submit"), _api("CONSUMER.NAMES", n.task_stream)],
-            [f"$KV.{n.bucket('tasks')}.>"],  # waiting for the result watches the record's key
+            # Waiting for the result watches the record's key.
+            [n.task_records(kind) for kind in access.submits],
         )
     perms.add([n.endpoint(call) for call in access.calls])
     perms.add([n.event(topic) for topic in access.events])

@@ -213,7 +213,7 @@ async def test_validation_pass_rates_come_from_the_cycle_task_record(
             return record.model_copy(update={"status": TaskStatus.SUCCEEDED,
                                              "result": {"validation": {"passed": False, "score": 0.5}}})  # fmt: skip
 
-        await client.store.transition("cyc-late", finish)
+        await client.store.transition("cyc-late", finish, kind="cycle")
 
         async def rates() -> bool:
             snap = await snapshot(client, metric="validation_pass_rate")
