@@ -19,10 +19,13 @@ from bus import (
     PermanentError,
     RemoteError,
     RetryableError,
+    TaskRecord,
     TaskStatus,
 )
 from bus.errors import is_permanent
+from bus.events import publish_event
 from bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
+from bus.streams import kv_keys
 from bus.tasks import ExhaustedTaskWatcher, TaskEnvelope
 from runtime.agent import Agent, TaskContext, task
 from runtime.client import Client
@@ -340,3 +343,41 @@ async def _is_dead(client: Client, task_id: str) -> bool:
 
 async def _stream_empty(bus: Bus, stream: str) -> bool:
     return (await bus.js.stream_info(stream)).state.messages == 0
+
+
+async def test_records_are_keyed_by_kind_and_found_by_bare_id(
+    config: IntegrationConfig, bus: Bus, client: Client
+) -> None:
+    """Keys are ``<kind>.<task id>`` (so permissions tell kinds apart), progress is ``task.progress.<kind>.<id>``;
+    a lookup, a wait or a progress stream by bare id finds the task whatever its kind; an id names one task."""
+    worker = Worker(config)
+    async with hosting(worker):
+        submitted = await client.submit("double", Job(n=4), task_id="keyed-1")
+        record = await client.result("keyed-1", timeout=20)  # by bare id: watches $KV.<bucket>.*.keyed-1
+        assert record.kind == "double" and record.result == {"n": 8, "attempt": 1}
+        assert submitted.created
+        assert await kv_keys(client.store.kv, "*.keyed-1") == ["double.keyed-1"]
+        assert (await client.task("keyed-1")).id == (await client.task("keyed-1", kind="double")).id == "keyed-1"
+        assert await client.store.get("keyed-1", kind="flaky") is None
+        assert client.store.key_subject("keyed-1") == f"$KV.{config.subjects.task_bucket}.*.keyed-1"
+
+        # the same id under another kind is the existing task, not a second one (nor a second message id)
+        other = await client.submit("flaky", Job(n=1), task_id="keyed-1")
+        assert not other.created
+        assert await client.store.get("keyed-1", kind="flaky") is None
+        assert worker.calls["flaky", "keyed-1"] == 0
+
+        # a record written under a bare task id (before kinds were in the key) is not migrated: not found, not listed
+        await client.store.kv.put("legacy-1", TaskRecord(id="legacy-1", kind="double", status=TaskStatus.PENDING)
+                                  .model_dump_json().encode())  # fmt: skip
+        assert await client.store.get("legacy-1") is None
+        assert [r.id for r in await client.tasks()] == ["keyed-1"]
+
+        # progress carries the kind in its subject; a reader by bare id gets it
+        topic = config.subjects.task_progress_topic("double", "keyed-1")
+        assert topic == "task.progress.double.keyed-1"
+        await publish_event(bus, topic, {"task_id": "keyed-1", "phase": "done"}, source="test")
+        with anyio.fail_after(10):
+            async for event in client.progress("keyed-1"):
+                assert (event.topic, event.data["phase"]) == (topic, "done")
+                break
