@@ -6,8 +6,7 @@ import logging
 from dataclasses import dataclass
 from enum import StrEnum
 
-import anyio
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -189,30 +188,26 @@ async def object_store(bus: Bus, name: str, layout: StreamLayout | None = None) 
         )
 
 
-async def kv_keys(kv: KeyValue, pattern: str | None = None, *, timeout: float = 10.0) -> list[str]:
-    """Every key of a bucket, or those matching ``pattern`` (a key with ``*``/``>`` wildcards, filtered by the
-    server), oldest write first; none is ``[]`` (nats-py raises ``NoKeysError`` for it).
-
-    A pattern is not passed to nats-py's ``keys(filters=...)``: nats-py 2.16 lists every key and keeps those that
-    contain a filter as a plain substring, so a wildcard filter matches nothing.
-    """
-    if pattern is None:
-        try:
-            return list(await kv.keys())
-        except (NoKeysError, NotFoundError):
-            return []
-    watcher = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
-    keys: list[str] = []
+async def kv_keys(kv: KeyValue) -> list[str]:
+    """Every key of a bucket; an empty bucket is ``[]`` (nats-py raises ``NoKeysError`` for it)."""
     try:
-        with anyio.fail_after(timeout):
-            async for entry in watcher:
-                if entry is None:  # the end of what was there when the watch began
-                    break
-                keys.append(entry.key)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await watcher.stop()  # type: ignore[no-untyped-call]
-    return keys
+        return list(await kv.keys())
+    except (NoKeysError, NotFoundError):
+        return []
+
+
+async def kv_keys_matching(js: JetStreamContext, bucket: str, pattern: str) -> list[str]:
+    """The keys of ``bucket`` that match ``pattern`` (a key with ``*``/``>`` wildcards), sorted, from the per-subject
+    counts of the bucket's stream: one JetStream API request, answered by the stream's leader, so a write it has
+    acknowledged is seen. A deleted key whose delete marker is still stored is included.
+
+    Not nats-py's ``keys(filters=...)``: nats-py 2.16 watches every key and keeps those that contain a filter as
+    a plain substring (a wildcard filter matches nothing), and its watcher may report an empty listing when the
+    first message is still in flight.
+    """
+    head = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=head + pattern)
+    return sorted(subject[len(head) :] for subject in info.state.subjects or {})
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, field_validator
@@ -71,7 +71,7 @@ from bus.messages import (
     decode,
     error_body,
 )
-from bus.streams import key_value, kv_keys
+from bus.streams import key_value, kv_keys, kv_keys_matching
 
 log = logging.getLogger("dspyrt.tasks")
 
@@ -175,14 +175,15 @@ class TaskStore:
     # Keys found by a listing that are remembered (the oldest are forgotten first).
     MAX_REMEMBERED_KEYS = 10_000
 
-    def __init__(self, kv: KeyValue, bucket: str) -> None:
+    def __init__(self, kv: KeyValue, bucket: str, js: JetStreamContext) -> None:
         self.kv = kv
         self.bucket = bucket
+        self.js = js
         self._keys: dict[str, str] = {}  # task id -> key, for lookups by bare id
 
     @classmethod
     async def open(cls, bus: Bus) -> TaskStore:
-        return cls(await key_value(bus, bus.subjects.task_bucket), bus.subjects.task_bucket)
+        return cls(await key_value(bus, bus.subjects.task_bucket), bus.subjects.task_bucket, bus.js)
 
     def key_subject(self, task_id: str, kind: str | None = None) -> str:
         """Where KV announces every write of this record (the KV protocol's own subject); without ``kind``, a
@@ -191,14 +192,18 @@ class TaskStore:
 
     async def find_key(self, task_id: str, kind: str | None = None) -> str | None:
         """The key of the task's record: ``<kind>.<task id>`` when the kind is given, else the one a filtered
-        key listing finds (the most recently written if the id exists under several kinds), or None."""
+        key listing finds (of a record that exists; the most recently written if the id is under several kinds),
+        or None."""
         if kind is not None:
             return task_key(kind, task_id)
         check_task_id(task_id)
         known = self._keys.get(task_id)
         if known is not None:
             return known
-        keys = await kv_keys(self.kv, f"*.{task_id}")
+        keys = await kv_keys_matching(self.js, self.bucket, f"*.{task_id}")
+        if len(keys) > 1:  # rare (see submit_task); a key listed may also be deleted: take the newest record
+            revisions = {key: entry[1] for key in keys if (entry := await self._read(key)) is not None}
+            keys = sorted(revisions, key=revisions.__getitem__)
         if not keys:
             return None
         self._remember(task_id, keys[-1])
@@ -412,8 +417,8 @@ async def submit_task(
     if given:
         # Keys name the kind, so the bucket would take the same id under a second kind; but an id names one task
         # (and one message id in the stream's duplicate window), so an id taken by another kind is not new.
-        key = await store.find_key(task_id)
-        if key is not None and key != task_key(kind, task_id):
+        holder = await store.get(task_id)
+        if holder is not None and holder.kind != kind:
             return Submission(task_id, created=False)
     with tracing.send_span(subject, size=len(data), message_id=task_id) as span:
         record = TaskRecord(

@@ -25,7 +25,7 @@ from bus import (
 from bus.errors import is_permanent
 from bus.events import publish_event
 from bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
-from bus.streams import kv_keys
+from bus.streams import kv_keys_matching
 from bus.tasks import ExhaustedTaskWatcher, TaskEnvelope
 from runtime.agent import Agent, TaskContext, task
 from runtime.client import Client
@@ -356,7 +356,7 @@ async def test_records_are_keyed_by_kind_and_found_by_bare_id(
         record = await client.result("keyed-1", timeout=20)  # by bare id: watches $KV.<bucket>.*.keyed-1
         assert record.kind == "double" and record.result == {"n": 8, "attempt": 1}
         assert submitted.created
-        assert await kv_keys(client.store.kv, "*.keyed-1") == ["double.keyed-1"]
+        assert await kv_keys_matching(bus.js, config.subjects.task_bucket, "*.keyed-1") == ["double.keyed-1"]
         assert (await client.task("keyed-1")).id == (await client.task("keyed-1", kind="double")).id == "keyed-1"
         assert await client.store.get("keyed-1", kind="flaky") is None
         assert client.store.key_subject("keyed-1") == f"$KV.{config.subjects.task_bucket}.*.keyed-1"
