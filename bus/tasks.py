@@ -192,8 +192,10 @@ class TaskStore:
 
     async def find_key(self, task_id: str, kind: str | None = None) -> str | None:
         """The key of the task's record: ``<kind>.<task id>`` when the kind is given, else the one a filtered
-        key listing finds (of a record that exists; the most recently written if the id is under several kinds),
-        or None."""
+        key listing finds (of a record that exists; the first written if the id is under several kinds), or None.
+
+        The first, not the newest: submit refuses an id already taken under another kind, so a later record under
+        another kind can only be an agent writing into its own kind's keys to shadow someone else's task."""
         if kind is not None:
             return task_key(kind, task_id)
         check_task_id(task_id)
@@ -201,13 +203,13 @@ class TaskStore:
         if known is not None:
             return known
         keys = await kv_keys_matching(self.js, self.bucket, f"*.{task_id}")
-        if len(keys) > 1:  # rare (see submit_task); a key listed may also be deleted: take the newest record
+        if len(keys) > 1:  # rare (see submit_task); a key listed may also be deleted: take the first record
             revisions = {key: entry[1] for key in keys if (entry := await self._read(key)) is not None}
             keys = sorted(revisions, key=revisions.__getitem__)
         if not keys:
             return None
-        self._remember(task_id, keys[-1])
-        return keys[-1]
+        self._remember(task_id, keys[0])
+        return keys[0]
 
     def _remember(self, task_id: str, key: str) -> None:
         if len(self._keys) >= self.MAX_REMEMBERED_KEYS:

@@ -21,6 +21,7 @@ from bus import (
     RetryableError,
     TaskRecord,
     TaskStatus,
+    TaskStore,
 )
 from bus.errors import is_permanent
 from bus.events import publish_event
@@ -366,6 +367,15 @@ async def test_records_are_keyed_by_kind_and_found_by_bare_id(
         assert not other.created
         assert await client.store.get("keyed-1", kind="flaky") is None
         assert worker.calls["flaky", "keyed-1"] == 0
+
+        # an agent writing a record of its own kind under someone else's task id cannot shadow that task: a bare-id
+        # lookup takes the first record written (a fresh store, so nothing is remembered from above)
+        forged = TaskRecord(id="keyed-1", kind="flaky", status=TaskStatus.SUCCEEDED, result={"n": 666})
+        await client.store.kv.put("flaky.keyed-1", forged.model_dump_json().encode())
+        fresh = await TaskStore.open(bus)
+        found = await fresh.get("keyed-1")
+        assert found is not None and (found.kind, found.result) == ("double", {"n": 8, "attempt": 1})
+        await client.store.kv.delete("flaky.keyed-1")
 
         # a record written under a bare task id (before kinds were in the key) is not migrated: not found, not listed
         await client.store.kv.put("legacy-1", TaskRecord(id="legacy-1", kind="double", status=TaskStatus.PENDING)
