@@ -23,9 +23,9 @@ from typing import Any
 import dspy
 from pydantic import Field
 
-from agents.lm.errors import TRANSIENT_CALL_CODES, ProviderUnreliableError
+from agents.lm.errors import TRANSIENT_CALL_CODES, ProviderUnreliableError, project_error
 from agents.metrics import Metric
-from bus import DspyrtError, Message
+from bus import Message
 
 # An evaluation or optimization whose failed LM calls pass this share fails with provider_unreliable.
 DEFAULT_MAX_ERROR_RATE = 0.02
@@ -79,18 +79,6 @@ def jsonable(value: Any) -> Any:
         return value
     except (TypeError, ValueError):
         return str(value)
-
-
-def project_error(exc: BaseException) -> DspyrtError | None:
-    """The project's error ``exc`` is or was raised from (DSPy wraps what the LM raises), if any."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, DspyrtError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__
-    return None
 
 
 def run_one(program: Any, example: Any, index: int, metric: Metric, lm: Any) -> ExampleResult:

@@ -121,6 +121,19 @@ class RedactFn:
         return text
 
 
+def project_error(exc: BaseException) -> DspyrtError | None:
+    """The project's error behind what DSPy raised: DSPy wraps what an LM engine raises (``LMUnexpectedError``
+    from the bus engine's ``RemoteError``), so the stable code is found down the cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, DspyrtError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 # ------------------------------------------------------------------------------ errors on the bus
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from agents.lm.errors import project_error
 from agents.roles.core import (
     DEFAULT_TARGET_CONTEXT,
     Proposal,
@@ -28,7 +29,6 @@ from agents.roles.core import (
     check_role,
     proposal_score,
 )
-from bus import DspyrtError
 
 INPUT_FIELDS: tuple[str, ...] = ("role", "focus", "context", "responsibilities", "keep", "flagged", "target_context")
 OUTPUT_FIELDS: tuple[str, ...] = (
@@ -158,22 +158,11 @@ def run_refiner(program: Any, role: RoleDefinition, target_context: str, lm: Any
         return Proposal.empty(), [f"the LM's answer could not be parsed, so only the checks applied: {reason}"]
     except Exception as exc:
         # DSPy wraps what an LM engine raises (LMUnexpectedError); the cause is ours, with its stable code.
-        ours = _our_error(exc)
+        ours = project_error(exc)
         if ours is None:
             raise
         raise ours from None
     return proposal_of(prediction), []
-
-
-def _our_error(exc: BaseException) -> DspyrtError | None:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, DspyrtError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def proposal_of(prediction: Any) -> Proposal:
