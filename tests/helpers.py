@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from nats.aio.client import Client as NatsClient
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from bus import Bus, DeadLetter, EmbeddedServer, TaskStore
+from bus import Bus, DeadLetter, EmbeddedServer, TaskStore, free_port
 from runtime.agent import Agent
 from runtime.client import Client
 from runtime.config import IntegrationConfig
@@ -33,6 +33,16 @@ def start_server(store_dir: Path, *, port: int = 0, extra_args: list[str] | None
     return EmbeddedServer(
         store_dir, port=port, extra_args=extra_args, log_file=store_dir.parent / "nats-server.log"
     ).start()
+
+
+@contextmanager
+def restartable_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A server of the test's own, on a fixed port so a restart comes back at the same address; always stopped."""
+    server = start_server(tmp_path / "nats" / "jetstream", port=free_port())
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @asynccontextmanager

@@ -21,11 +21,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus import Bus, EmbeddedServer, TaskRecord, TaskStore, free_port
+from bus import Bus, EmbeddedServer, TaskRecord, TaskStore
 from runtime.client import Client
 from runtime.config import IntegrationConfig
 from tests.agent_proc import SleepJob
-from tests.helpers import AgentProcess, start_server, wait_until
+from tests.helpers import AgentProcess, restartable_server, wait_until
 from tests.test_task_submit import CuttingProxy
 
 pytestmark = pytest.mark.timeout(120)  # it takes ~25 s here; a failure shows within ~90 s
@@ -37,12 +37,8 @@ AGENTS = 3
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A server of this test's own, on a fixed port so a restart comes back at the same address."""
-    server = start_server(tmp_path / "nats" / "jetstream", port=free_port())
-    try:
+    with restartable_server(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def launch(processes: list[AgentProcess], config: IntegrationConfig, workdir: Path, markers: Path) -> AgentProcess:

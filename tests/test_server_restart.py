@@ -9,25 +9,21 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus import Bus, BusUnavailableError, EmbeddedServer, TaskRecord, TaskStatus, free_port
+from bus import Bus, BusUnavailableError, EmbeddedServer, TaskRecord, TaskStatus
 from runtime.client import Client
 from runtime.config import IntegrationConfig
 from runtime.registry import available_agents
 from runtime.supervisor import RunningSystem, serve
 from tests.agent_proc import Sleeper, SleepJob
-from tests.helpers import serving, start_server, wait_until
+from tests.helpers import restartable_server, serving, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A server of this test's own, on a fixed port so a restart comes back at the same address."""
-    server = start_server(tmp_path / "nats" / "jetstream", port=free_port())
-    try:
+    with restartable_server(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def test_tasks_complete_across_a_server_crash(

@@ -26,25 +26,21 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
-from bus import Bus, EmbeddedServer, Message, TaskStatus, ensure_streams, free_port
+from bus import Bus, EmbeddedServer, Message, TaskStatus, ensure_streams
 from bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
 from bus.tasks import TaskEnvelope, UnknownKindError
 from runtime.agent import Agent, TaskContext, task
 from runtime.client import Client
 from runtime.config import IntegrationConfig
-from tests.helpers import ROOT, dead_letters_of, hosting, start_server, wait_until
+from tests.helpers import ROOT, dead_letters_of, hosting, restartable_server, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
-    """A server of this test's own, on a fixed port so a restart comes back at the same address."""
-    server = start_server(tmp_path / "nats" / "jetstream", port=free_port())
-    try:
+    with restartable_server(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class Job(Message):
