@@ -33,8 +33,10 @@ from agents.switcher_core import Selection, SelectRequest
 from bus import Empty, Message
 from bus.streams import key_value
 from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
+from runtime.datasets import DatasetStore, load_fields, pin_fields
 
 ACTIVE_KEY = "active"
+EXAMPLE_FIELDS = ("trainset", "valset")
 
 
 class OptimizerList(Message):
@@ -62,6 +64,7 @@ class OptimizerAgent(Agent):
     cache: KeyValue
     settings: KeyValue
     artifacts: ArtifactStore
+    datasets: DatasetStore
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -70,6 +73,7 @@ class OptimizerAgent(Agent):
         self.cache = await key_value(self.bus, self.bus.subjects.bucket("optcache"), layout)
         self.settings = await key_value(self.bus, self.bus.subjects.bucket("optimizer"), layout)
         self.artifacts = await ArtifactStore.open(self.bus, layout)
+        self.datasets = await DatasetStore.open(self.bus, layout)
         yield
 
     async def _active(self) -> str:
@@ -108,6 +112,8 @@ class OptimizerAgent(Agent):
         if job.optimizer is None:
             job = job.model_copy(update={"optimizer": await self._active()})
         self.manager.prepare(job)  # fail fast: optimizer, parameters and metric exist
+        # Keyed on the pinned versions (content hashes) of the data, read after the cache missed.
+        job = await pin_fields(self.datasets, job, EXAMPLE_FIELDS)
         model = job.model or await self._select_model()
         key = job.cache_key(model)
         if not job.no_cache:
@@ -116,6 +122,7 @@ class OptimizerAgent(Agent):
                 await ctx.progress("cached", step=1, total=1, best_score=cached.optimized_score)
                 return cached
 
+        job, used = await load_fields(self.datasets, job, EXAMPLE_FIELDS)
         meter = UsageMeter(max_calls=job.budget.max_lm_calls, max_cost=job.budget.max_cost)
         routing = Routing(model=model, task_kind="optimize", fallback=job.allow_fallback, no_cache=job.no_cache)
         lm = bus_lm(self.client, routing, meter)
@@ -135,6 +142,7 @@ class OptimizerAgent(Agent):
             # A run abandoned by shutdown must stop spending: its next LM call fails at once.
             meter.exhausted = meter.exhausted or "run abandoned"
         result = outcome.result
+        result.datasets = used
         if outcome.state is not None:
             result.artifact = await self._store_artifact(ctx.task_id, outcome)
         if result.status == "completed":
@@ -181,4 +189,3 @@ class OptimizerAgent(Agent):
 
     async def health_checks(self) -> dict[str, CheckResult]:
         return {"optimizers": CheckResult(ok=True, detail=f"{len(self.manager.optimizers)} installed")}
-

@@ -31,6 +31,7 @@ from agents.programs import ProgramSpec, build_program, dump_program_state, pars
 from agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
 from bus import ConfigurationError, Message, MessageValidationError, NotFoundError, RemoteError
 from bus.messages import field_errors_of
+from runtime.datasets import Examples, references_in
 
 ENTRY_POINT_GROUP = "dspyrt.optimizers"
 DEFAULT_OPTIMIZER = "labeled_fewshot"
@@ -50,8 +51,9 @@ class OptimizationRequest(Message):
 
     program: ProgramSpec
     program_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    trainset: list[dict[str, Any]] = Field(min_length=1, max_length=100_000)
-    valset: list[dict[str, Any]] | None = Field(default=None, max_length=100_000)
+    # Rows inline, or "dataset:NAME[@VERSION]" (a list of references: their rows one after the other).
+    trainset: Examples
+    valset: Examples | None = None
     val_fraction: float = Field(default=0.3, gt=0, lt=1)
     # Which example keys are inputs; default: the program's input fields.
     input_fields: list[str] | None = None
@@ -75,14 +77,6 @@ class OptimizationRequest(Message):
     @classmethod
     def _program(cls, value: Any) -> Any:
         return value if isinstance(value, ProgramSpec) else parse_program_spec(value)
-
-    @field_validator("trainset", "valset")
-    @classmethod
-    def _rows(cls, rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        for i, row in enumerate(rows or []):
-            if not row:
-                raise ValueError(f"example {i} is empty")
-        return rows
 
     def cache_key(self, model: str) -> str:
         """Same spec, data, metric, optimizer, parameters, model and seed → same key."""
@@ -117,6 +111,8 @@ class OptimizationResult(Message):
     improvement_score: float | None = None
     # answered / validation examples of each score (an example whose LM call failed is not a wrong answer)
     baseline_coverage: float | None = None
+    # The dataset versions each examples field used ({"trainset": ["qa@1a2b3c4d5e6f"]}); inline data is not listed.
+    datasets: dict[str, list[str]] = Field(default_factory=dict)
     optimized_coverage: float | None = None
     trainset_size: int = 0
     valset_size: int = 0
@@ -583,7 +579,9 @@ def _input_fields(program: Any) -> list[str]:
     return names
 
 
-def _examples(rows: list[dict[str, Any]], inputs: list[str], what: str) -> list[Any]:
+def _examples(rows: Any, inputs: list[str], what: str) -> list[Any]:
+    if references_in(rows):  # the agent reads datasets (DatasetStore.examples); here rows are needed
+        raise MessageValidationError(f"{what} names datasets ({rows}): read their rows first (DatasetStore.examples)")
     examples = []
     for i, row in enumerate(rows):
         missing = [k for k in inputs if k not in row]

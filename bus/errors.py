@@ -22,6 +22,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+import nats.errors
 from pydantic import BaseModel, Field
 
 
@@ -158,6 +159,9 @@ PERMANENT_CODES = frozenset(
         "provider_error",
         "provider_unreliable",
         "budget_exhausted",
+        "payload_too_large",
+        "dataset_not_found",
+        "corrupt_dataset",
     }
 )
 
@@ -166,4 +170,6 @@ def is_permanent(exc: BaseException) -> bool:
     """Whether a task failing with ``exc`` is failed at once rather than retried (a RetryableError never is)."""
     if isinstance(exc, RetryableError):
         return False
+    if isinstance(exc, nats.errors.MaxPayloadError):  # the same message would be too large again
+        return True
     return isinstance(exc, PermanentError) or (isinstance(exc, DspyrtError) and exc.code in PERMANENT_CODES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import nats.errors
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bus.errors import ErrorBody, FieldError, MessageValidationError, PayloadTooLargeError
@@ -100,4 +101,11 @@ def error_body(exc: BaseException) -> ErrorBody:
                     for f in body.field_errors[:MAX_FIELD_ERRORS]
                 ],
             )
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        # nats-py's message names neither the message nor the limit; the caller's context (the task) names the rest.
+        return ErrorBody(
+            code="payload_too_large",
+            message="a message this task wrote was over the server's max_payload (retrying would not help): keep "
+            "large data in datasets ('dspyrt datasets put') and large results in the object store",
+        )
     return ErrorBody(code="internal", message=clip(f"{type(exc).__name__}: {exc}", 2 * MAX_ERROR_TEXT))

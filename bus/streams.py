@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    BucketNotFoundError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -186,6 +197,44 @@ async def object_store(bus: Bus, name: str, layout: StreamLayout | None = None) 
         return await bus.js.create_object_store(
             name, config=api.ObjectStoreConfig(replicas=layout.replicas, storage=api.StorageType.FILE)
         )
+
+
+async def kv_update(
+    kv: KeyValue, key: str, change: Callable[[bytes | None], bytes | None], *, attempts: int = 20
+) -> bytes | None:
+    """Read ``key``, apply ``change`` to its value (``None``: no value) and write the result with compare-and-swap,
+    reading again when another writer got there first. ``change`` returning ``None`` writes nothing. Returns what
+    is stored afterwards."""
+    for _ in range(attempts):
+        try:
+            entry = await kv.get(key)
+            current, revision = entry.value or None, int(entry.revision or 0)
+        except (KeyNotFoundError, KeyDeletedError):  # never written, or deleted
+            current, revision = None, 0
+        new = change(current)
+        if new is None:
+            return current
+        try:
+            if revision == 0:
+                await kv.create(key, new)
+            else:
+                await kv.update(key, new, last=revision)
+            return new
+        except KeyWrongLastSequenceError:
+            continue
+    raise RuntimeError(f"{key}: too many concurrent updates")
+
+
+# nats-py's default object chunk; a server with a smaller max_payload gets smaller chunks (see put_object).
+OBJECT_CHUNK = 128 * 1024
+
+
+async def put_object(store: ObjectStore, name: str, data: Any, max_payload: int) -> None:
+    """``store.put`` in chunks that fit the server's ``max_payload`` (nats-py's fixed 128 KiB chunk is refused by
+    a server configured below it)."""
+    chunk = max(min(OBJECT_CHUNK, max_payload - 4096), 1024)
+    meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=chunk))
+    await store.put(name, data, meta=meta)
 
 
 async def kv_keys(kv: KeyValue) -> list[str]:

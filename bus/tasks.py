@@ -38,6 +38,7 @@ import pydantic_core
 from anyio.abc import TaskStatus as AnyioTaskStatus
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import MaxPayloadError as NatsMaxPayloadError
 from nats.errors import NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
@@ -47,6 +48,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from bus import tracing
 from bus.audit import record_audit
+from bus.claims import ClaimStore, ObjectRef
 from bus.connection import Bus
 from bus.errors import (
     BusUnavailableError,
@@ -82,6 +84,10 @@ TASK_KEY = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{1,128}$")  # <kind>.<task
 MAX_DEAD_LETTER_BODY = 256 * 1024
 # Room a result leaves under max_payload for the rest of its task record and the headers.
 RESULT_HEADROOM = 8192
+# A result larger than this (JSON bytes) is claim-checked: stored in the results object store, its record keeping
+# the reference and the result's summary. Over MAX_RESULT_BYTES it is refused (payload_too_large).
+INLINE_RESULT_LIMIT = 256 * 1024
+MAX_RESULT_BYTES = 256 * 1024 * 1024
 # How long a submit that failed after writing its record tries to take the record back.
 FORGET_TIMEOUT = 2.0
 # JetStream's error code for "stream not found".
@@ -142,6 +148,9 @@ class TaskRecord(BaseModel):
     worker: str | None = None
     trace_id: str | None = None
     result: Any = None
+    # Set when the result was too large to keep here: ``result`` then holds its summary (or nothing), the whole
+    # result is this object (``load_result``).
+    result_ref: ObjectRef | None = None
     error: ErrorBody | None = None
     # Stream sequence of the task message whose delivery took the task (None: no delivery has yet). Another copy
     # of the message (a re-submit after the duplicate window) is acknowledged without running.
@@ -509,6 +518,14 @@ async def wait_for_task(
             await sub.unsubscribe()
 
 
+async def load_result(bus: Bus, record: TaskRecord) -> Any:
+    """The task's whole result: ``record.result``, or the claim-checked object its ``result_ref`` names."""
+    if record.result_ref is None:
+        return record.result
+    claims = await ClaimStore.open(bus)
+    return json.loads(await claims.get(record.result_ref))
+
+
 # ----------------------------------------------------------------------------- work side
 
 
@@ -543,6 +560,8 @@ class WorkerOptions:
     fetch_batch: int = 1
     # In-flight handlers get this long to finish on shutdown; the rest stay unacked for redelivery.
     drain_grace: float = 10.0
+    # Results larger than this (JSON bytes, and never more than fits in a record) go to the results object store.
+    inline_result_limit: int = INLINE_RESULT_LIMIT
 
     def delay(self, attempt: int) -> float:
         return self.backoff[min(attempt - 1, len(self.backoff) - 1)] if self.backoff else 0.0
@@ -575,6 +594,7 @@ class TaskWorker:
     # Each running handler's own (shielded) cancel scope: stopping the worker does not cancel handlers,
     # the drain in ``run`` gives them ``drain_grace`` and then cancels what is left through these.
     _running: set[anyio.CancelScope] = field(default_factory=set, init=False, repr=False)
+    _claims: ClaimStore | None = field(default=None, init=False, repr=False)
 
     async def _subscribe(self) -> Any:
         s = self.bus.subjects
@@ -798,17 +818,24 @@ class TaskWorker:
         self, msg: Msg, task_id: str, result: Any, running: tuple[TaskRecord, int] | None = None
     ) -> None:
         payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        stored: Any = payload
+        ref: ObjectRef | None = None
         reason: ErrorBody | None = None
         try:
             # The serializer that stores the record: what passes here is what it can store.
-            size = len(pydantic_core.to_json(payload))
+            data = pydantic_core.to_json(payload)
         except pydantic_core.PydanticSerializationError as exc:
             reason = ErrorBody(code="invalid_result", message=clip(f"task result is not JSON: {exc}"))
         else:
-            limit = self.bus.max_payload - RESULT_HEADROOM
-            if size > limit:
-                message = f"result is {size} bytes, over the limit of {limit}"
+            inline = min(self.options.inline_result_limit, self.bus.max_payload - RESULT_HEADROOM)
+            if len(data) > MAX_RESULT_BYTES:
+                message = f"result is {len(data)} bytes, over the limit of {MAX_RESULT_BYTES}"
                 reason = ErrorBody(code="payload_too_large", message=message)
+            elif len(data) > inline:
+                try:
+                    ref, stored = await self._claim_check(task_id, data, result, inline)
+                except NatsMaxPayloadError:  # the store cannot take it either: running again would not help
+                    reason = error_body(NatsMaxPayloadError())
         if reason is not None:
             # Running it again would give the same result: fail it for good.
             await self._dead_letter(msg, task_id, reason, int(msg.metadata.num_delivered or 1), TaskStatus.FAILED)
@@ -818,11 +845,24 @@ class TaskWorker:
             if record is not None and record.status.terminal:
                 return None  # first outcome wins
             base = record or TaskRecord(id=task_id, kind=self.kind, status=TaskStatus.RUNNING)
-            return base.model_copy(update={"status": TaskStatus.SUCCEEDED, "result": payload, "error": None})
+            update = {"status": TaskStatus.SUCCEEDED, "result": stored, "result_ref": ref, "error": None}
+            return base.model_copy(update=update)
 
         await self.store.transition_from(task_id, done, running, kind=self.kind)
         await msg.ack()
         self.stats.succeeded += 1
+
+    async def _claim_check(self, task_id: str, data: bytes, result: Any, inline: int) -> tuple[ObjectRef, Any]:
+        """Store a large result in the results object store: its reference, and the summary its record keeps
+        (the result's ``record_summary()`` if it has one and it fits, else nothing)."""
+        if self._claims is None:
+            self._claims = await ClaimStore.open(self.bus)
+        ref = await self._claims.put(f"{self.kind}/{task_id}.json", data)
+        summarize = getattr(result, "record_summary", None)
+        summary = summarize() if callable(summarize) else None
+        if summary is not None and len(pydantic_core.to_json(summary)) > inline:
+            summary = None
+        return ref, summary
 
     async def _retry(self, msg: Msg, task_id: str, body: ErrorBody, attempt: int, exc: Exception) -> None:
         delay = exc.delay if isinstance(exc, RetryableError) and exc.delay is not None else self.options.delay(attempt)

@@ -26,6 +26,7 @@ from bus import (
     DspyrtError,
     Event,
     NotFoundError,
+    PayloadTooLargeError,
     TaskRecord,
     TaskStore,
     ensure_streams,
@@ -35,8 +36,9 @@ from bus import (
 from bus.events import follow_events
 from bus.messages import CLIENT_HEADER, encode
 from bus.streams import read_tail
-from bus.tasks import Submission, TaskKinds, replay_dead_letter
+from bus.tasks import Submission, TaskKinds, load_result, replay_dead_letter
 from runtime.config import IntegrationConfig
+from runtime.datasets import DatasetManifest, DatasetStore, has_references, pin_references, with_dataset_hint
 from runtime.gateway import GatewayTasks
 
 R = TypeVar("R", bound=BaseModel)
@@ -61,6 +63,7 @@ class Client:
         self.gateway = gateway
         self.identity = identity
         self.kinds = TaskKinds(bus)  # served kinds, remembered briefly between submits
+        self._datasets: DatasetStore | None = None
 
     @property
     def store(self) -> TaskStore:
@@ -121,25 +124,60 @@ class Client:
         that was recorded but never queued is queued then, and one that was queued is not run twice.
         """
         payload = input.model_dump(mode="json") if isinstance(input, BaseModel) else input
-        if self.gateway is not None:  # the gateway checks the kind (and which kinds clients may submit)
-            return await self.gateway.submit(kind, payload, task_id=task_id)
-        return await submit_task(
-            self.bus,
-            self.store,
-            kind,
-            payload,
-            task_id=task_id,
-            submitted_by=self.identity,
-            require_worker=require_worker,
-            kinds=self.kinds,
-        )
+        try:
+            if self.gateway is not None:  # the gateway checks the kind and datasets (and which kinds clients submit)
+                return await self.gateway.submit(kind, payload, task_id=task_id)
+            if has_references(payload):  # the task runs on the versions that exist now, on every delivery
+                payload = await pin_references(await self.datasets(), payload)
+            return await submit_task(
+                self.bus,
+                self.store,
+                kind,
+                payload,
+                task_id=task_id,
+                submitted_by=self.identity,
+                require_worker=require_worker,
+                kinds=self.kinds,
+            )
+        except PayloadTooLargeError as exc:
+            raise with_dataset_hint(exc) from exc
+
+    async def datasets(self) -> DatasetStore:
+        """The deployment's datasets (needs JetStream access: not through the gateway)."""
+        if self._datasets is None:
+            if self._store is None:
+                raise DspyrtError(
+                    "this client goes through the gateway (client_gateway): datasets are put by a user with "
+                    "JetStream access (the admin user)",
+                    code="invalid_config",
+                )
+            self._datasets = await DatasetStore.open(self.bus)
+        return self._datasets
+
+    async def put_dataset(self, name: str, rows: Any, *, source: str | None = None) -> DatasetManifest:
+        """Store ``rows`` (dicts or ``dspy.Example``s) as a version of dataset ``name``; the manifest says which
+        (``manifest.ref``: pass ``str(manifest.ref)`` or ``"dataset:NAME"`` where a task takes examples)."""
+        return await (await self.datasets()).put(name, rows, source=source)
+
+    async def full_result(self, record: TaskRecord) -> Any:
+        """A record's whole result: claim-checked results (``record.result_ref``) are read from the object store;
+        through the gateway, the record's summary is what a client sees."""
+        if record.result_ref is None or self.gateway is not None:
+            return record.result
+        return await load_result(self.bus, record)
 
     async def result(self, task_id: str, *, timeout: float | None = None, kind: str | None = None) -> TaskRecord:
         """Wait until the task ends. Pass its ``kind`` when known (an agent waiting for a task it submitted: its
         permissions let it watch the records of the kinds it submits only)."""
         if self.gateway is not None:
             return await self.gateway.result(task_id, timeout)
-        return await wait_for_task(self.bus, self.store, task_id, timeout, kind=kind)
+        record = await wait_for_task(self.bus, self.store, task_id, timeout, kind=kind)
+        return await self._with_full_result(record)
+
+    async def _with_full_result(self, record: TaskRecord) -> TaskRecord:
+        if record.result_ref is None:
+            return record
+        return record.model_copy(update={"result": await self.full_result(record)})
 
     async def run(self, kind: str, input: BaseModel | dict[str, Any], *, timeout: float | None = None) -> TaskRecord:
         submission = await self.submit(kind, input)
@@ -151,7 +189,7 @@ class Client:
         record = await self.store.get(task_id, kind)
         if record is None:
             raise NotFoundError(f"no task with id {task_id}")
-        return record
+        return await self._with_full_result(record)
 
     async def tasks(self, limit: int = 50) -> list[TaskRecord]:
         if self.gateway is not None:

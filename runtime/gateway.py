@@ -34,6 +34,7 @@ from bus.messages import encode
 from bus.subjects import check_token
 from bus.tasks import Submission, TaskKinds, check_task_id
 from runtime.agent import Agent, current_requester, endpoint
+from runtime.datasets import DatasetStore, has_references, pin_references
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -88,6 +89,7 @@ class GatewayAgent(Agent):
     async def lifespan(self) -> AsyncIterator[None]:
         self.store = await TaskStore.open(self.bus)
         self.kinds = TaskKinds(self.bus)
+        self._datasets: DatasetStore | None = None
         yield
 
     async def _owned(self, task_id: str) -> TaskRecord:
@@ -109,11 +111,19 @@ class GatewayAgent(Agent):
             existing = await self.store.get(check_task_id(request.task_id))
             if existing is not None and existing.submitted_by != user:
                 raise DspyrtError(f"task id {request.task_id} is taken: choose another", code="conflict")
+        payload = request.input
+        if has_references(payload):  # pinned here: the task runs on the versions that exist now
+            payload = await pin_references(await self._dataset_store(), payload)
         submission: Submission = await submit_task(
-            self.bus, self.store, request.kind, request.input, task_id=request.task_id, submitted_by=user,
+            self.bus, self.store, request.kind, payload, task_id=request.task_id, submitted_by=user,
             kinds=self.kinds,
         )  # fmt: skip
         return SubmitReply(task_id=submission.task_id, created=submission.created, requeued=submission.requeued)
+
+    async def _dataset_store(self) -> DatasetStore:
+        if self._datasets is None:
+            self._datasets = await DatasetStore.open(self.bus, self.config.stream_layout)
+        return self._datasets
 
     @endpoint("task", per_user=True)
     async def task(self, request: TaskQuery) -> TaskRecord:
