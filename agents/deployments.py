@@ -35,6 +35,8 @@ class DeployedVersion(Message):
     score: float | None = None
     baseline_score: float | None = None
     cycle_id: str | None = None
+    # The dataset versions ("NAME@VERSION") the cycle that made it used: a version in use is found here.
+    datasets: list[str] = Field(default_factory=list)
     deployed_at: float = Field(default_factory=time.time)
 
 

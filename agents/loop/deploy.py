@@ -78,6 +78,7 @@ class DeployAgent(Agent):
             score=request.optimized_score,
             baseline_score=request.baseline_score,
             cycle_id=request.cycle_id,
+            datasets=request.datasets,
         )
         pointer = await self.registry.deploy(deployed, canary_fraction=request.canary_fraction)
         await record_audit(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from agents.optimizers import ArtifactRef, Budget, OptimizationResult
 from agents.programs import ProgramSpec, parse_program_spec
 from agents.scoring import DEFAULT_MAX_ERROR_RATE, ExampleResult
-from bus import Message
+from bus import Message, MessageValidationError
+from bus.claims import ObjectRef
+from runtime.datasets import DatasetRef, Examples
 
 Severity = Literal["info", "warning", "error", "critical"]
 PROGRAM_NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -53,7 +55,8 @@ class EvaluateRequest(Message):
     """Score a program on a devset; the devset is split into shards that evaluator replicas score."""
 
     program: ProgramRef
-    devset: list[dict[str, Any]] = Field(min_length=1, max_length=100_000)
+    # Rows inline, or "dataset:NAME[@VERSION]" (a list of references: their rows one after the other).
+    devset: Examples
     input_fields: list[str] | None = None
     metric: str = "exact_match"
     metric_field: str | None = None
@@ -72,9 +75,16 @@ class EvaluateRequest(Message):
 
 
 class ShardRequest(Message):
+    """One shard of an evaluation: its rows inline (``examples``), or ``count`` rows of a pinned dataset version
+    from row ``dataset_offset``, which the evaluator reads itself (a shard message stays small whatever the rows)."""
+
     program: ProgramRef
-    examples: list[dict[str, Any]] = Field(min_length=1)
-    offset: int = Field(ge=0)
+    examples: list[dict[str, Any]] | None = Field(default=None, min_length=1)
+    dataset: str | None = None  # "dataset:NAME@VERSION"
+    count: int | None = Field(default=None, ge=1)
+    # The dataset row of the shard's first example (default: ``offset``, when the devset is that one dataset).
+    dataset_offset: int | None = Field(default=None, ge=0)
+    offset: int = Field(ge=0)  # the index of the shard's first example in the whole devset
     input_fields: list[str]
     metric: str
     metric_field: str | None = None
@@ -83,6 +93,26 @@ class ShardRequest(Message):
     num_threads: int = 8
     allow_fallback: bool = True
     no_cache: bool = False
+
+    @model_validator(mode="after")
+    def _rows_or_reference(self) -> ShardRequest:
+        if (self.examples is None) == (self.dataset is None):
+            raise ValueError("a shard holds either its examples or a dataset reference with a count, not both")
+        if self.dataset is not None:
+            if self.count is None:
+                raise ValueError("a shard of a dataset says how many rows it takes (count)")
+            try:
+                ref = DatasetRef.parse(self.dataset)
+            except MessageValidationError as exc:  # pydantic reports ValueErrors as field errors
+                raise ValueError(exc.message) from None
+            if not ref.pinned:
+                raise ValueError(f"{self.dataset} is not pinned to a version: shards must read the same rows")
+        return self
+
+    @property
+    def first_row(self) -> int:
+        """The dataset row of the shard's first example."""
+        return self.offset if self.dataset_offset is None else self.dataset_offset
 
 
 class ShardResult(Message):
@@ -105,7 +135,12 @@ class EvaluationResult(Message):
     answered: int | None = None
     errors: int = 0
     coverage: float = 1.0  # answered / examples
-    results: list[ExampleResult]
+    # Per-example results, by index: inline for a small evaluation; else empty, and ``results_ref`` names a
+    # JSON Lines object (one ExampleResult per line, by index) in the results object store.
+    results: list[ExampleResult] = Field(default_factory=list)
+    results_ref: ObjectRef | None = None
+    # The dataset version(s) scored ("NAME@VERSION", comma-separated when several); None: the devset was inline.
+    dataset: str | None = None
     shards: int
     model: str
     # Which models answered, and how many calls each; more than one: mixed_models.
@@ -120,6 +155,10 @@ class EvaluationResult(Message):
     latency_p50_ms: float = 0.0
     latency_p95_ms: float = 0.0
     duration_s: float = 0.0
+
+    def record_summary(self) -> dict[str, Any]:
+        """What a task record keeps when the whole result is claim-checked: everything but the per-example results."""
+        return self.model_dump(mode="json", exclude={"results"})
 
 
 # ------------------------------------------------------------------------------------------ deploy
@@ -169,6 +208,8 @@ class DeployRequest(Message):
     objectives: Objectives = Field(default_factory=Objectives)
     canary_fraction: float | None = Field(default=None, gt=0, lt=1)
     cycle_id: str | None = None
+    # Every dataset version ("NAME@VERSION") the cycle used, recorded with the deployed version.
+    datasets: list[str] = Field(default_factory=list)
 
     _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
 
@@ -190,9 +231,10 @@ class CycleRequest(Message):
 
     program_name: str = Field(pattern=PROGRAM_NAME)
     program: ProgramSpec
-    trainset: list[dict[str, Any]] = Field(min_length=1)
-    valset: list[dict[str, Any]] | None = None
-    devset: list[dict[str, Any]] = Field(min_length=1)
+    # Rows inline, or "dataset:NAME[@VERSION]" (or a list of references), each pinned at the cycle's start.
+    trainset: Examples
+    valset: Examples | None = None
+    devset: Examples
     input_fields: list[str] | None = None
     metric: str = "exact_match"
     metric_field: str | None = None
@@ -210,8 +252,19 @@ class CycleRequest(Message):
     allow_fallback: bool = True
     no_cache: bool = False
     max_error_rate: float = Field(default=DEFAULT_MAX_ERROR_RATE, ge=0, le=0.5)
+    # Append the program's feedback dataset ("dataset:<program_name>-feedback", its newest version at the cycle's
+    # start) to the trainset of the optimize phase; nothing when it does not exist yet.
+    include_feedback: bool = False
 
     _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
+
+
+EXAMPLE_FIELDS = ("trainset", "valset", "devset")
+
+
+def feedback_dataset(program_name: str) -> str:
+    """The reference of a program's feedback dataset."""
+    return f"dataset:{program_name}-feedback"
 
 
 PhaseName = Literal["create", "evaluate_baseline", "optimize", "evaluate_optimized", "validate", "deploy"]
@@ -224,6 +277,11 @@ class CycleState(Message):
     cycle_id: str
     phases: dict[str, dict[str, Any]] = Field(default_factory=dict)
     runs: dict[str, int] = Field(default_factory=dict)  # how often each phase was executed (never re-run)
+    # The request's dataset references pinned at the cycle's start (inline fields are not listed), so a resumed
+    # cycle runs on the same versions; None: not pinned yet.
+    pinned: dict[str, str | list[str]] | None = None
+    # The feedback dataset pinned at the start ([]: it did not exist); None: not asked for.
+    feedback: list[str] | None = None
 
 
 class CycleResult(Message):
@@ -239,6 +297,13 @@ class CycleResult(Message):
     # Every model that answered in the cycle; more than one: the comparison mixed models.
     models_used: dict[str, int] = Field(default_factory=dict)
     mixed_models: bool = False
+    # The dataset versions each examples field used ({"devset": ["qa@1a2b3c4d5e6f"]}; inline fields are not
+    # listed), and "feedback" when the request asked for it ([]: there was no feedback dataset).
+    datasets: dict[str, list[str]] = Field(default_factory=dict)
+
+    def record_summary(self) -> dict[str, Any]:
+        """What a task record keeps when the whole result is claim-checked: no per-example results."""
+        return self.model_dump(mode="json", exclude={"baseline": {"results"}, "optimized": {"results"}})
 
 
 # ------------------------------------------------------------------------------------------ serving
@@ -256,3 +321,4 @@ class PredictReply(Message):
     model: str
     outputs: dict[str, Any]
     canary: bool = False
+    prediction_id: str | None = None

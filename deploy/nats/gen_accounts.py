@@ -54,7 +54,11 @@ PUBLIC_TASKS = ("optimize", "cycle", "evaluate", "refine-role", "wordcount")
 # Agent name -> what it does. Names are the entry points of the ``dspyrt.agents`` group.
 AGENTS: dict[str, Access] = {
     "system": Access(discovery=True),
-    "gateway": Access(submits=PUBLIC_TASKS, reads_progress=True),
+    # Datasets (runtime/datasets.py): versions in the object store "datasets", their index in the KV bucket of the
+    # same name. Readers pin references (gateway) or read rows (optimizer, evaluators, cycle).
+    "gateway": Access(
+        submits=PUBLIC_TASKS, reads_progress=True, reads=("datasets",), reads_objects=("datasets",)
+    ),
     "example": Access(tasks=("wordcount",)),
     "switcher": Access(events=("lm.call",), reads=("deployments",), buckets=("lmcache",)),
     "optimizer": Access(
@@ -63,10 +67,23 @@ AGENTS: dict[str, Access] = {
         events=("optimization.*",),
         buckets=("optcache", "optimizer"),
         objects=("artifacts",),
+        reads=("datasets",),
+        reads_objects=("datasets",),
     ),
     "loop-create": Access(),
-    "loop-evaluate": Access(tasks=("evaluate",), submits=("evaluate-shard",), calls=("switcher.select",)),
-    "evaluator": Access(tasks=("evaluate-shard",), calls=("switcher.complete",), reads_objects=("artifacts",)),
+    "loop-evaluate": Access(
+        tasks=("evaluate",),
+        submits=("evaluate-shard",),
+        calls=("switcher.select",),
+        reads=("datasets",),
+        reads_objects=("datasets",),
+    ),
+    "evaluator": Access(
+        tasks=("evaluate-shard",),
+        calls=("switcher.complete",),
+        reads=("datasets",),
+        reads_objects=("artifacts", "datasets"),
+    ),
     "loop-deploy": Access(events=("deploy.*",), buckets=("deployments",), audits=("deploy", "rollback", "promote")),
     "cycle": Access(
         tasks=("cycle",),
@@ -74,6 +91,8 @@ AGENTS: dict[str, Access] = {
         calls=("loop-create.create", "assertions.validate", "loop-deploy.deploy"),
         events=("cycle.*",),
         buckets=("cycles",),
+        reads=("datasets",),
+        reads_objects=("datasets",),
     ),
     "serving": Access(
         calls=SWITCHER_LM, events=("predict.served",), reads=("deployments",), reads_objects=("artifacts",)
@@ -323,6 +342,9 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
             ],
             [n.max_deliveries_advisory(kind)],
         )
+    if access.tasks:
+        # Claim checks: a result too large for its record goes to the results object store (bus.claims).
+        perms.add(object_write(n.bucket("results")))
     # Progress events of its own kinds' tasks only (<prefix>.event.task.progress.<kind>.<task id>).
     perms.add([n.event(f"task.progress.{kind}.>") for kind in access.tasks])
     if access.submits:
@@ -333,6 +355,7 @@ def agent_permissions(names: Names, agent: str, access: Access) -> Permissions:
             # Waiting for the result watches the record's key.
             [n.task_records(kind) for kind in access.submits],
         )
+        perms.add(object_read(n.bucket("results")))  # a claim-checked result is read from there
     perms.add([n.endpoint(call) for call in access.calls])
     perms.add([n.event(topic) for topic in access.events])
     perms.add([n.audit(agent, action) for action in access.audits])
