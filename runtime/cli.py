@@ -26,9 +26,12 @@ from bus import DspyrtError, TaskRecord, ensure_streams
 from bus.streams import read_page
 from bus.tasks import DeadLetter
 from runtime.cli_dashboard import dashboard_command
+from runtime.cli_datasets import datasets_app
+from runtime.cli_feedback import feedback_command, predictions_command
 from runtime.cli_lm_cache import lm_cache_command
 from runtime.cli_optimizers import optimizers_command
 from runtime.cli_roles import roles_app
+from runtime.cli_tasks import tasks_app
 from runtime.client import Client, connect_client
 from runtime.config import CONFIG_FILE_ENV, IntegrationConfig, load_config
 from runtime.registry import agents_for, available_agents
@@ -395,26 +398,8 @@ def submit(
     raise typer.Exit(_with_client(config_file, body))
 
 
-@app.command()
-def tasks(
-    limit: Annotated[int, typer.Option(help="how many")] = 20,
-    as_json: JsonOption = False,
-    config_file: ConfigOption = None,
-) -> None:
-    """Recent tasks and their status."""
-
-    async def body(client: Client) -> None:
-        records = await client.tasks(limit)
-        if as_json:
-            console.print_json(json.dumps([r.model_dump(mode="json", exclude={"result"}) for r in records]))
-            return
-        table = Table("id", "kind", "status", "attempts", "updated", "error")
-        for r in records:
-            updated = time.strftime("%H:%M:%S", time.localtime(r.updated_at))
-            table.add_row(r.id, r.kind, r.status.value, str(r.attempts), updated, r.error.code if r.error else "")
-        console.print(table)
-
-    _with_client(config_file, body)
+# `dspyrt tasks` lists recent tasks; `dspyrt tasks show ID [--examples]` shows one (runtime.cli_tasks).
+app.add_typer(tasks_app, name="tasks")
 
 
 @app.command()
@@ -543,9 +528,12 @@ def streams(as_json: JsonOption = False, config_file: ConfigOption = None) -> No
 programs_app = typer.Typer(help="Deployed programs: list, show, rollback, promote.", no_args_is_help=True)
 app.add_typer(programs_app, name="programs")
 app.add_typer(roles_app, name="roles")
+app.add_typer(datasets_app, name="datasets")
 app.command("dashboard")(dashboard_command)
 app.command("optimizers")(optimizers_command)
 app.command("lm-cache")(lm_cache_command)
+app.command("predictions")(predictions_command)
+app.command("feedback")(feedback_command)
 DEPLOY_AGENT = "loop-deploy"
 
 

@@ -22,6 +22,8 @@ Events and the series they feed (labels in braces):
 ``deploy.rejected``        the program's log
 ``deploy.rollback``        the program's active version / canary
 ``predict.served``         predictions (running count) {program, version, model}
+``feedback.recorded``      feedback (corrections received, running count) and feedback_score (the share of
+                           them that agreed with the recorded output, in %) {program, version}
 ``program.score``          program_score {program, version}: ``{program, version, score}`` from anything
                            that scores live traffic
 ``validation.completed``   validation_pass_rate {program}: ``{program, passed, score}``
@@ -72,6 +74,8 @@ class MetricType(StrEnum):
     LM_COST = "lm_cost"
     ERROR_RATE = "error_rate"
     PREDICTIONS = "predictions"
+    FEEDBACK = "feedback"
+    FEEDBACK_SCORE = "feedback_score"
     QUEUE_DEPTH = "queue_depth"
     EVENTS = "events"
 
@@ -108,6 +112,8 @@ BUILTIN_TYPES: dict[str, MetricTypeInfo] = {
         _info(MetricType.LM_COST, "USD", "cost of each LM call"),
         _info(MetricType.ERROR_RATE, "ratio", "LM call outcomes (1 failed, 0 ok); shown as a rate", "rate"),
         _info(MetricType.PREDICTIONS, "predictions", "predictions served (running count)", "count"),
+        _info(MetricType.FEEDBACK, "corrections", "corrections of recorded predictions (running count)", "count"),
+        _info(MetricType.FEEDBACK_SCORE, "%", "share of corrections that agreed with the recorded output"),
         _info(MetricType.QUEUE_DEPTH, "tasks", "tasks waiting or running per task kind"),
         _info(MetricType.EVENTS, "events", "events published per agent (running count)", "count"),
     )
@@ -332,6 +338,8 @@ class ProgramSummary(BaseModel):
     last_score: float | None = None
     last_improvement: float | None = None
     validation_pass_rate: float | None = None
+    feedback: int = 0  # corrections received, every version
+    feedback_score: float | None = None  # % of them that agreed with the program's answer, latest version's
     active_version: int | None = None
     canary_version: int | None = None
     phase: str | None = None
@@ -478,6 +486,7 @@ class MetricsDashboard:
         self.last_event_at: float | None = None
         self._event_counts: Counter[str] = Counter()
         self._predictions: Counter[SeriesKey] = Counter()
+        self._feedback: dict[tuple[str, str], list[int]] = {}  # (program, version) -> [corrections, agreed]
         self._deployed_scores: set[tuple[str, str]] = set()
         self.listeners: list[PointListener] = []
         self._handlers: dict[str, Callable[[Mapping[str, Any], float, str], None]] = {
@@ -488,6 +497,7 @@ class MetricsDashboard:
             "deploy.rejected": self._on_rejected,
             "deploy.rollback": self._on_rollback,
             "predict.served": self._on_predict,
+            "feedback.recorded": self._on_feedback,
             "program.score": self._on_program_score,
             "validation.completed": self._on_validation,
             "queue.depth": self._on_queue_depth,
@@ -738,6 +748,23 @@ class MetricsDashboard:
         self._predictions[key] += 1
         self.record(MetricType.PREDICTIONS, self._predictions[key], labels, at, coalesce=1)
 
+    def _on_feedback(self, data: Mapping[str, Any], at: float, topic: str) -> None:
+        program, version = _text(data, "program"), _text(data, "version")
+        count, agreed = _num(data, "count"), _num(data, "agreed")
+        if program is None or version is None or count is None or agreed is None:
+            raise ValueError("feedback.recorded needs program, version, count and agreed")
+        if not (count >= 1 and 0 <= agreed <= count and count.is_integer() and agreed.is_integer()):
+            raise ValueError("feedback.recorded: count >= 1 and 0 <= agreed <= count, whole numbers")
+        tally = self._feedback.setdefault((program, version), [0, 0])
+        tally[0] += int(count)
+        tally[1] += int(agreed)
+        labels = {"program": program, "version": version}
+        self.record(MetricType.FEEDBACK, tally[0], labels, at, coalesce=1)
+        self.record(MetricType.FEEDBACK_SCORE, 100.0 * tally[1] / tally[0], labels, at)
+        self._program(program).note(
+            at, topic, f"feedback on v{version}: {int(count)} correction(s), {int(agreed)} agreed with its answer"
+        )
+
     def _on_program_score(self, data: Mapping[str, Any], at: float, topic: str) -> None:
         program, version, score = _text(data, "program"), _text(data, "version"), _num(data, "score")
         if program is None or version is None or score is None:
@@ -861,6 +888,8 @@ class MetricsDashboard:
             last_score=self._latest(MetricType.SCORE, wanted),
             last_improvement=self._latest(MetricType.IMPROVEMENT, wanted),
             validation_pass_rate=self._latest(MetricType.VALIDATION_PASS_RATE, wanted),
+            feedback=sum(c for (p, _), (c, _a) in self._feedback.items() if p == name),
+            feedback_score=self._latest(MetricType.FEEDBACK_SCORE, wanted),
             active_version=state.active_version,
             canary_version=state.canary_version,
             phase=state.phase,

@@ -3,6 +3,11 @@ the canary's share of the traffic) on the model the switcher picks, with every L
 
 Programs are loaded from their artifacts once per version and kept; a rollback or a new deploy changes the
 pointer, and the next request runs the version it names.
+
+Production feedback (:mod:`agents.loop.feedback`): ``record`` sets the share of a program's predictions that are
+recorded (off by default); a recorded call's reply carries its ``prediction_id``; ``predictions`` lists a program's
+newest records; ``feedback`` takes corrections of recorded predictions and stores them as a new version of the
+program's feedback dataset (event ``feedback.recorded``, per program version in the batch).
 """
 
 from __future__ import annotations
@@ -18,27 +23,43 @@ import dspy
 from agents.artifacts import ArtifactStore
 from agents.deployments import DeployedVersion, DeployRegistry
 from agents.lm.bus_engine import Routing, bus_lm
+from agents.loop.feedback import FeedbackStore, new_prediction_id
+from agents.loop.feedback_models import (
+    FeedbackReply,
+    FeedbackRequest,
+    PredictionList,
+    PredictionsRequest,
+    RecordedPrediction,
+    RecordRequest,
+    RecordSettings,
+)
 from agents.loop.models import PredictReply, PredictRequest
 from agents.optimizers import ArtifactRef
 from agents.programs import load_program_state, parse_program_spec
 from agents.scoring import jsonable
 from agents.switcher_core import Selection, SelectRequest
 from bus import MessageValidationError, NotFoundError
-from runtime.agent import Agent, endpoint
+from bus.tracing import current_trace_id
+from runtime.agent import Agent, CheckResult, endpoint
+
+# Room left in a ``predictions`` reply for everything but the records.
+_REPLY_MARGIN = 16 * 1024
 
 
 class ServingAgent(Agent):
     name = "serving"
     group = "loop"
-    description = "runs deployed programs: predict"
+    description = "runs deployed programs: predict; records sampled predictions and takes feedback on them"
 
     registry: DeployRegistry
     artifacts: ArtifactStore
+    feedback_store: FeedbackStore
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         self.registry = await DeployRegistry.open(self.bus, self.config.stream_layout)
         self.artifacts = await ArtifactStore.open(self.bus, self.config.stream_layout)
+        self.feedback_store = await FeedbackStore.open(self.bus, self.config.stream_layout)
         self._programs: dict[tuple[str, int], Any] = {}
         self._random = random.Random()
         yield
@@ -87,10 +108,58 @@ class ServingAgent(Agent):
         except (TypeError, ValueError) as exc:
             raise MessageValidationError(f"inputs do not fit program {request.program}: {exc}") from exc
         outputs = {k: jsonable(v) for k, v in prediction.items()}
+        prediction_id = await self._record(request, deployed.version, selection.model, outputs, canary)
         await self.publish_event(
             "predict.served",
             {"program": request.program, "version": deployed.version, "canary": canary, "model": selection.model},
         )
         return PredictReply(
-            program=request.program, version=deployed.version, model=selection.model, outputs=outputs, canary=canary
+            program=request.program, version=deployed.version, model=selection.model, outputs=outputs, canary=canary,
+            prediction_id=prediction_id,
+        )  # fmt: skip
+
+    async def _record(
+        self, request: PredictRequest, version: int, model: str, outputs: dict[str, Any], canary: bool
+    ) -> str | None:
+        """Record the call if it is sampled; its prediction id, or ``None`` (never raises)."""
+        rate = await self.feedback_store.sample_rate(request.program)
+        if rate <= 0 or self._random.random() >= rate:
+            return None
+        recorded = RecordedPrediction(
+            prediction_id=new_prediction_id(), program=request.program, version=version, model=model,
+            inputs=request.inputs, outputs=outputs, trace_id=current_trace_id(), canary=canary,
+        )  # fmt: skip
+        return recorded.prediction_id if await self.feedback_store.record(recorded) else None
+
+    @endpoint("record")
+    async def record(self, request: RecordRequest) -> RecordSettings:
+        """Record this share (0 to 1) of the program's predictions; 0 turns recording off."""
+        return await self.feedback_store.set_sample_rate(request.program, request.sample_rate)
+
+    @endpoint("predictions")
+    async def predictions(self, request: PredictionsRequest) -> PredictionList:
+        """The program's newest recorded predictions (newest first), with the program's sample rate."""
+        settings = await self.feedback_store.settings(request.program)
+        found, truncated = await self.feedback_store.newest(
+            request.program, request.limit, self.bus.max_payload - _REPLY_MARGIN
         )
+        return PredictionList(
+            program=request.program, sample_rate=settings.sample_rate, predictions=found, truncated=truncated
+        )
+
+    @endpoint("feedback")
+    async def feedback(self, request: FeedbackRequest) -> FeedbackReply:
+        """Corrections of recorded predictions: a new version of the program's feedback dataset."""
+        reply = await self.feedback_store.apply(request)
+        for tally in reply.versions:
+            await self.publish_event(
+                "feedback.recorded",
+                {"program": reply.program, "version": tally.version, "count": tally.count, "agreed": tally.agreed,
+                 "dataset": reply.dataset},
+            )  # fmt: skip
+        return reply
+
+    async def health_checks(self) -> dict[str, CheckResult]:
+        counts = self.feedback_store.counts
+        detail = f"{counts.recorded} predictions recorded, {counts.failed} failed, {counts.too_large} too large"
+        return {"recording": CheckResult(ok=True, detail=detail)}

@@ -94,8 +94,14 @@ AGENTS: dict[str, Access] = {
         reads=("datasets",),
         reads_objects=("datasets",),
     ),
+    # Serving records sampled predictions and turns feedback into new versions of <program>-feedback datasets.
     "serving": Access(
-        calls=SWITCHER_LM, events=("predict.served",), reads=("deployments",), reads_objects=("artifacts",)
+        calls=SWITCHER_LM,
+        events=("predict.served", "feedback.recorded"),
+        buckets=("predictions", "feedback", "datasets"),
+        reads=("deployments",),
+        objects=("datasets",),
+        reads_objects=("artifacts",),
     ),
     "assertions": Access(calls=tuple(f"{v}.validate" for v in VALIDATORS)),
     **{v: Access() for v in VALIDATORS},
@@ -119,6 +125,9 @@ PUBLIC_ENDPOINTS = (
     "system.status",
     "example.echo",
     "serving.predict",
+    # Correcting a prediction whose id the client was given; listing predictions and setting the sample rate are
+    # for operators (they show other clients' inputs and change a setting).
+    "serving.feedback",
     "loop-deploy.list",
     "loop-deploy.show",
     "optimizer.list",
