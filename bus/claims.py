@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 from nats.js import api
@@ -94,17 +94,39 @@ class ClaimStore:
             raise DspyrtError(f"{ref.name} in {ref.store} does not match its sha256", code="corrupt_result")
         return data
 
-    async def get_into(self, ref: ObjectRef, target: io.BufferedIOBase) -> None:
-        """Like :meth:`get`, written into ``target`` in chunks (for bodies too large to hold)."""
+    async def download(self, ref: ObjectRef, path: Path) -> None:
+        """Like :meth:`get`, written to the file ``path`` in chunks (for bodies too large to hold) and checked
+        against ``ref``'s sha256 on the way."""
         if ref.store != self.name:
             raise NotFoundError(f"object store {ref.store} is not this deployment's ({self.name})")
-        try:
-            await self.store.get(ref.name, writeinto=target)
-        except ObjectNotFoundError as exc:
-            raise NotFoundError(f"{ref.name} is not in {ref.store} (expired or removed)") from exc
+        with path.open("wb") as target:
+            writer = _HashingWriter(target)
+            try:
+                await self.store.get(ref.name, writeinto=writer)
+            except ObjectNotFoundError as exc:
+                raise NotFoundError(f"{ref.name} is not in {ref.store} (expired or removed)") from exc
+        if writer.digest.hexdigest() != ref.sha256:
+            raise DspyrtError(f"{ref.name} in {ref.store} does not match its sha256", code="corrupt_result")
 
     async def delete(self, ref: ObjectRef) -> None:
         try:
             await self.store.delete(ref.name)
         except ObjectNotFoundError:
             pass
+
+
+class _HashingWriter(io.BufferedIOBase):
+    """A file that hashes what is written to it."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        super().__init__()
+        self.target = target
+        self.digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        block = bytes(data)
+        self.digest.update(block)
+        return self.target.write(block)

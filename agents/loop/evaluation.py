@@ -16,8 +16,6 @@ results inline; a large one puts them in the results object store as JSON Lines 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import tempfile
 from array import array
 from collections.abc import Awaitable, Callable, Iterable
@@ -257,25 +255,6 @@ async def store_results(
 # ------------------------------------------------------------------------------------------ reading
 
 
-class _HashingWriter(io.BufferedIOBase):
-    """A file that hashes what is written to it (the download is checked against the reference's sha256)."""
-
-    def __init__(self, target: BinaryIO) -> None:
-        super().__init__()
-        self.target = target
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        block = bytes(data)
-        self.digest.update(block)
-        self.size += len(block)
-        return self.target.write(block)
-
-
 def _read_lines(
     path: Path, offset: int, limit: int | None, keep: Callable[[ExampleResult], bool] | None
 ) -> list[ExampleResult]:
@@ -297,11 +276,7 @@ async def _read_results(
     # Downloaded to a temporary file rather than held: the object may be hundreds of megabytes.
     with tempfile.TemporaryDirectory(prefix="dspyrt-results-") as tmp:
         path = Path(tmp) / "results.jsonl"
-        with path.open("wb") as target:
-            writer = _HashingWriter(target)
-            await claims.get_into(ref, writer)
-        if writer.digest.hexdigest() != ref.sha256:
-            raise DspyrtError(f"{ref.name} in {ref.store} does not match its sha256", code="corrupt_result")
+        await claims.download(ref, path)
         return await anyio.to_thread.run_sync(_read_lines, path, offset, limit, keep)
 
 
