@@ -25,7 +25,7 @@ import dspy
 from dspy.utils.callback import BaseCallback
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.lm.bus_engine import BudgetExhaustedError, UsageMeter
+from agents.lm.bus_engine import BudgetExhaustedError, UsageMeter, program_context
 from agents.metrics import Metric, MetricRegistry
 from agents.programs import ProgramSpec, build_program, dump_program_state, parse_program_spec, program_hash
 from agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
@@ -513,7 +513,7 @@ class DSPyOptimizerManager:
             self.stats.setdefault(name, OptimizerStats()).runs += 1
         feed = ProgressCallback(progress, meter)
         try:
-            with dspy.context(lm=lm, callbacks=[feed]):
+            with program_context(lm, callbacks=[feed]):
                 feed.set_phase("baseline", step=0, total=3)
                 baseline = _score(student, valset, metric, request.num_threads, meter, lm)
                 result.baseline_score, result.baseline_coverage = baseline.score, baseline.coverage

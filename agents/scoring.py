@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import dspy
 from pydantic import Field
 
+from agents.lm.bus_engine import program_context
 from agents.lm.errors import TRANSIENT_CALL_CODES, ProviderUnreliableError, project_error
 from agents.metrics import Metric
 from bus import Message
@@ -85,7 +85,7 @@ def run_one(program: Any, example: Any, index: int, metric: Metric, lm: Any) -> 
     """Score one example (see the module's docstring for what each kind of failure becomes)."""
     started = time.perf_counter()
     try:
-        with dspy.context(lm=lm):
+        with program_context(lm):
             prediction = program(**example.inputs())
         latency = (time.perf_counter() - started) * 1000
         score = float(metric(example, prediction))

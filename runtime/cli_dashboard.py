@@ -104,8 +104,8 @@ def render_snapshot(data: dict[str, Any]) -> RenderableType:
     series = data.get("series") or []
     programs = data.get("programs") or []
     if programs:
-        table = Table("program", "cycles", "score", "improvement", "active", "canary", "phase", "score trend",
-                      title="Programs", title_justify="left")  # fmt: skip
+        table = Table("program", "cycles", "score", "improvement", "feedback", "active", "canary", "phase",
+                      "score trend", title="Programs", title_justify="left")  # fmt: skip
         for p in programs:
             trend = [v for s in series if s.get("metric") == "score" and (s.get("labels") or {}).get("program")
                      == p.get("program") for v in _values(s)]  # fmt: skip
@@ -114,6 +114,7 @@ def render_snapshot(data: dict[str, Any]) -> RenderableType:
                 str(p.get("cycles", 0)),
                 _fmt(p.get("last_score")),
                 _fmt(p.get("last_improvement")),
+                f"{p.get('feedback', 0)} ({_fmt(p.get('feedback_score'))}% agreed)" if p.get("feedback") else "-",
                 f"v{p['active_version']}" if p.get("active_version") else "-",
                 f"v{p['canary_version']}" if p.get("canary_version") else "-",
                 p.get("phase") or "-",

@@ -12,6 +12,8 @@ dspyrt.program.latency_p95     gauge, ms    program, model              dspyrt_p
 dspyrt.validation.pass_rate    gauge        program                     dspyrt_validation_pass_rate
 dspyrt.lm.error_rate           gauge        model                       dspyrt_lm_error_rate
 dspyrt.queue.depth             gauge        kind                        dspyrt_queue_depth
+dspyrt.feedback.corrections    gauge        program, version            dspyrt_feedback_corrections
+dspyrt.feedback.score          gauge, %     program, version            dspyrt_feedback_score_percent
 dspyrt.alerts.firing           gauge        rule, severity              dspyrt_alerts_firing
 dspyrt.predictions             counter      program, version, model     dspyrt_predictions_total
 dspyrt.dashboard.events        counter      agent                       dspyrt_dashboard_events_total
@@ -50,6 +52,8 @@ GAUGES: dict[str, tuple[str, str, str]] = {
     MetricType.VALIDATION_PASS_RATE: ("dspyrt.validation.pass_rate", "{ratio}", "fraction of checks passed"),
     MetricType.ERROR_RATE: ("dspyrt.lm.error_rate", "{ratio}", "failed / all LM calls in the last 5 minutes"),
     MetricType.QUEUE_DEPTH: ("dspyrt.queue.depth", "{task}", "tasks waiting or running per task kind"),
+    MetricType.FEEDBACK: ("dspyrt.feedback.corrections", "{correction}", "corrections of recorded predictions"),
+    MetricType.FEEDBACK_SCORE: ("dspyrt.feedback.score", "%", "share of corrections that agreed with the answer"),
 }
 ALERTS_FIRING = "dspyrt.alerts.firing"
 PREDICTIONS = "dspyrt.predictions"

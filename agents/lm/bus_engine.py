@@ -266,6 +266,14 @@ class BusEngine:
         return None
 
 
+def program_context(lm: Any, **overrides: Any) -> Any:
+    """``dspy.context`` for running a program in an agent: its LM, and DSPy's call history off. DSPy keeps every
+    call (prompts and answers) in a process-wide list of up to 10,000 and in each calling module's own list of as
+    many (``settings.max_history_size``): in a long-lived agent that is hundreds of MB of old prompts for large
+    inputs, kept for ``inspect_history``, which an agent never calls (its traces have the calls)."""
+    return dspy.context(lm=lm, disable_history=True, **overrides)
+
+
 def bus_lm(client: Client, routing: Routing | None = None, meter: UsageMeter | None = None) -> Any:
     """A ``dspy.LM`` whose every call goes through the switcher. Call it on the event loop thread."""
     disable_dspy_cache()

@@ -18,11 +18,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import dspy
 
 from agents.artifacts import ArtifactStore
 from agents.deployments import DeployedVersion, DeployRegistry
-from agents.lm.bus_engine import Routing, bus_lm
+from agents.lm.bus_engine import Routing, bus_lm, program_context
 from agents.loop.feedback import FeedbackStore, new_prediction_id
 from agents.loop.feedback_models import (
     FeedbackReply,
@@ -100,7 +99,7 @@ class ServingAgent(Agent):
         lm = bus_lm(self.client, Routing(model=selection.model, task_kind="predict"))
 
         def run() -> Any:
-            with dspy.context(lm=lm):
+            with program_context(lm):
                 return program(**request.inputs)
 
         try:

@@ -20,6 +20,7 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from agents.lm.bus_engine import program_context
 from agents.lm.errors import project_error
 from agents.roles.core import (
     DEFAULT_TARGET_CONTEXT,
@@ -151,7 +152,7 @@ def run_refiner(program: Any, role: RoleDefinition, target_context: str, lm: Any
     of the LM call itself (the switcher failing, a spent budget) propagate.
     """
     try:
-        with dspy.context(lm=lm):
+        with program_context(lm):
             prediction = program(**refiner_inputs(role, target_context))
     except AdapterParseError as exc:
         reason = " ".join(str(exc).split())[:300]

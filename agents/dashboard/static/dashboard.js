@@ -9,7 +9,8 @@
   const COLORS = ["#1f5fbf", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285", "#e67700", "#5c7cfa", "#495057"];
   const OVERVIEW = [
     "score", "improvement", "program_score", "validation_pass_rate", "cycle_cost", "lm_latency",
-    "error_rate", "lm_tokens", "lm_cost", "queue_depth", "predictions", "optimization_duration",
+    "error_rate", "lm_tokens", "lm_cost", "queue_depth", "predictions", "feedback", "feedback_score",
+    "optimization_duration",
   ];
   const W = 560, H = 200, PAD = { left: 58, right: 12, top: 10, bottom: 26 };
   const main = document.getElementById("main");
@@ -164,9 +165,9 @@
 
   function programs(snap, name) {
     if (!name) {
-      return [el("h2", {}, "Programs"), table(["program", "cycles", "last score", "improvement", "active", "canary", "phase"],
+      return [el("h2", {}, "Programs"), table(["program", "cycles", "last score", "improvement", "feedback", "feedback score", "active", "canary", "phase"],
         snap.programs.map((p) => [link("programs", p.program, p.program), p.cycles, fmt(p.last_score),
-          fmt(p.last_improvement), p.active_version ? "v" + p.active_version : "–",
+          fmt(p.last_improvement), p.feedback || 0, fmt(p.feedback_score), p.active_version ? "v" + p.active_version : "–",
           p.canary_version ? "v" + p.canary_version : "–", p.phase || "–"]))];
     }
     const p = snap.programs[0] || { program: name, log: [] };
@@ -174,7 +175,8 @@
       el("h2", {}, "Program " + name),
       el("div", { class: "cards" }, card(p.cycles || 0, "cycles"), card(fmt(p.last_score), "last score"),
         card(fmt(p.last_improvement), "last improvement"), card(p.active_version ? "v" + p.active_version : "–", "active"),
-        card(p.canary_version ? "v" + p.canary_version : "–", "canary"), card(fmt(p.validation_pass_rate), "validation")),
+        card(p.canary_version ? "v" + p.canary_version : "–", "canary"), card(fmt(p.validation_pass_rate), "validation"),
+        card(p.feedback || 0, "corrections"), card(fmt(p.feedback_score), "feedback score")),
       el("h2", {}, "Alerts"), alertTable(snap.alerts),
       el("h2", {}, "Series"), charts(snap),
       el("h2", {}, "Log"), table(["time", "event", "detail"], (p.log || []).slice().reverse().map((e) => [clock(e.time), e.topic, e.text])),
