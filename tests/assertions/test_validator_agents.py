@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import EntryPoint
 from typing import Any
 
@@ -139,3 +140,17 @@ async def test_a_malformed_request_gets_field_errors_and_the_agents_keep_serving
     }
     assert empty.value.code == "invalid_message" and [e.loc for e in empty.value.field_errors] == ["cases"]
     assert report.passed and {r.check for r in report.results} == {"present", "type"}
+
+
+async def test_a_request_near_the_message_limit_reaches_every_validator(config: IntegrationConfig) -> None:
+    """The fan-out's per-type request is no larger than the request (5,000 cases near 1 MB: writing out each case's
+    defaults once made it larger than the limit, and the validators 'unavailable')."""
+    cases = [{"inputs": {"text": f"case number {i} " + "x" * 115}, "outputs": {"topic": "sports"}, "latency_ms": 5}
+             for i in range(5000)]  # fmt: skip
+    request = {"cases": cases, "output_schema": {"topic": "str"}, "types": ["logic", "performance"]}
+    async with serving(config, [AssertionsAgent, LogicValidatorAgent, PerformanceValidatorAgent]) as system:
+        size = len(json.dumps(request).encode())
+        assert system.bus.max_payload - 64 * 1024 < size < system.bus.max_payload - 4096
+        report = await system.client.request("assertions", "validate", request, Report, timeout=60)
+    assert [r for r in report.results if r.check == "unavailable"] == []
+    assert report.passed and report.cases == 5000
