@@ -31,6 +31,10 @@ class DeployedVersion(Message):
     artifact_store: str
     artifact_name: str
     artifact_sha256: str = ""
+    # sha256 of the optimized state's canonical JSON and of the program spec: a candidate with both equal (and
+    # the same model) is this version again, and deploying it changes nothing. None: deployed before they were kept.
+    state_sha256: str | None = None
+    program_hash: str | None = None
     model: str | None = None
     score: float | None = None
     baseline_score: float | None = None
@@ -38,6 +42,15 @@ class DeployedVersion(Message):
     # The dataset versions ("NAME@VERSION") the cycle that made it used: a version in use is found here.
     datasets: list[str] = Field(default_factory=list)
     deployed_at: float = Field(default_factory=time.time)
+
+    def same_program(self, state_sha256: str | None, program_hash: str, model: str | None) -> bool:
+        """Whether a candidate with this state, spec and model is this version again."""
+        return (
+            state_sha256 is not None
+            and self.state_sha256 == state_sha256
+            and self.program_hash == program_hash
+            and self.model == model
+        )
 
 
 class ProgramPointer(Message):

@@ -2,8 +2,10 @@
 
 A run pins one model (the request's, or the switcher's choice for task kind ``optimize``), sends every LM call
 through the switcher with a per-run budget, feeds progress events from DSPy's callbacks, stores the optimized
-program's ``dump_state()`` JSON as a versioned artifact in the object store, and caches the result by
-(program hash, data, metric, optimizer, parameters, model, seed) so an identical request returns at once.
+program's ``dump_state()`` JSON as a versioned artifact in the object store (its reference carries the sha256 of
+the state alone, ``state_sha256``), and caches the result by (program hash, data, metric, optimizer, parameters,
+model, seed) so an identical request returns at once: ``cached`` true, with 0 LM calls, tokens and cost (what the
+original run spent is kept as ``original_lm_calls``, ``original_cost``, ``original_duration_s``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from agents.optimizers import (
     OptimizationRequest,
     OptimizationResult,
     RunOutcome,
+    state_sha256,
 )
 from agents.switcher_core import Selection, SelectRequest
 from bus import Empty, Message
@@ -109,6 +112,7 @@ class OptimizerAgent(Agent):
 
     @task("optimize")
     async def optimize(self, job: OptimizationRequest, ctx: TaskContext) -> OptimizationResult:
+        started = time.perf_counter()
         if job.optimizer is None:
             job = job.model_copy(update={"optimizer": await self._active()})
         self.manager.prepare(job)  # fail fast: optimizer, parameters and metric exist
@@ -119,8 +123,8 @@ class OptimizerAgent(Agent):
         if not job.no_cache:
             cached = await self._cached(key)
             if cached is not None:
-                await ctx.progress("cached", step=1, total=1, best_score=cached.optimized_score)
-                return cached
+                await ctx.progress("cached", step=1, total=1, best_score=cached.optimized_score, scored_on="valset")
+                return cached.as_cache_hit(time.perf_counter() - started)
 
         job, used = await load_fields(self.datasets, job, EXAMPLE_FIELDS)
         meter = UsageMeter(max_calls=job.budget.max_lm_calls, max_cost=job.budget.max_cost)
@@ -160,6 +164,7 @@ class OptimizerAgent(Agent):
         return selection.model
 
     async def _cached(self, key: str) -> OptimizationResult | None:
+        """The stored result of an identical run, as that run reported it (``as_cache_hit`` makes it this one's)."""
         try:
             entry = await self.cache.get(key)
         except Exception:
@@ -167,7 +172,14 @@ class OptimizerAgent(Agent):
         if not entry.value:
             return None
         result = OptimizationResult.model_validate_json(entry.value)
-        result.cached = True
+        if result.artifact is not None and result.artifact.state_sha256 is None:
+            # Stored before artifacts carried their state's hash: the deploy needs it to see an unchanged program.
+            try:
+                state = (await self.artifacts.get(result.artifact))["state"]
+            except Exception:  # the artifact is gone or unreadable: run again rather than return it
+                return None
+            result.artifact = result.artifact.model_copy(update={"state_sha256": state_sha256(state)})
+            await self.cache.put(key, result.model_dump_json().encode())
         return result
 
     async def _store_artifact(self, task_id: str, outcome: RunOutcome) -> ArtifactRef:
@@ -185,7 +197,8 @@ class OptimizerAgent(Agent):
             "task_id": task_id,
             "created_at": time.time(),
         }
-        return await self.artifacts.put(f"{result.program_name}/{task_id}.json", document)
+        ref = await self.artifacts.put(f"{result.program_name}/{task_id}.json", document)
+        return ref.model_copy(update={"state_sha256": state_sha256(outcome.state)})
 
     async def health_checks(self) -> dict[str, CheckResult]:
         return {"optimizers": CheckResult(ok=True, detail=f"{len(self.manager.optimizers)} installed")}

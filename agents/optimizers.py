@@ -12,6 +12,7 @@ split the data, score the baseline with ``dspy.Evaluate``, compile, score the re
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import threading
@@ -29,8 +30,8 @@ from agents.lm.bus_engine import BudgetExhaustedError, UsageMeter, program_conte
 from agents.metrics import Metric, MetricRegistry
 from agents.programs import ProgramSpec, build_program, dump_program_state, parse_program_spec, program_hash
 from agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
-from bus import ConfigurationError, Message, MessageValidationError, NotFoundError, RemoteError
-from bus.messages import field_errors_of
+from bus import ConfigurationError, FieldError, Message, MessageValidationError, NotFoundError, RemoteError
+from bus.messages import MAX_FIELD_ERRORS, clip, field_errors_of
 from runtime.datasets import Examples, references_in
 
 ENTRY_POINT_GROUP = "dspyrt.optimizers"
@@ -91,12 +92,41 @@ class ArtifactRef(Message):
     store: str
     name: str
     version: str
-    sha256: str
+    sha256: str  # of the artifact document (which also holds the task id and the time it was made)
     size: int
+    # sha256 of the canonical JSON of the optimized state alone (``state_sha256``): equal for two runs that made
+    # the same program, so a deploy can tell an identical program from a new one. None: not known.
+    state_sha256: str | None = None
+
+
+def state_sha256(state: Any) -> str:
+    """The sha256 (hex) of a program state's canonical JSON: keys sorted, no whitespace. The state is read back
+    from JSON first, so a state and its stored copy (tuples made lists, keys made strings) hash alike."""
+    canonical = json.dumps(json.loads(json.dumps(state)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def improvement_points(baseline: float | None, optimized: float | None) -> float | None:
+    """The one definition of improvement: optimized minus baseline score, in percentage points, both measured
+    on the same examples; ``None`` when either is missing."""
+    if baseline is None or optimized is None:
+        return None
+    return round(optimized - baseline, 4)
 
 
 class OptimizationResult(Message):
-    """What an optimization produced, with what it cost."""
+    """What an optimization produced, with what it cost.
+
+    Its scores are the optimizer's own, measured on the validation set (``scored_on``: the request's ``valset``,
+    or the ``val_fraction`` of the trainset held out when none was given), in percent over the answered
+    examples; ``improvement_score`` is ``optimized_score - baseline_score`` in percentage points. A cycle scores
+    the baseline and the optimized program again on its devset: those are the cycle's figures.
+
+    A cache hit (``cached``) made no LM call: ``lm_calls``, ``cached_calls``, ``failed_calls``,
+    ``provider_requests``, the tokens and ``cost`` are 0 and ``duration_s`` is the lookup's; the run that made the
+    result is described by ``original_lm_calls``, ``original_cost`` and ``original_duration_s`` (and by
+    ``models_used``, which names the models that made its program).
+    """
 
     status: Literal["completed", "budget_exhausted"] = "completed"
     stopped_reason: str | None = None
@@ -108,7 +138,8 @@ class OptimizationResult(Message):
     metric: str
     baseline_score: float | None = None  # percent over the answered validation examples
     optimized_score: float | None = None
-    improvement_score: float | None = None
+    improvement_score: float | None = None  # optimized - baseline, percentage points (improvement_points)
+    scored_on: Literal["valset"] = "valset"  # what the three scores above were measured on
     # answered / validation examples of each score (an example whose LM call failed is not a wrong answer)
     baseline_coverage: float | None = None
     # The dataset versions each examples field used ({"trainset": ["qa@1a2b3c4d5e6f"]}); inline data is not listed.
@@ -129,7 +160,31 @@ class OptimizationResult(Message):
     duration_s: float = 0.0
     seed: int = 0
     cached: bool = False
+    # A cache hit's figures of the run that made the result (None: this run made it).
+    original_lm_calls: int | None = None
+    original_cost: float | None = None
+    original_duration_s: float | None = None
     artifact: ArtifactRef | None = None
+
+    def as_cache_hit(self, duration_s: float) -> OptimizationResult:
+        """This stored result returned again without running: no LM call, no token, no cost."""
+        original = self if not self.cached else None
+        return self.model_copy(
+            update={
+                "cached": True,
+                "lm_calls": 0,
+                "cached_calls": 0,
+                "failed_calls": 0,
+                "provider_requests": 0,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "cost": 0.0,
+                "duration_s": round(duration_s, 3),
+                "original_lm_calls": original.lm_calls if original else self.original_lm_calls,
+                "original_cost": original.cost if original else self.original_cost,
+                "original_duration_s": original.duration_s if original else self.original_duration_s,
+            }
+        )
 
 
 # -------------------------------------------------------------------------------------- optimizers
@@ -393,7 +448,8 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 
 class ProgressCallback(BaseCallback):  # type: ignore[misc]
-    """Turns DSPy's own callbacks into progress reports: LM calls, evaluations, best score so far.
+    """Turns DSPy's own callbacks into progress reports: LM calls, evaluations, best score so far (on the
+    validation set: ``scored_on``).
 
     Reports are throttled (``every`` seconds) so a fast optimizer does not flood the bus.
     """
@@ -420,7 +476,13 @@ class ProgressCallback(BaseCallback):  # type: ignore[misc]
             self._last = now
         self.report(
             self.phase,
-            {"evaluations": self.evaluations, "lm_calls": self.meter.calls, "best_score": self.best_score, **data},
+            {
+                "evaluations": self.evaluations,
+                "lm_calls": self.meter.calls,
+                "best_score": self.best_score,
+                "scored_on": "valset",
+                **data,
+            },
         )
 
     def on_evaluate_end(self, call_id: str, outputs: Any | None, exception: BaseException | None = None) -> None:
@@ -495,7 +557,9 @@ class DSPyOptimizerManager:
         started = time.perf_counter()
         spec = request.program
         student = build_program(spec)
-        inputs = request.input_fields or _input_fields(student)
+        inputs = request.input_fields or program_inputs(student).names
+        if not inputs:
+            raise MessageValidationError("the program declares no input fields; give input_fields")
         trainset, valset = _split(request, inputs)
         result = OptimizationResult(
             program_name=request.program_name or f"program-{program_hash(spec)[:12]}",
@@ -525,8 +589,7 @@ class DSPyOptimizerManager:
                 feed.set_phase("evaluating", step=2, total=3, baseline_score=result.baseline_score)
                 final = _score(optimized, valset, metric, request.num_threads, meter, lm)
                 result.optimized_score, result.optimized_coverage = final.score, final.coverage
-                if final.score is not None and baseline.score is not None:
-                    result.improvement_score = round(final.score - baseline.score, 6)
+                result.improvement_score = improvement_points(baseline.score, final.score)
                 # DSPy's optimizers score a failed call as a wrong answer inside compile(): past the limit, the
                 # choice between candidates measured provider luck, so there is no result to trust.
                 check_error_rate(meter.failed_calls, meter.calls, request.max_error_rate, model=model,
@@ -568,15 +631,94 @@ class DSPyOptimizerManager:
         return RunOutcome(result, state, spec)
 
 
-def _input_fields(program: Any) -> list[str]:
-    names: list[str] = []
+@dataclass(frozen=True)
+class ProgramInputs:
+    """What a program takes as input: every input field of its predictors, unless its ``forward`` names its
+    parameters, which then say what is required and what has a default."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """Every input, required ones first: what an example row of the program carries."""
+        return [*self.required, *self.optional]
+
+    def check(self, given: Any, what: str) -> None:
+        """Raise :class:`MessageValidationError` (with a field error per name) when ``given`` (the input names of
+        one call) lacks a required input or holds one the program does not take."""
+        names = [str(n) for n in given]
+        missing = [n for n in self.required if n not in names]
+        unknown = [n for n in names if n not in self.required and n not in self.optional]
+        if not missing and not unknown:
+            return
+        expected = ", ".join(self.required) or "none"
+        if self.optional:
+            expected += f" (optional: {', '.join(self.optional)})"
+        problems = [f"missing {_quoted(missing)}"] if missing else []
+        problems += [f"unknown {_quoted(unknown)}"] if unknown else []
+        errors = [FieldError(loc=f"inputs.{n}", message=f"missing: {what} needs it", type="missing") for n in missing]
+        errors += [
+            FieldError(loc=clip(f"inputs.{n}", 200), message=clip(f"unknown: {what} takes {expected}"),
+                       type="unknown_field")
+            for n in unknown[:MAX_FIELD_ERRORS]
+        ]  # fmt: skip
+        raise MessageValidationError(
+            clip(f"inputs do not fit {what}: {'; '.join(problems)}; it takes {expected}", 2000),
+            errors[:MAX_FIELD_ERRORS],
+        )
+
+
+def _quoted(names: list[str], listed: int = 10) -> str:
+    """Up to ``listed`` names quoted (each clipped: they may come from a hostile payload), and how many more."""
+    text = ", ".join(repr(clip(n, 64)) for n in names[:listed])
+    return text + (f" and {len(names) - listed} more" if len(names) > listed else "")
+
+
+def program_inputs(program: Any) -> ProgramInputs:
+    """The inputs of a built program (the one place that works them out: create, evaluate, optimize, serving).
+
+    A module whose ``forward`` takes ``**kwargs`` only (``dspy.Predict``, ``dspy.ChainOfThought``) takes its
+    predictors' input fields, all required; a module whose ``forward`` names its parameters takes those (a
+    registered program that computes some inputs itself gives them defaults)."""
+    parameters = _forward_parameters(program)
+    target = getattr(program, "target", None)  # a registered object with only ``forward``, wrapped
+    if target is not None and _pass_through(parameters):
+        parameters = _forward_parameters(target) or parameters
+    required: list[str] = []
+    optional: list[str] = []
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for parameter in named:
+        (required if parameter.default is inspect.Parameter.empty else optional).append(parameter.name)
+    if named and not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return ProgramInputs(tuple(required), tuple(optional))
+    fields: list[str] = []
     for _, predictor in program.named_predictors():
-        for name in predictor.signature.input_fields:
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise MessageValidationError("the program declares no input fields; give input_fields")
-    return names
+        fields += [n for n in predictor.signature.input_fields if n not in fields]
+    if named:  # named parameters and **kwargs: its predictors' other inputs may be given too
+        optional += [n for n in fields if n not in required and n not in optional]
+        return ProgramInputs(tuple(required), tuple(optional))
+    return ProgramInputs(tuple(fields))
+
+
+def _forward_parameters(obj: Any) -> list[inspect.Parameter]:
+    """The parameters of ``obj.forward`` past ``self``, read from its class: DSPy warns when an instance's
+    ``forward`` is read outside a call."""
+    func = getattr(type(obj), "forward", None)
+    if not callable(func):
+        return []
+    try:
+        parameters = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    if not isinstance(inspect.getattr_static(type(obj), "forward", None), staticmethod | classmethod):
+        parameters = parameters[1:]  # self
+    return parameters
+
+
+def _pass_through(parameters: list[inspect.Parameter]) -> bool:
+    """``forward(*args, **kwargs)``: a wrapper that hands everything on."""
+    return bool(parameters) and all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
 
 
 def _examples(rows: Any, inputs: list[str], what: str) -> list[Any]:

@@ -50,6 +50,8 @@ def span_to_dict(span: ReadableSpan) -> dict[str, object]:
         "start": span.start_time,
         "end": span.end_time,
         "status": span.status.status_code.name,
+        # The error's text, as OTLP exports it too (error bodies are redacted before they reach a span).
+        "status_message": span.status.description,
         "service": span.resource.attributes.get("service.name"),
         "attributes": dict(span.attributes or {}),
     }

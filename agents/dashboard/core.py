@@ -12,7 +12,8 @@ Nothing here touches NATS; ``agents.dashboard.agent`` feeds it from the event st
 Events and the series they feed (labels in braces):
 
 =========================  =================================================================================
-``cycle.completed``        score, baseline_score, improvement, cycle_cost {program, model, optimizer};
+``cycle.completed``        score, baseline_score, improvement, cycle_cost {program, model, optimizer}: the
+                           cycle's scores on its devset, improvement = score - baseline_score (points);
                            program_latency_p95 {program, model}; program_score {program, version} of the
                            version it deployed; validation_pass_rate {program} when the validation is known
 ``cycle.phase``            the program's running phase (views only)
@@ -443,7 +444,6 @@ def _flat_cycle(cycle: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
         "optimizer": optimization.get("optimizer"),
         "baseline_score": baseline.get("score"),
         "optimized_score": optimized.get("score") if optimized else None,
-        "improvement": optimization.get("improvement_score"),
         "cost": round(sum(c for c in costs if c is not None), 6),
         "latency_p95_ms": optimized.get("latency_p95_ms") if optimized else None,
         "deployed": bool(verdict.get("deployed")),
@@ -451,6 +451,15 @@ def _flat_cycle(cycle: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
         "reasons": verdict.get("reasons", []),
         "validation": data.get("validation"),
     }
+
+
+def _improvement(data: Mapping[str, Any]) -> float | None:
+    """A cycle's improvement: its optimized minus its baseline score, in percentage points, as
+    ``agents.optimizers.improvement_points`` defines it (not imported: the dashboard stays free of DSPy). Derived
+    from the two scores it records beside it, whatever figure the payload carries (an older coordinator sent the
+    optimizer's, measured on its validation set); ``None`` without both scores."""
+    baseline, optimized = _num(data, "baseline_score"), _num(data, "optimized_score")
+    return None if baseline is None or optimized is None else round(optimized - baseline, 4)
 
 
 PointListener = Callable[[MetricSeries, MetricPoint], None]
@@ -611,6 +620,7 @@ class MetricsDashboard:
         model, optimizer = _text(data, "model"), _text(data, "optimizer")
         labels = _labels(program=program, model=model, optimizer=optimizer)
         touched: list[MetricSeries | None] = []
+        data["improvement"] = _improvement(data)
         for metric, key in (
             (MetricType.SCORE, "optimized_score"),
             (MetricType.BASELINE_SCORE, "baseline_score"),
@@ -637,7 +647,9 @@ class MetricsDashboard:
         state.phase = None
         baseline = _num(data, "baseline_score")
         outcome = (
-            f"deployed v{version}"
+            f"unchanged: already deployed as v{version}"
+            if data.get("deployed") and data.get("unchanged")
+            else f"deployed v{version}"
             if data.get("deployed")
             else "not deployed" + (f": {'; '.join(map(str, data.get('reasons') or []))}" if data.get("reasons") else "")
         )

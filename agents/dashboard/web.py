@@ -23,6 +23,7 @@ block stops it (in-flight responses finish first).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -334,8 +335,10 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (0: a free port); :class:`ConfigurationError` when that fails."""
+PORT_SETTING = "DSPYRT_DASHBOARD_PORT"
+
+
+def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -343,10 +346,33 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
         sock.listen(128)
         sock.setblocking(False)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise ConfigurationError(f"dashboard web view cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise
     return sock
+
+
+def listen(host: str, port: int, *, explicit: bool = True) -> socket.socket:
+    """A listening socket on ``host:port`` (0: a free port); :class:`ConfigurationError` when that fails.
+
+    ``explicit``: the user chose ``port`` (``DSPYRT_DASHBOARD_PORT``). When they did not, it is only the default,
+    and a default that another process holds (a second ``dspyrt up`` on the same machine) gives way to a free
+    port: the caller reports the URL it got. A port the user chose is not replaced: the error names the setting.
+    """
+    try:
+        return _bind(host, port)
+    except OSError as exc:
+        in_use = exc.errno == errno.EADDRINUSE
+        if in_use and not explicit and port != 0:
+            log.warning("dashboard web view: the default port %s is taken on %s, taking a free one", port, host)
+            return listen(host, 0)
+        reason = exc.strerror or str(exc)
+        remedy = (
+            f" ({PORT_SETTING}={port}: set {PORT_SETTING} to a free port, 0 for any free one, or off for no page)"
+            if in_use and explicit
+            else ""
+        )
+        raise ConfigurationError(f"dashboard web view cannot listen on {host}:{port}: {reason}{remedy}") from exc
 
 
 def url_of(sock: socket.socket) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.loop.models import CreateRequest, CreateResult
+from agents.optimizers import program_inputs
 from agents.programs import ProgramSpec, build_program, program_hash
 from runtime.agent import Agent, endpoint
 
@@ -12,16 +13,14 @@ from runtime.agent import Agent, endpoint
 def create_program(spec: ProgramSpec) -> tuple[Any, CreateResult]:
     program = build_program(spec)
     predictors = [name for name, _ in program.named_predictors()]
-    inputs: list[str] = []
     outputs: list[str] = []
     for _, predictor in program.named_predictors():
-        inputs += [n for n in predictor.signature.input_fields if n not in inputs]
         outputs += [n for n in predictor.signature.output_fields if n not in outputs]
     return program, CreateResult(
         program_hash=program_hash(spec),
         module=type(program).__name__,
         predictors=predictors,
-        input_fields=inputs,
+        input_fields=program_inputs(program).names,
         output_fields=outputs,
     )
 

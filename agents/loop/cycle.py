@@ -1,6 +1,9 @@
 """The cycle coordinator (the guide's FourPartOptimizationLoop.run_cycle) for the durable ``cycle`` task.
 
 create → evaluate the baseline → optimize → evaluate the optimized program → validate → deploy (the gate).
+The cycle's scores are its two evaluations on the devset, and its improvement is their difference in percentage
+points (what the gate, the result and the ``cycle.completed`` event use); the optimizer's own scores, on its
+validation set, stay in the optimization's result.
 Each finished phase's output is written to the ``cycles`` bucket before the next phase starts, so a coordinator
 that dies mid-cycle is replaced (JetStream redelivers the task) and the cycle resumes at the phase it reached.
 Phases that run elsewhere are durable tasks with ids derived from the cycle id, so a resumed phase attaches to
@@ -39,7 +42,7 @@ from agents.loop.models import (
     ProgramRef,
     feedback_dataset,
 )
-from agents.optimizers import OptimizationRequest, OptimizationResult
+from agents.optimizers import OptimizationRequest, OptimizationResult, improvement_points
 from agents.scoring import ExampleResult
 from bus import PayloadTooLargeError, PermanentError, RetryableError, TaskStatus
 from bus.claims import ClaimStore
@@ -202,6 +205,7 @@ class FourPartOptimizationLoop:
             baseline=baseline,
             optimization=optimization,
             optimized=optimized,
+            improvement_score=improvement_points(baseline.score, optimized.score) if optimized else None,
             validation=validation,
             verdict=verdict,
             phase_runs=dict(state.runs),
@@ -487,7 +491,8 @@ class CycleAgent(Agent):
 
 
 def _cycle_event(result: CycleResult) -> dict[str, Any]:
-    """What the dashboard records of a finished cycle (the guide's record_cycle_metrics input)."""
+    """What the dashboard records of a finished cycle (the guide's record_cycle_metrics input): the cycle's own
+    scores, on the devset, and their difference (not the optimizer's figures on its validation set)."""
     return {
         "cycle_id": result.cycle_id,
         "program": result.program_name,
@@ -495,13 +500,15 @@ def _cycle_event(result: CycleResult) -> dict[str, Any]:
         "optimizer": result.optimization.optimizer,
         "baseline_score": result.baseline.score,
         "optimized_score": result.optimized.score if result.optimized else None,
-        "improvement": result.optimization.improvement_score,
+        "improvement": result.improvement_score,
+        "scored_on": result.scored_on,
         "cost": round(result.baseline.cost + result.optimization.cost + (result.optimized.cost if result.optimized
                                                                           else 0.0), 6),
         "latency_p95_ms": result.optimized.latency_p95_ms if result.optimized else None,
         "coverage": min(result.baseline.coverage, result.optimized.coverage if result.optimized else 1.0),
         "mixed_models": result.mixed_models,
         "deployed": result.verdict.deployed,
+        "unchanged": result.verdict.unchanged,
         "version": result.verdict.version,
         "reasons": result.verdict.reasons,
     }  # fmt: skip

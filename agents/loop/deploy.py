@@ -2,7 +2,9 @@
 
 A candidate that meets every objective becomes the program's next version (or its canary); one that does not
 is rejected with every reason. Deploying is idempotent per cycle: a coordinator that retries the deploy of a
-cycle gets the version that cycle already made, never a second one.
+cycle gets the version that cycle already made, never a second one. A candidate identical to the active version
+(same spec, same optimized state by ``state_sha256``, same model) is not deployed again: the verdict says
+``unchanged`` with that version, and nothing is written (no version, no pointer change, no audit record).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import Field
 from agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
 from agents.loop.gate import check_objectives
 from agents.loop.models import PROGRAM_NAME, DeployRequest, DeployVerdict
+from agents.programs import program_hash
 from bus import Empty, Message, NotFoundError
 from bus.audit import record_audit
 from runtime.agent import Agent, current_caller, endpoint
@@ -67,6 +70,10 @@ class DeployAgent(Agent):
                 "deploy.rejected", {"program": request.program_name, "reasons": reasons, "cycle_id": request.cycle_id}
             )
             return DeployVerdict(deployed=False, program_name=request.program_name, reasons=reasons, checks=checks)
+        spec_hash = program_hash(request.program)
+        unchanged = await self._unchanged(request, spec_hash, checks)
+        if unchanged is not None:
+            return unchanged
         version = await self.registry.next_version(request.program_name)
         deployed = DeployedVersion(
             program=request.program_name,
@@ -74,6 +81,8 @@ class DeployAgent(Agent):
             artifact_store=request.artifact.store,
             artifact_name=request.artifact.name,
             artifact_sha256=request.artifact.sha256,
+            state_sha256=request.artifact.state_sha256,
+            program_hash=spec_hash,
             model=request.model,
             score=request.optimized_score,
             baseline_score=request.baseline_score,
@@ -97,6 +106,38 @@ class DeployAgent(Agent):
         return DeployVerdict(
             deployed=True, program_name=request.program_name, version=version, canary=canary, checks=checks
         )
+
+    async def _unchanged(self, request: DeployRequest, spec_hash: str, checks: dict[str, bool]) -> DeployVerdict | None:
+        """The verdict for a candidate that is the active version (or, asked as a canary, the canary) again: same
+        spec, same optimized state, same model. Nothing is written: no version, no pointer change, no audit
+        record; a ``deploy.unchanged`` event says so. ``None``: the candidate is new."""
+        pointer = await self.registry.pointer(request.program_name)
+        if pointer is None:
+            return None
+        state = request.artifact.state_sha256
+        # The active version, while no canary runs (a full deploy would drop the canary: that is a change); the
+        # canary, when the candidate is asked for as a canary too.
+        if pointer.canary is None and pointer.active is not None:
+            same, canary = pointer.active, False
+        elif pointer.canary is not None and request.canary_fraction is not None:
+            same, canary = pointer.canary, True
+        else:
+            return None
+        if not same.same_program(state, spec_hash, request.model):
+            return None
+        note = (
+            f"unchanged: already deployed as v{same.version}{' (canary)' if canary else ''}: the same program, "
+            f"optimized state (sha256 {(state or '')[:12]}) and model; no new version"
+        )
+        await self.publish_event(
+            "deploy.unchanged",
+            {"program": request.program_name, "version": same.version, "canary": canary, "cycle_id": request.cycle_id,
+             "state_sha256": state},
+        )  # fmt: skip
+        return DeployVerdict(
+            deployed=True, unchanged=True, program_name=request.program_name, version=same.version, canary=canary,
+            note=note, checks=checks,
+        )  # fmt: skip
 
     @endpoint("list")
     async def list_programs(self, _: Empty) -> ProgramList:

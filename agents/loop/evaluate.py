@@ -30,6 +30,7 @@ from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
 from agents.loop.evaluation import EvaluationAccumulator, store_results, to_examples
 from agents.loop.models import EvaluateRequest, EvaluationResult, ProgramRef, ShardRequest, ShardResult
 from agents.metrics import MetricRegistry
+from agents.optimizers import program_inputs
 from agents.programs import build_program, load_program_state
 from agents.scoring import evaluate_examples
 from agents.switcher_core import Selection, SelectRequest
@@ -52,12 +53,10 @@ async def load_program(ref: ProgramRef, artifacts: ArtifactStore) -> Any:
 
 
 def input_fields_of(ref: ProgramRef, given: list[str] | None) -> list[str]:
+    """The example keys that are the program's inputs: ``given``, else the program's own (``program_inputs``)."""
     if given:
         return given
-    names: list[str] = []
-    for _, predictor in build_program(ref.spec).named_predictors():
-        names += [n for n in predictor.signature.input_fields if n not in names]
-    return names
+    return program_inputs(build_program(ref.spec)).names
 
 
 class EvaluatorAgent(Agent):

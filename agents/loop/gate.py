@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.loop.models import DeployRequest
+from agents.optimizers import improvement_points
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2, "critical": 3}
 
@@ -39,11 +40,7 @@ def check_objectives(req: DeployRequest) -> tuple[dict[str, bool], list[str]]:
     if req.optimized_score is None:
         checks["measured"] = False
         reasons.append("the optimized program was not measured")
-    improvement = (
-        (req.optimized_score - req.baseline_score)
-        if req.optimized_score is not None and req.baseline_score is not None
-        else None
-    )
+    improvement = improvement_points(req.baseline_score, req.optimized_score)
     if o.min_improvement is not None:
         ok = improvement is not None and improvement >= o.min_improvement
         checks["min_improvement"] = ok

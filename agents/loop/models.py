@@ -215,10 +215,15 @@ class DeployRequest(Message):
 
 
 class DeployVerdict(Message):
+    """The deploy gate's answer. ``deployed`` with ``unchanged``: the candidate is the program already deployed as
+    ``version`` (same program, same optimized state, same model), so nothing was written; ``note`` says so."""
+
     deployed: bool
     program_name: str
     version: int | None = None
     canary: bool = False
+    unchanged: bool = False
+    note: str = ""
     reasons: list[str] = Field(default_factory=list)  # why it was rejected (every one)
     checks: dict[str, bool] = Field(default_factory=dict)
 
@@ -285,12 +290,19 @@ class CycleState(Message):
 
 
 class CycleResult(Message):
+    """A finished cycle. Its scores are ``baseline.score`` and ``optimized.score``, both measured on the devset
+    (``scored_on``); ``improvement_score`` is their difference in percentage points (None without an optimized
+    evaluation). ``optimization`` keeps the optimizer's own scores, measured on its validation set
+    (``optimization.scored_on``), which is not the devset: they may differ."""
+
     cycle_id: str
     program_name: str
     create: CreateResult
     baseline: EvaluationResult
     optimization: OptimizationResult
     optimized: EvaluationResult | None = None
+    improvement_score: float | None = None  # optimized.score - baseline.score, percentage points, on the devset
+    scored_on: Literal["devset"] = "devset"
     validation: dict[str, Any] | None = None
     verdict: DeployVerdict
     phase_runs: dict[str, int] = Field(default_factory=dict)

@@ -2,7 +2,9 @@
 the canary's share of the traffic) on the model the switcher picks, with every LM call through the switcher.
 
 Programs are loaded from their artifacts once per version and kept; a rollback or a new deploy changes the
-pointer, and the next request runs the version it names.
+pointer, and the next request runs the version it names. A request's inputs are checked against the version's
+input fields first: a missing or unknown field is refused (``invalid_message``, with the fields it expects)
+before any LM call, since DSPy would only log a warning and answer anyway.
 
 Production feedback (:mod:`agents.loop.feedback`): ``record`` sets the share of a program's predictions that are
 recorded (off by default); a recorded call's reply carries its ``prediction_id``; ``predictions`` lists a program's
@@ -33,7 +35,7 @@ from agents.loop.feedback_models import (
     RecordSettings,
 )
 from agents.loop.models import PredictReply, PredictRequest
-from agents.optimizers import ArtifactRef
+from agents.optimizers import ArtifactRef, ProgramInputs, program_inputs
 from agents.programs import load_program_state, parse_program_spec
 from agents.scoring import jsonable
 from agents.switcher_core import Selection, SelectRequest
@@ -59,19 +61,24 @@ class ServingAgent(Agent):
         self.registry = await DeployRegistry.open(self.bus, self.config.stream_layout)
         self.artifacts = await ArtifactStore.open(self.bus, self.config.stream_layout)
         self.feedback_store = await FeedbackStore.open(self.bus, self.config.stream_layout)
-        self._programs: dict[tuple[str, int], Any] = {}
+        self._programs: dict[tuple[str, int], tuple[Any, ProgramInputs]] = {}
         self._random = random.Random()
         yield
 
-    async def _program(self, deployed: DeployedVersion) -> Any:
+    async def _program(self, deployed: DeployedVersion, inputs: dict[str, Any]) -> Any:
+        """The version's program, once ``inputs`` are checked against what it takes (before any LM call: a
+        misnamed field would otherwise be answered, from nothing)."""
         key = (deployed.program, deployed.version)
         if key not in self._programs:
             document = await self.artifacts.get(
                 ArtifactRef(store=deployed.artifact_store, name=deployed.artifact_name, version=str(deployed.version),
                             sha256=deployed.artifact_sha256, size=0)
             )  # fmt: skip
-            self._programs[key] = load_program_state(parse_program_spec(document["spec"]), document["state"])
-        return self._programs[key]
+            program = load_program_state(parse_program_spec(document["spec"]), document["state"])
+            self._programs[key] = program, program_inputs(program)
+        program, takes = self._programs[key]
+        takes.check(inputs, f"program {deployed.program} v{deployed.version}")
+        return program
 
     async def _version(self, request: PredictRequest) -> tuple[DeployedVersion, bool]:
         if request.version is not None:
@@ -85,9 +92,10 @@ class ServingAgent(Agent):
 
     @endpoint("predict")
     async def predict(self, request: PredictRequest) -> PredictReply:
-        """Run the program's active version (or canary) on ``inputs``."""
+        """Run the program's active version (or canary) on ``inputs``: its input fields, each one it requires and
+        none it does not take (else ``invalid_message`` naming the fields it expects, before any LM call)."""
         deployed, canary = await self._version(request)
-        program = await self._program(deployed)
+        program = await self._program(deployed, request.inputs)
         selection = await self.client.request(
             "switcher", "select", SelectRequest(task_kind="predict", program=request.program), Selection
         )
@@ -95,7 +103,7 @@ class ServingAgent(Agent):
         if request.version is None and not canary and selection.deployed is not None:
             chosen = DeployedVersion.model_validate(selection.deployed)
             if chosen.version != deployed.version:
-                deployed, program = chosen, await self._program(chosen)
+                deployed, program = chosen, await self._program(chosen, request.inputs)
         lm = bus_lm(self.client, Routing(model=selection.model, task_kind="predict"))
 
         def run() -> Any:
