@@ -28,7 +28,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -80,6 +80,8 @@ log = logging.getLogger("dspyrt.tasks")
 TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 TASK_KIND = re.compile(r"^[A-Za-z0-9_-]+$")  # one subject token (bus.subjects.check_token)
 TASK_KEY = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{1,128}$")  # <kind>.<task id>
+# A task id prefix matching at most this many keys has each checked (a deleted task's key may still be listed).
+MAX_CHECKED_CANDIDATES = 20
 # A dead letter keeps the task message for replay up to this size.
 MAX_DEAD_LETTER_BODY = 256 * 1024
 # Room a result leaves under max_payload for the rest of its task record and the headers.
@@ -121,6 +123,34 @@ def task_key(kind: str, task_id: str) -> str:
     if not TASK_KIND.match(kind):
         raise ValueError(f"task kind {kind!r} must be letters, digits, '_' or '-'")
     return f"{kind}.{check_task_id(task_id)}"
+
+
+def pick_task_id(prefix: str, candidates: Iterable[str], max_listed: int = 10) -> str:
+    """The one task id that ``prefix`` abbreviates, among the ids that start with it (``candidates``).
+
+    Tasks a task starts are named after it (a cycle's ``<id>-base``, ``<id>-opt-eval-s0``): a prefix that matches
+    one task and such children of it means that task. No candidate: :class:`~bus.errors.NotFoundError`; several
+    unrelated ones: ``DspyrtError`` ``ambiguous_id`` naming them (up to ``max_listed``)."""
+    ids = sorted(set(candidates))
+    present = set(ids)
+
+    def started_by_another(task_id: str) -> bool:  # "<other id>-<suffix>" with <other id> a candidate
+        parts = task_id.split("-")
+        return any("-".join(parts[:n]) in present for n in range(1, len(parts)))
+
+    roots = [i for i in ids if not started_by_another(i)]
+    if not roots:
+        raise TaskNotFoundError(f"no task with id {prefix}, nor one whose id starts with it")
+    if len(roots) == 1:
+        return roots[0]
+    shown = ", ".join(roots[:max_listed])
+    more = f" and {len(roots) - max_listed} more" if len(roots) > max_listed else ""
+    children = len(ids) - len(roots)
+    started = f" (and {children} task{'s' if children != 1 else ''} they started)" if children else ""
+    raise DspyrtError(
+        f"{prefix} is the start of {len(roots)} task ids: {shown}{more}{started}; give more of the id",
+        code="ambiguous_id",
+    )
 
 
 class TaskEnvelope(Message):
@@ -296,6 +326,32 @@ class TaskStore:
         await self.kv.delete(task_key(kind, task_id), last=last)
         if self._keys.get(task_id) == task_key(kind, task_id):
             del self._keys[task_id]
+
+    async def ids_with_prefix(self, prefix: str) -> list[str]:
+        """The ids of the stored tasks that start with ``prefix``, sorted (each once, whatever its kinds).
+
+        One listing of the bucket's keys (``kv_keys_matching``: one JetStream request, answered with at most the
+        server's limit of subject details, 100,000 keys), filtered here: NATS wildcards match whole tokens only.
+        A task deleted since may still be listed (its delete marker is a key): check it with :meth:`get`."""
+        if not prefix or not TASK_ID.match(prefix):
+            return []
+        keys = await kv_keys_matching(self.js, self.bucket, ">")
+        return sorted({key.partition(".")[2] for key in keys if key.partition(".")[2].startswith(prefix)})
+
+    async def resolve_id(self, prefix: str) -> str:
+        """The full id of the one task whose id is ``prefix`` or starts with it (like git's abbreviated commits).
+
+        An exact id wins over longer ids it is a prefix of, and a task wins over the tasks it started (see
+        :func:`pick_task_id`). Raises :class:`~bus.errors.NotFoundError` when no task matches, and ``DspyrtError``
+        with code ``ambiguous_id`` naming the candidates when several do."""
+        if not TASK_ID.match(prefix):
+            raise TaskNotFoundError(f"no task with id {prefix!r} (a task id is 1-128 letters, digits, '_' or '-')")
+        if await self.get(prefix) is not None:
+            return prefix
+        candidates = await self.ids_with_prefix(prefix)
+        if len(candidates) <= MAX_CHECKED_CANDIDATES:  # drop deleted ones: their delete markers are keys too
+            candidates = [task_id for task_id in candidates if await self.get(task_id) is not None]
+        return pick_task_id(prefix, candidates)
 
     async def list(self, limit: int = 50) -> list[TaskRecord]:
         """The most recently updated records."""

@@ -12,18 +12,15 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
 import typer
 from rich.console import Group, RenderableType
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
-from bus import DspyrtError
-from runtime.client import Client
+if TYPE_CHECKING:  # the bus and the client are imported by the command (runtime.cli starts without them)
+    from runtime.client import Client
 
 DASHBOARD_AGENT = "dashboard"
 SNAPSHOT_ENDPOINT = "snapshot"
@@ -80,7 +77,7 @@ def _values(series: dict[str, Any]) -> list[float]:
     return [float(p[1]) for p in series.get("points") or []]
 
 
-def render_snapshot(data: dict[str, Any]) -> RenderableType:
+def render_snapshot(data: dict[str, Any]) -> Group:
     """One frame: alerts, programs, models, queues and series of a snapshot."""
     parts: list[RenderableType] = []
     head = Text.assemble(
@@ -92,7 +89,8 @@ def render_snapshot(data: dict[str, Any]) -> RenderableType:
     parts.append(head)
 
     alerts = data.get("alerts") or []
-    table = Table("state", "rule", "severity", "labels", "message", "since", title="Alerts", title_justify="left")
+    table = Table("state", Column("rule", no_wrap=True), "severity", "labels", "message", "since", title="Alerts",
+                  title_justify="left")  # fmt: skip
     for alert in alerts[:20]:
         firing = alert.get("state") == "firing"
         state = Text(str(alert.get("state")), style="bold red" if firing else "green")
@@ -104,8 +102,8 @@ def render_snapshot(data: dict[str, Any]) -> RenderableType:
     series = data.get("series") or []
     programs = data.get("programs") or []
     if programs:
-        table = Table("program", "cycles", "score", "improvement", "feedback", "active", "canary", "phase",
-                      "score trend", title="Programs", title_justify="left")  # fmt: skip
+        table = Table(Column("program", no_wrap=True), "cycles", "score", "improvement", "feedback", "active",
+                      "canary", "phase", "score trend", title="Programs", title_justify="left")  # fmt: skip
         for p in programs:
             trend = [v for s in series if s.get("metric") == "score" and (s.get("labels") or {}).get("program")
                      == p.get("program") for v in _values(s)]  # fmt: skip
@@ -124,8 +122,8 @@ def render_snapshot(data: dict[str, Any]) -> RenderableType:
 
     models = data.get("models") or []
     if models:
-        table = Table("model", "calls", "failures", "error rate", "p50 ms", "p95 ms", "tokens", "cost", "latency",
-                      title="Models", title_justify="left")  # fmt: skip
+        table = Table(Column("model", no_wrap=True), "calls", "failures", "error rate", "p50 ms", "p95 ms", "tokens",
+                      "cost", "latency", title="Models", title_justify="left")  # fmt: skip
         for m in models:
             latency = [v for s in series if s.get("metric") == "lm_latency" and (s.get("labels") or {}).get("model")
                        == m.get("model") for v in _values(s)]  # fmt: skip
@@ -148,7 +146,8 @@ def render_snapshot(data: dict[str, Any]) -> RenderableType:
         parts.append(Text("queues  " + "  ".join(f"{q['kind']}={q['depth']}" for q in queues)))
 
     if series:
-        table = Table("metric", "labels", "last", "points", "trend", title="Series", title_justify="left")
+        table = Table(Column("metric", no_wrap=True), "labels", "last", "points", "trend", title="Series",
+                      title_justify="left")  # fmt: skip
         for s in series[:_MAX_SERIES_ROWS]:
             unit = f" {s['unit']}" if s.get("unit") else ""
             table.add_row(s.get("metric", ""), _labels(s.get("labels")), _fmt(s.get("last")) + unit,
@@ -173,6 +172,11 @@ def dashboard_command(
     as_json: Annotated[bool, typer.Option("--json", help="print the snapshot as JSON and exit")] = False,
 ) -> None:
     """Live metrics, alerts, programs and models from the dashboard agent (Ctrl-C to stop)."""
+    import anyio
+    from rich.live import Live
+    from rich.panel import Panel
+
+    from bus import DspyrtError
     from runtime import cli  # this command is registered by runtime.cli; use its console and client helpers
 
     async def body(client: Client) -> None:
@@ -181,7 +185,7 @@ def dashboard_command(
             cli.console.print_json(json.dumps(data))
             return
         if once:
-            cli.console.print(render_snapshot(data))
+            cli.print_table(render_snapshot(data))
             return
         with Live(render_snapshot(data), console=cli.console, refresh_per_second=4) as live:
             while True:

@@ -20,19 +20,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
-from bus import DspyrtError, MessageValidationError
-from bus.audit import record_audit
 from runtime.cli_lm_cache import _size
-from runtime.client import Client
-from runtime.dataset_files import STDIN, read_rows
-from runtime.datasets import NAME, DatasetIndex, DatasetManifest, DatasetRef
+
+if TYPE_CHECKING:  # imported by the commands: runtime.cli starts without the bus (NATS)
+    from bus import DspyrtError
+    from runtime.client import Client
+    from runtime.datasets import DatasetIndex, DatasetManifest, DatasetRef
 
 DEPLOY_AGENT = "loop-deploy"
 # How long rm waits for each answer of the deploy agent.
@@ -58,11 +58,11 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 # ------------------------------------------------------------------------------------ shared helpers
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """One line on stderr (never wrapped, no markup read in it), then exit with ``code``."""
-    from runtime.cli import err
+def fail(error: DspyrtError, code: int = 1) -> NoReturn:
+    """``error <code>: <message>`` on stderr, with every field error, in one line; then exit with ``code``."""
+    from runtime.cli import report
 
-    err.print(f"[red]error[/red] {escape(message)}", soft_wrap=True)
+    report(error)
     raise typer.Exit(code)
 
 
@@ -74,6 +74,7 @@ class _Failed:
 def run_with_client(config_file: Path | None, body: Callable[[Client], Awaitable[T]]) -> T:
     """``runtime.cli._with_client``, where an error of the command itself (raised by ``body``) is one line and
     exit code 1; a configuration error or an unreachable NATS stays exit code 2, as for every command."""
+    from bus import DspyrtError
     from runtime.cli import _with_client
 
     async def guarded(client: Client) -> T | _Failed:
@@ -84,7 +85,7 @@ def run_with_client(config_file: Path | None, body: Callable[[Client], Awaitable
 
     outcome = _with_client(config_file, guarded)
     if isinstance(outcome, _Failed):
-        fail(str(outcome.error))
+        fail(outcome.error)
     return outcome
 
 
@@ -112,6 +113,8 @@ def cell(value: Any) -> Text:
 
 
 def _dataset_name(text: str) -> str:
+    from runtime.datasets import NAME
+
     if not NAME.match(text):
         raise typer.BadParameter(f"{text[:80]!r}: a dataset name is 1-80 letters, digits, '_' or '-'")
     return text
@@ -119,16 +122,22 @@ def _dataset_name(text: str) -> str:
 
 def _reference(text: str) -> DatasetRef:
     """``NAME``, ``NAME@VERSION``, or the same with ``dataset:`` in front."""
+    from bus import MessageValidationError
+    from runtime.datasets import DatasetRef
+
     try:
         return DatasetRef.parse(text if text.startswith("dataset:") else f"dataset:{text}")
     except MessageValidationError as exc:
-        raise typer.BadParameter(exc.message) from None
+        raise typer.BadParameter(exc.message, param_hint="'NAME[@VERSION]'") from None
 
 
 def _pinned_reference(text: str) -> DatasetRef:
     ref = _reference(text)
     if not ref.pinned:
-        raise typer.BadParameter(f"say which version: {ref.name}@VERSION (see 'dspyrt datasets show {ref.name}')")
+        raise typer.BadParameter(
+            f"say which version: {ref.name}@VERSION (see 'dspyrt datasets show {ref.name}')",
+            param_hint="'NAME@VERSION'",
+        )
     return ref
 
 
@@ -181,13 +190,15 @@ def put_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Store FILE's rows as a version of NAME and print NAME@VERSION (the same content again: the same version)."""
+    from bus import DspyrtError, MessageValidationError
     from runtime.cli import console
+    from runtime.dataset_files import STDIN, read_rows
 
     source = "<stdin>" if str(file) == STDIN else str(file)
     try:
         rows = read_rows(file)
     except DspyrtError as exc:
-        fail(str(exc))
+        fail(exc)
 
     async def body(client: Client) -> DatasetManifest:
         try:
@@ -205,7 +216,7 @@ def put_command(
 @datasets_app.command("list")
 def list_command(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """Every dataset: its newest version, how many versions, rows, size and when it was stored."""
-    from runtime.cli import console
+    from runtime.cli import console, print_table
 
     async def body(client: Client) -> list[DatasetIndex]:
         return await (await client.datasets()).indexes()
@@ -217,19 +228,19 @@ def list_command(as_json: JsonOption = False, config_file: ConfigOption = None) 
     if not indexes:
         console.print("no datasets (store one with 'dspyrt datasets put NAME FILE')")
         return
-    table = Table("name", "newest version", "versions", "rows", "size", "created")
+    table = Table(Column("name", no_wrap=True), Column("newest version", no_wrap=True), "versions", "rows", "size",
+                  Column("created", no_wrap=True))  # fmt: skip
     for index in indexes:
         latest = index.versions[-1]
         table.add_row(index.name, latest.version, str(len(index.versions)), str(latest.rows), _size(latest.bytes),
                       _when(latest.created_at))  # fmt: skip
-    console.print(table)
+    print_table(table)
 
 
 @datasets_app.command("show")
 def show_command(
-    ref: Annotated[
-        DatasetRef,
-        typer.Argument(parser=_reference, metavar="NAME[@VERSION]", help="a dataset (its newest version) or a version"),
+    reference: Annotated[
+        str, typer.Argument(metavar="NAME[@VERSION]", help="a dataset (its newest version) or a version")
     ],
     head: Annotated[int, typer.Option("--head", min=0, max=MAX_HEAD, help="how many of its first rows to show")] = 5,
     as_json: JsonOption = False,
@@ -237,6 +248,8 @@ def show_command(
 ) -> None:
     """One dataset version: rows, size, fields, where it came from, the name's other versions, and its first rows."""
     from runtime.cli import console
+
+    ref = _reference(reference)  # parsed here: the signature's types must not need runtime.datasets (NATS) at start
 
     async def body(client: Client) -> tuple[DatasetManifest, DatasetIndex | None, list[dict[str, Any]]]:
         store = await client.datasets()
@@ -298,6 +311,8 @@ def _labels(version: dict[str, Any]) -> set[str]:
 async def dataset_uses(client: Client, ref: DatasetRef) -> DatasetUses:
     """Ask ``loop-deploy`` which program versions name ``ref`` among their datasets (its active and canary
     versions, and the others). Raises when it does not answer, or answers something unexpected."""
+    from bus import DspyrtError
+
     uses = DatasetUses()
     listing = await client.call(DEPLOY_AGENT, "list", {}, timeout=DEPLOY_TIMEOUT)
     for listed in listing["programs"]:
@@ -323,9 +338,7 @@ async def dataset_uses(client: Client, ref: DatasetRef) -> DatasetUses:
 
 @datasets_app.command("rm")
 def rm_command(
-    ref: Annotated[
-        DatasetRef, typer.Argument(parser=_pinned_reference, metavar="NAME@VERSION", help="the version to remove")
-    ],
+    reference: Annotated[str, typer.Argument(metavar="NAME@VERSION", help="the version to remove")],
     force: Annotated[
         bool,
         typer.Option(
@@ -339,7 +352,11 @@ def rm_command(
     """Remove one dataset version; refused while a deployed program's active or canary version was built on it.
 
     Tasks already submitted with it (pinned at submit) fail when they read it afterwards."""
+    from bus import DspyrtError
+    from bus.audit import record_audit
     from runtime.cli import console, err
+
+    ref = _pinned_reference(reference)
 
     async def body(client: Client) -> tuple[DatasetManifest, DatasetUses | None]:
         store = await client.datasets()

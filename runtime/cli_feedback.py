@@ -17,14 +17,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from bus import DspyrtError
+if TYPE_CHECKING:  # imported when a command runs: runtime.cli starts without the bus (NATS)
+    from bus import DspyrtError
 
 SERVING_AGENT = "serving"
 _CLIP = 60
@@ -36,16 +37,18 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
-def _fail(message: str) -> typer.Exit:
-    from runtime.cli import err
+def _fail(message: str, code: str = "invalid_input") -> typer.Exit:
+    """``error <code>: <message>`` on stderr, in one line; the Exit (code 1) to raise."""
+    from runtime.cli import print_error
 
-    err.print(f"[red]error[/red] {escape(message)}", soft_wrap=True)
+    print_error(code, message)
     return typer.Exit(1)
 
 
 def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """One request to the serving agent; its error (or a missing agent) is one line and exit code 1."""
-    from runtime.cli import _with_client
+    from bus import DspyrtError
+    from runtime.cli import _with_client, report
     from runtime.client import Client
 
     async def body(client: Client) -> dict[str, Any] | DspyrtError:
@@ -56,7 +59,8 @@ def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], time
 
     result = _with_client(config_file, body)
     if isinstance(result, DspyrtError):
-        raise _fail(str(result))
+        report(result)
+        raise typer.Exit(1)
     return result
 
 
@@ -81,7 +85,7 @@ def predictions_command(
     config_file: ConfigOption = None,
 ) -> None:
     """A program's newest recorded predictions; with --record RATE, set the share of its predictions recorded."""
-    from runtime.cli import console
+    from runtime.cli import console, print_table
 
     if record is not None:
         settings = _call(config_file, "record", {"program": program, "sample_rate": record})
@@ -115,7 +119,7 @@ def predictions_command(
             Text(_clip(p["outputs"])),
             Text(corrected),
         )
-    console.print(table)
+    print_table(table)
     if data.get("truncated"):
         console.print("[yellow]more did not fit in one reply: ask for fewer (--limit)[/yellow]")
 
@@ -124,7 +128,7 @@ def _object(text: str, where: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise _fail(f"{where}: not JSON ({exc})") from None
+        raise _fail(f"{where}: not JSON ({exc})", "invalid_json") from None
     if not isinstance(value, dict):
         raise _fail(f"{where}: a JSON object is needed")
     return value
@@ -142,7 +146,7 @@ def _read_items(pairs: list[str], file: str | None) -> list[dict[str, Any]]:
         try:
             text = sys.stdin.read() if file == "-" else Path(file).read_text()
         except OSError as exc:
-            raise _fail(f"{file}: cannot read it ({exc})") from None
+            raise _fail(f"{file}: cannot read it ({exc.strerror or exc})", "unreadable_file") from None
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue

@@ -18,8 +18,6 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bus import DspyrtError
-
 if TYPE_CHECKING:
     from agents.optimizer_reference import OptimizerDoc
 
@@ -35,14 +33,11 @@ def optimizers_command(as_json: JsonOption = False, config_file: ConfigOption = 
     """Every installed optimizer with its parameters (type, default, constraints); read locally, needs no NATS."""
     from runtime import cli  # this command is registered by runtime.cli; use its console and configuration
 
-    try:
+    with cli.one_line_errors():
         cli._config(config_file)  # first: a bad configuration fails before DSPy is imported
         from agents.optimizer_reference import optimizer_reference
 
         docs = optimizer_reference()
-    except DspyrtError as exc:
-        cli.err.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(2) from None
     if as_json:
         cli.console.print_json(json.dumps({"optimizers": [doc.model_dump(mode="json") for doc in docs]}))
         return

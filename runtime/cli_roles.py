@@ -10,15 +10,12 @@ wherever it likes (``app.add_typer(roles_app, name="roles")``).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
-
-from bus import DspyrtError, RemoteError
+from rich.table import Column, Table
 
 ROLES_AGENT = "roles"
 REFINE_TASK = "refine-role"
@@ -33,40 +30,25 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 
 
 def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """One request to the roles agent; its error reply is printed with its field errors (exit code 2)."""
+    """One request to the roles agent; its error reply is one line with every field error (exit code 2)."""
     from runtime.cli import _with_client
     from runtime.client import Client
 
     async def body(client: Client) -> dict[str, Any]:
-        try:
-            return await client.call(ROLES_AGENT, endpoint, payload, timeout=timeout)
-        except RemoteError as exc:
-            _print_field_errors(exc.field_errors)
-            raise
+        return await client.call(ROLES_AGENT, endpoint, payload, timeout=timeout)
 
     return _with_client(config_file, body)
 
 
-def _print_field_errors(field_errors: list[Any]) -> None:
-    from runtime.cli import err
-
-    for fe in field_errors:
-        loc, message = (fe.loc, fe.message) if hasattr(fe, "loc") else (fe.get("loc"), fe.get("message"))
-        err.print(f"  [red]✗[/red] {loc}: {message}")
-
-
 def _read_role_file(source: str) -> dict[str, Any]:
     """A role definition (JSON object), or ``{"role": {...}, "target_context": ...}``; ``-`` reads stdin."""
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
-    except OSError as exc:
-        raise DspyrtError(f"{source}: cannot read it ({exc})", code="invalid_message") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise DspyrtError(f"{source}: not JSON ({exc})", code="invalid_message") from exc
+    from bus import DspyrtError
+    from runtime.cli import _json_type, _parse_json, _read_text
+
+    where = "stdin" if source == "-" else source
+    data = _parse_json(_read_text(source, "role file"), where)
     if not isinstance(data, dict):
-        raise DspyrtError(f"{source}: a role file holds a JSON object", code="invalid_message")
+        raise DspyrtError(f"{where}: a role file holds a JSON object, not {_json_type(data)}", code="invalid_input")
     return data if isinstance(data.get("role"), dict) else {"role": data}
 
 
@@ -77,17 +59,18 @@ def _label(pointer: dict[str, Any]) -> str:
 @roles_app.command("list")
 def roles_list(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """Every stored role with its latest version and score."""
-    from runtime.cli import console
+    from runtime.cli import console, print_table
 
     data = _call(config_file, "list", {})
     if as_json:
         console.print_json(json.dumps(data))
         return
-    table = Table("role", "latest", "type", "target context", "score", "updated")
+    table = Table(Column("role", no_wrap=True), "latest", "type", "target context", "score",
+                  Column("updated", no_wrap=True))  # fmt: skip
     for p in data["roles"]:
         updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["updated_at"]))
         table.add_row(p["name"], _label(p), p["role_type"], p["target_context"], f"{p['score']:.2f}", updated)
-    console.print(table)
+    print_table(table)
     if not data["roles"]:
         console.print("[yellow]no roles stored yet[/yellow] (dspyrt roles refine FILE)")
 
@@ -129,35 +112,29 @@ def roles_refine(
     config_file: ConfigOption = None,
 ) -> None:
     """Refine a role for a target context, as a durable refine-role task; store it as the role's next version."""
-    from runtime.cli import _with_client, console, err
+    from runtime.cli import _with_client, console, one_line_errors, print_error
     from runtime.client import Client
 
-    try:
+    with one_line_errors():
         payload = _read_role_file(file)
-    except DspyrtError as exc:
-        err.print(f"[red]error[/red] {exc}")
-        raise typer.Exit(2) from None
     if context is not None:
         payload["target_context"] = context
     payload |= {"use_lm": not no_lm, "save": not dry_run} | ({"model": model} if model else {})
 
     async def body(client: Client) -> dict[str, Any]:
         # The role is checked first: a bad definition fails at once, with its field errors, and no task.
-        try:
-            await client.call(ROLES_AGENT, "check", {"role": payload["role"]})
-        except RemoteError as exc:
-            _print_field_errors(exc.field_errors)
-            raise
+        await client.call(ROLES_AGENT, "check", {"role": payload["role"]})
         record = await client.run(REFINE_TASK, payload, timeout=timeout)
         return record.model_dump(mode="json")
 
     record = _with_client(config_file, body)
     if record["status"] != "succeeded":
         error = record.get("error") or {}
-        err.print(
-            f"[red]refine-role task {record['id']} {record['status']}[/red] {error.get('code')}: {error.get('message')}"
+        print_error(
+            str(error.get("code")),
+            f"refine-role task {record['id']} {record['status']}: {error.get('message')}",
+            error.get("field_errors") or [],
         )
-        _print_field_errors(error.get("field_errors") or [])
         raise typer.Exit(1)
     result = record["result"]
     if as_json:

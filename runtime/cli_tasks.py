@@ -19,20 +19,20 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
 import typer
-from pydantic import ValidationError
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
-from bus import DspyrtError, NotFoundError, TaskRecord, TaskStatus
-from bus.claims import ClaimStore, ObjectRef
 from runtime.cli_datasets import cell, clip, plural, run_with_client
 from runtime.cli_lm_cache import _size
-from runtime.client import Client
+
+if TYPE_CHECKING:  # the bus is imported by the commands: runtime.cli starts without it (NATS)
+    from bus import TaskRecord
+    from bus.claims import ObjectRef
+    from runtime.client import Client
 
 DEFAULT_EXAMPLES = 20
 # Lists longer than this are shown as their length in a result's summary (--json has them whole).
@@ -44,6 +44,7 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+WideOption = Annotated[bool, typer.Option("--wide", help="the table at its full width: one line per task")]
 
 
 class Phase(StrEnum):
@@ -69,24 +70,31 @@ def tasks_command(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option(help="how many")] = 20,
     as_json: JsonOption = False,
+    wide: WideOption = False,
     config_file: ConfigOption = None,
 ) -> None:
-    """Recent tasks and their status; 'dspyrt tasks show ID' for one of them."""
+    """Recent tasks and their status; 'dspyrt tasks show ID' for one of them (ID: the id, or a unique prefix)."""
     if ctx.invoked_subcommand is not None:
         ctx.obj = _GroupOptions(config_file, as_json)
         return
-    from runtime.cli import _with_client, console
+    from runtime.cli import _with_client, console, listing, print_table
 
     async def body(client: Client) -> None:
         records = await client.tasks(limit)
         if as_json:
             console.print_json(json.dumps([r.model_dump(mode="json", exclude={"result"}) for r in records]))
             return
-        table = Table("id", "kind", "status", "attempts", "updated", "error")
+        if not records:
+            console.print("no tasks yet (submit one: dspyrt submit KIND FILE)")
+            return
+        # The id is what `tasks show`, `traces` and `dlq --replay` take: never cut (nor a kind or a status).
+        table = listing(Column("id", no_wrap=True), Column("kind", no_wrap=True), Column("status", no_wrap=True),
+                        Column("tries", justify="right", no_wrap=True), Column("updated", no_wrap=True),
+                        "error")  # fmt: skip
         for r in records:
             updated = time.strftime("%H:%M:%S", time.localtime(r.updated_at))
             table.add_row(r.id, r.kind, r.status.value, str(r.attempts), updated, r.error.code if r.error else "")
-        console.print(table)
+        print_table(table, wide=wide)
 
     _with_client(config_file, body)
 
@@ -96,7 +104,10 @@ def tasks_command(
 
 async def stored_record(client: Client, task_id: str) -> TaskRecord:
     """The record as stored (a claim-checked result stays in the object store); through the gateway, what it
-    shows."""
+    shows. ``task_id`` may be a unique prefix of the id (``Client.resolve_task_id``)."""
+    from bus import NotFoundError
+
+    task_id = await client.resolve_task_id(task_id)
     if client.gateway is not None:
         return await client.task(task_id)
     record = await client.store.get(task_id)
@@ -108,7 +119,7 @@ async def stored_record(client: Client, task_id: str) -> TaskRecord:
 @tasks_app.command("show")
 def show_command(
     ctx: typer.Context,
-    task_id: Annotated[str, typer.Argument(metavar="ID", help="the task's id")],
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="the task's id, or a unique prefix of it")],
     examples: Annotated[
         bool, typer.Option("--examples", help="page the per-example results of an evaluate task or a cycle")
     ] = False,
@@ -142,7 +153,8 @@ def show_command(
 
 
 def _print_record(record: TaskRecord) -> None:
-    from runtime.cli import console
+    from bus import TaskStatus
+    from runtime.cli import console, error_line
 
     colour = {"succeeded": "green", "failed": "red", "dead": "red"}.get(record.status.value, "yellow")
     console.print(
@@ -159,7 +171,8 @@ def _print_record(record: TaskRecord) -> None:
     if record.trace_id:
         facts.add_row("  trace", record.trace_id)
     if record.error:
-        facts.add_row("  error", Text(f"{record.error.code}: {record.error.message}"))
+        error = record.error
+        facts.add_row("  error", Text(error_line(error.code, error.message, error.field_errors)))
     if record.result_ref is not None:
         ref = record.result_ref
         kept = "its summary below" if record.result is not None else "no summary kept in the record"
@@ -266,6 +279,8 @@ class ExamplesPage:
 
 def evaluation_of(record: TaskRecord, result: Any, phase: Phase | None) -> tuple[dict[str, Any], str]:
     """The evaluation a task's (whole) result holds, and what it is, for ``--examples``."""
+    from bus import DspyrtError, TaskStatus
+
     if record.status is not TaskStatus.SUCCEEDED:
         error = f" ({record.error.code}: {record.error.message})" if record.error else ""
         raise DspyrtError(f"task {record.id} is {record.status.value}{error}: it has no results", code="no_results")
@@ -290,6 +305,12 @@ async def examples_page(client: Client, evaluation: dict[str, Any], offset: int,
     """Per-example results ``[offset, offset + limit)`` of an evaluation: inline, or from the claim-checked JSON
     Lines object (downloaded to a temporary file and checked against its sha256; only the page's lines are
     parsed)."""
+    import anyio
+    from pydantic import ValidationError
+
+    from bus import DspyrtError
+    from bus.claims import ClaimStore, ObjectRef
+
     raw_ref = evaluation.get("results_ref")
     if raw_ref:
         try:
@@ -317,6 +338,8 @@ async def examples_page(client: Client, evaluation: dict[str, Any], offset: int,
 
 def _page_of_file(path: Path, ref: ObjectRef, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
     """Lines ``[offset, offset + limit)`` of a downloaded JSON Lines object, parsed, and how many lines it has."""
+    from bus import DspyrtError
+
     rows: list[dict[str, Any]] = []
     total = 0
     with path.open("rb") as source:
@@ -338,12 +361,12 @@ def _show_examples(
 ) -> None:
     from runtime.cli import console
 
-    async def body(client: Client) -> ExamplesPage:
+    async def body(client: Client) -> tuple[ExamplesPage, str]:
         record = await stored_record(client, task_id)
         evaluation, what = evaluation_of(record, await client.full_result(record), phase)
-        return await examples_page(client, evaluation, offset, limit, what)
+        return await examples_page(client, evaluation, offset, limit, what), record.id
 
-    page = run_with_client(config_file, body)
+    page, full_id = run_with_client(config_file, body)
     if as_json:
         console.print_json(json.dumps(page.rows))
         return
@@ -370,4 +393,4 @@ def _show_examples(
         more = (f" --limit {limit}" if limit != DEFAULT_EXAMPLES else "") + (
             f" --phase {phase.value}" if phase is not None else ""
         )
-        console.print(Text(f"next page: dspyrt tasks show {task_id} --examples --offset {last}{more}"), soft_wrap=True)
+        console.print(Text(f"next page: dspyrt tasks show {full_id} --examples --offset {last}{more}"), soft_wrap=True)

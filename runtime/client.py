@@ -14,7 +14,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -36,14 +36,18 @@ from bus import (
 from bus.events import follow_events
 from bus.messages import CLIENT_HEADER, encode
 from bus.streams import read_tail
-from bus.tasks import Submission, TaskKinds, load_result, replay_dead_letter
+from bus.tasks import Submission, TaskKinds, load_result, pick_task_id, replay_dead_letter
 from runtime.config import IntegrationConfig
-from runtime.datasets import DatasetManifest, DatasetStore, has_references, pin_references, with_dataset_hint
-from runtime.gateway import GatewayTasks
+
+if TYPE_CHECKING:  # imported where used: a CLI command that needs neither starts faster without them
+    from runtime.datasets import DatasetManifest, DatasetStore
+    from runtime.gateway import GatewayTasks
 
 R = TypeVar("R", bound=BaseModel)
 
 SYSTEM_FILE = "system.json"
+# Through the gateway a task id prefix is looked up among the client's newest tasks, this many (its list's maximum).
+GATEWAY_PREFIX_SCAN = 1000
 
 
 class Client:
@@ -123,6 +127,8 @@ class Client:
         If a submit fails (an exception, say while the server restarts), submit the same ``task_id`` again: a task
         that was recorded but never queued is queued then, and one that was queued is not run twice.
         """
+        from runtime.datasets import has_references, pin_references, with_dataset_hint
+
         payload = input.model_dump(mode="json") if isinstance(input, BaseModel) else input
         try:
             if self.gateway is not None:  # the gateway checks the kind and datasets (and which kinds clients submit)
@@ -144,6 +150,8 @@ class Client:
 
     async def datasets(self) -> DatasetStore:
         """The deployment's datasets (needs JetStream access: not through the gateway)."""
+        from runtime.datasets import DatasetStore
+
         if self._datasets is None:
             if self._store is None:
                 raise DspyrtError(
@@ -191,6 +199,23 @@ class Client:
             raise NotFoundError(f"no task with id {task_id}")
         return await self._with_full_result(record)
 
+    async def resolve_task_id(self, prefix: str) -> str:
+        """The full id of the one task whose id is ``prefix`` or starts with it (see :func:`resolve_task_id`)."""
+        if self.gateway is None:
+            return await self.store.resolve_id(prefix)
+        try:
+            return (await self.gateway.task(prefix)).id
+        except DspyrtError as exc:
+            if exc.code != "not_found":
+                raise
+        # The gateway answers about this user's tasks only: look among the newest of them.
+        candidates = [r.id for r in await self.gateway.tasks(GATEWAY_PREFIX_SCAN) if r.id.startswith(prefix)]
+        if not candidates:
+            raise NotFoundError(
+                f"no task with id {prefix}, nor one whose id starts with it among your newest {GATEWAY_PREFIX_SCAN}"
+            )
+        return pick_task_id(prefix, candidates)
+
     async def tasks(self, limit: int = 50) -> list[TaskRecord]:
         if self.gateway is not None:
             return await self.gateway.tasks(limit)
@@ -223,6 +248,19 @@ class Client:
         except Exception:
             return 0
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+async def resolve_task_id(source: Client | TaskStore, prefix: str) -> str:
+    """The full id of the one task whose id is ``prefix`` or starts with it, as git takes an abbreviated commit.
+
+    An exact id wins. No match: :class:`~bus.errors.NotFoundError`; several: ``DspyrtError`` with code
+    ``ambiguous_id`` naming the candidates. From a :class:`~bus.tasks.TaskStore` (one listing of the task bucket's
+    keys), or a :class:`Client` (through the gateway: among the user's newest tasks). Commands that take a task id
+    to read (``tasks show``, ``traces``, ``dlq --replay``) call it; ``submit --id`` takes its id as it is.
+    """
+    if isinstance(source, TaskStore):
+        return await source.resolve_id(prefix)
+    return await source.resolve_task_id(prefix)
 
 
 def system_file(config: IntegrationConfig) -> Path:
@@ -262,6 +300,8 @@ async def connect_client(
         if create_streams:
             await ensure_streams(bus, config.stream_layout)
         if config.client_gateway:
+            from runtime.gateway import GatewayTasks
+
             if not config.nats_user:
                 raise ConfigurationError("client_gateway needs nats_user: the gateway answers about that user's tasks")
             headers = {CLIENT_HEADER: identity} if identity else None
