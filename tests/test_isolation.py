@@ -293,3 +293,30 @@ async def test_the_cli_of_a_client_user_goes_through_the_gateway(tenants: Secure
         assert listed.returncode == 0, listed.stderr.decode()
         assert [r["id"] for r in json.loads(listed.stdout)] == [record["id"]]
     assert len(violations_of(tenants, "team-b")) == before
+
+
+async def test_the_gateway_pins_dataset_references_for_its_clients(tenants: SecuredServer, tmp_path: Path) -> None:
+    """A client names a dataset the operator put; the gateway pins it (reading the datasets under its own
+    permissions) or refuses a missing one at submit. The client itself has no JetStream access."""
+    from runtime.client import Client
+    from runtime.datasets import DatasetStore
+
+    admin = tenants.config("admin", tmp_path / "admin")
+    async with Bus(admin.connection_options(name="admin"), admin.subjects) as admin_bus:
+        await ensure_streams(admin_bus)
+        manifest = await (await DatasetStore.open(admin_bus)).put("shared-texts", [{"text": "one two"}])
+    before = len(violations_of(tenants, "gateway"))
+    config = tenant_config(tenants, "client", tmp_path / "a")
+    async with gateway_system(tenants, tmp_path), Bus(config.connection_options(name="a"), config.subjects) as bus:
+        client = Client(bus, None, gateway=GatewayTasks(bus, "client"))
+        with pytest.raises(RemoteError) as missing:
+            await client.submit("wordcount", {"text": "dataset:no-such-texts"})
+        assert missing.value.code == "dataset_not_found" and "dspyrt datasets put" in missing.value.message
+        submitted = await client.submit("wordcount", {"text": "dataset:shared-texts"})
+        record = await client.result(submitted.task_id, timeout=30)
+        # wordcount counts the words of what it received: the reference, pinned to the version put above
+        assert record.status is TaskStatus.SUCCEEDED
+        assert record.result["top"] == [[f"dataset:shared-texts@{manifest.version}", 1]]
+        with pytest.raises(Exception, match="gateway"):
+            await client.put_dataset("mine", [{"text": "x"}])  # no JetStream access: said, not attempted
+    assert len(violations_of(tenants, "gateway")) == before
