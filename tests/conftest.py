@@ -96,3 +96,9 @@ def processes() -> Iterator[list[AgentProcess]]:
     finally:
         for process in started:
             process.stop()
+
+
+@pytest.fixture
+def loop_config(config: IntegrationConfig) -> IntegrationConfig:
+    """The test's configuration without automatic validation (loop tests that do not exercise the validators)."""
+    return config.model_copy(update={"auto_validate": False})

@@ -220,3 +220,14 @@ async def echoing_provider() -> AsyncIterator[str]:
         tg.start_soon(listener.serve, answer)
         yield f"http://127.0.0.1:{port}/v1"
         tg.cancel_scope.cancel()
+
+
+CYCLE = json.loads((ROOT / "examples" / "cycle.json").read_text())["input"]
+
+
+def cycle(**changes: Any) -> dict[str, Any]:
+    """examples/cycle.json's input with ``changes``, and no required validators (unless the changes add some)."""
+    data = {**CYCLE, **changes}
+    data["objectives"] = {**CYCLE["objectives"], "required_validators": []}
+    data["objectives"].update(changes.get("objectives", {}))
+    return data

@@ -44,7 +44,7 @@ from bus.streams import key_value
 from runtime.config import IntegrationConfig
 from runtime.datasets import DatasetStore
 from runtime.registry import available_agents
-from tests.helpers import serving
+from tests.helpers import cycle, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 CYCLE = json.loads((ROOT / "examples" / "cycle.json").read_text())["input"]
@@ -78,18 +78,6 @@ def trained_program() -> dict[str, Any]:
 def evaluation(devset: Any, **changes: Any) -> dict[str, Any]:
     job = {"program": trained_program(), "devset": devset, "model": MODEL, "shard_size": 25}
     return {**job, **changes}
-
-
-def cycle(**changes: Any) -> dict[str, Any]:
-    data = {**CYCLE, **changes}
-    data["objectives"] = {**CYCLE["objectives"], "required_validators": []}
-    data["objectives"].update(changes.get("objectives", {}))
-    return data
-
-
-@pytest.fixture
-def loop_config(config: IntegrationConfig) -> IntegrationConfig:
-    return config.model_copy(update={"auto_validate": False})
 
 
 # ------------------------------------------------------------------------------- merging, no bus

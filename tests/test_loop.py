@@ -27,7 +27,7 @@ from runtime.client import Client
 from runtime.config import IntegrationConfig
 from runtime.registry import available_agents
 from runtime.system import collect_status
-from tests.helpers import serving, wait_until
+from tests.helpers import cycle, serving, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CYCLE = json.loads((ROOT / "examples" / "cycle.json").read_text())["input"]
@@ -47,18 +47,6 @@ faults = { latency = { kind = "fixed", seconds = 0.1 } }
 def agents(*names: str) -> list[Any]:
     known = available_agents()
     return [known[n] for n in names]
-
-
-def cycle(**changes: Any) -> dict[str, Any]:
-    data = {**CYCLE, **changes}
-    data["objectives"] = {**CYCLE["objectives"], "required_validators": []}
-    data["objectives"].update(changes.get("objectives", {}))
-    return data
-
-
-@pytest.fixture
-def loop_config(config: IntegrationConfig) -> IntegrationConfig:
-    return config.model_copy(update={"auto_validate": False})
 
 
 async def predict(client: Client, text: str, version: int | None = None) -> PredictReply:
