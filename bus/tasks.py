@@ -574,11 +574,10 @@ async def wait_for_task(
             await sub.unsubscribe()
 
 
-async def load_result(bus: Bus, record: TaskRecord) -> Any:
+async def load_result(claims: ClaimStore, record: TaskRecord) -> Any:
     """The task's whole result: ``record.result``, or the claim-checked object its ``result_ref`` names."""
     if record.result_ref is None:
         return record.result
-    claims = await ClaimStore.open(bus)
     return json.loads(await claims.get(record.result_ref))
 
 

@@ -40,6 +40,7 @@ from bus.tasks import Submission, TaskKinds, load_result, pick_task_id, replay_d
 from runtime.config import IntegrationConfig
 
 if TYPE_CHECKING:  # imported where used: a CLI command that needs neither starts faster without them
+    from bus.claims import ClaimStore
     from runtime.datasets import DatasetManifest, DatasetStore
     from runtime.gateway import GatewayTasks
 
@@ -68,6 +69,7 @@ class Client:
         self.identity = identity
         self.kinds = TaskKinds(bus)  # served kinds, remembered briefly between submits
         self._datasets: DatasetStore | None = None
+        self._claims: ClaimStore | None = None
 
     @property
     def store(self) -> TaskStore:
@@ -172,7 +174,11 @@ class Client:
         through the gateway, the record's summary is what a client sees."""
         if record.result_ref is None or self.gateway is not None:
             return record.result
-        return await load_result(self.bus, record)
+        if self._claims is None:  # opened once: every claim-checked result of this client is read through it
+            from bus.claims import ClaimStore
+
+            self._claims = await ClaimStore.open(self.bus)
+        return await load_result(self._claims, record)
 
     async def result(self, task_id: str, *, timeout: float | None = None, kind: str | None = None) -> TaskRecord:
         """Wait until the task ends. Pass its ``kind`` when known (an agent waiting for a task it submitted: its

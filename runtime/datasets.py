@@ -139,6 +139,11 @@ def references_in(value: Any) -> list[DatasetRef]:
 
 def canonical_row(row: Any, number: int) -> str:
     """One row as canonical JSON (sorted keys, no spaces), checked; ``number`` is 1-based, for the error."""
+    return _checked_row(row, number)[0]
+
+
+def _checked_row(row: Any, number: int) -> tuple[str, Mapping[str, Any]]:
+    """The row as canonical JSON, and as the mapping it was checked as."""
     if hasattr(row, "toDict") and callable(row.toDict):  # a dspy.Example (no DSPy import here)
         row = row.toDict()
     if not isinstance(row, Mapping):
@@ -155,7 +160,7 @@ def canonical_row(row: Any, number: int) -> str:
         raise RowError(number, bad, f"holds a value that is not JSON ({exc})") from exc
     if len(text.encode()) > MAX_ROW_BYTES:
         raise RowError(number, None, f"is {len(text.encode())} bytes, over the limit of {MAX_ROW_BYTES} per row")
-    return text
+    return text, row
 
 
 def _jsonable(value: Any) -> bool:
@@ -176,18 +181,22 @@ class RowError(MessageValidationError):
         self.field = field
 
 
-def canonical_rows(rows: Iterable[Any]) -> list[str]:
-    """Every row as canonical JSON; a :class:`MessageValidationError` lists the bad rows (up to
-    ``MAX_ROW_ERRORS``), each with its 1-based number and field."""
+def canonical_rows(rows: Iterable[Any]) -> tuple[list[str], set[str]]:
+    """Every row as canonical JSON, and every field name some row has; a :class:`MessageValidationError` lists the
+    bad rows (up to ``MAX_ROW_ERRORS``), each with its 1-based number and field."""
     lines: list[str] = []
+    fields: set[str] = set()
     errors: list[RowError] = []
     for number, row in enumerate(rows, start=1):
         try:
-            lines.append(canonical_row(row, number))
+            text, checked = _checked_row(row, number)
         except RowError as exc:
             errors.append(exc)
             if len(errors) >= MAX_ROW_ERRORS:
                 break
+        else:
+            lines.append(text)
+            fields.update(checked)
         if number > MAX_ROWS:
             raise MessageValidationError(f"more than {MAX_ROWS} rows: split the dataset")
     if errors:
@@ -198,7 +207,7 @@ def canonical_rows(rows: Iterable[Any]) -> list[str]:
         )
     if not lines:
         raise MessageValidationError("a dataset needs at least one row")
-    return lines
+    return lines, fields
 
 
 def content_version(lines: list[str]) -> str:
@@ -306,18 +315,19 @@ class DatasetStore:
         was not already."""
         if not NAME.match(name):
             raise MessageValidationError(f"dataset name {name[:80]!r}: use 1-80 letters, digits, '_' or '-'")
-        lines = canonical_rows(rows)
+        lines, fields = canonical_rows(rows)
         ref = DatasetRef(name, content_version(lines))
         try:
             manifest = await self.manifest(ref)
         except DatasetNotFoundError:
-            manifest = await self._write(ref, lines, source)
+            manifest = await self._write(ref, lines, fields, source)
         await self._add_to_index(manifest)
         return manifest
 
-    async def _write(self, ref: DatasetRef, lines: list[str], source: str | None) -> DatasetManifest:
+    async def _write(
+        self, ref: DatasetRef, lines: list[str], fields: set[str], source: str | None
+    ) -> DatasetManifest:
         parts: list[DatasetPart] = []
-        fields: set[str] = set()
         total = 0
         chunk: list[str] = []
         chunk_bytes = 0
@@ -340,7 +350,6 @@ class DatasetStore:
             chunk.append(line)
             chunk_bytes += size
             total += size
-            fields.update(json.loads(line))
         if chunk:
             await flush()
         manifest = DatasetManifest(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bus import Bus, Message, MessageValidationError, PayloadTooLargeError, TaskStatus
+from bus import Bus, DspyrtError, Message, MessageValidationError, PayloadTooLargeError, TaskStatus
 from bus.claims import ClaimStore
 from runtime.agent import Agent, TaskContext, task
 from runtime.client import Client
@@ -115,3 +115,13 @@ async def test_an_input_too_large_to_send_says_to_use_a_dataset(config, client: 
     async with serving(config, [BigResultAgent]):
         with pytest.raises(PayloadTooLargeError, match="dspyrt datasets put"):
             await client.submit("big-result", {"n": 1, "pad": "x" * 2_000_000})
+
+
+async def test_a_part_replaced_behind_the_manifest_is_refused(bus: Bus) -> None:
+    store = await DatasetStore.open(bus)
+    manifest = await store.put("tampered", rows(10))
+    await store.objects.put(manifest.parts[0].name, b'{"text": "poisoned", "label": "odd"}\n')
+    reader = await DatasetStore.open(bus)
+    with pytest.raises(DspyrtError) as refused:
+        await reader.rows(manifest.ref)
+    assert refused.value.code == "corrupt_dataset"

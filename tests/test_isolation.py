@@ -320,3 +320,31 @@ async def test_the_gateway_pins_dataset_references_for_its_clients(tenants: Secu
         with pytest.raises(Exception, match="gateway"):
             await client.put_dataset("mine", [{"text": "x"}])  # no JetStream access: said, not attempted
     assert len(violations_of(tenants, "gateway")) == before
+
+
+async def test_an_agent_that_only_reads_datasets_cannot_write_one(tenants: SecuredServer, tmp_path: Path) -> None:
+    """The evaluator reads dataset parts; under the deploy's permissions it cannot put a version (nor move a name's
+    newest version), so a compromised evaluator cannot change what the next cycle trains on."""
+    from runtime.datasets import DatasetStore
+
+    admin = tenants.config("admin", tmp_path / "admin")
+    async with Bus(admin.connection_options(name="admin"), admin.subjects) as admin_bus:
+        await ensure_streams(admin_bus)
+        store = await DatasetStore.open(admin_bus)
+        honest = await store.put("guarded-texts", [{"text": "the real rows"}])
+    config = tenants.config("evaluator", tmp_path / "evaluator")
+    async with Bus(config.connection_options(name="evaluator"), config.subjects) as bus:
+        reader = await DatasetStore.open(bus)
+        assert await reader.rows("dataset:guarded-texts") == [{"text": "the real rows"}]
+        with anyio.fail_after(30), pytest.raises(Exception):  # noqa: B017 (refused by the server, as a timeout)
+            await reader.put("guarded-texts", [{"text": "poisoned rows"}])
+    await wait_until(
+        lambda: any("datasets" in v.lower() for v in violations_of(tenants, "evaluator")),
+        timeout=5,
+        what="the server refused the evaluator's write",
+    )
+    async with Bus(admin.connection_options(name="admin"), admin.subjects) as admin_bus:
+        store = await DatasetStore.open(admin_bus)
+        assert await store.resolve("dataset:guarded-texts") == honest.ref
+        [index] = [i for i in await store.indexes() if i.name == "guarded-texts"]
+        assert [v.version for v in index.versions] == [honest.version]
