@@ -42,8 +42,16 @@ setup-test: $(VENV)/.installed-test
 run: setup
 	$(BIN)/dspyrt up --example $(EXAMPLE)
 
+# mypy cannot follow setuptools' editable import hook (dspyrt.bus -> bus/), so it reads the package through links
+# laid out as the wheel installs it (pyproject.toml: [tool.mypy] mypy_path).
+TYPECHECK_TREE := .dspyrt/typecheck/dspyrt
+$(TYPECHECK_TREE):
+	mkdir -p $@
+	for folder in bus runtime agents; do ln -sfn ../../../$$folder $@/$$folder; done
+	ln -sfn ../../../dspyrt/__init__.py $@/__init__.py
+
 ## test: lint, type-check and run the test suite against real nats-servers
-test: setup-test
+test: setup-test | $(TYPECHECK_TREE)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q

@@ -9,9 +9,9 @@ from typing import Any
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from agents.optimizers import ArtifactRef
-from bus import Bus, DspyrtError, NotFoundError, StreamLayout
-from bus.streams import object_store
+from dspyrt.agents.optimizers import ArtifactRef
+from dspyrt.bus import Bus, DspyrtError, NotFoundError, StreamLayout
+from dspyrt.bus.streams import object_store
 
 ARTIFACT_FORMAT = "dspyrt.program/1"
 STORE_NAME = "artifacts"

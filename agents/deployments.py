@@ -21,8 +21,8 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
-from bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
-from bus.streams import key_value, kv_keys
+from dspyrt.bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
+from dspyrt.bus.streams import key_value, kv_keys
 
 
 class DeployedVersion(Message):

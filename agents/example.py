@@ -10,8 +10,8 @@ from collections import Counter
 
 from pydantic import Field
 
-from bus import Message
-from runtime.agent import Agent, TaskContext, endpoint, task
+from dspyrt.bus import Message
+from dspyrt.runtime.agent import Agent, TaskContext, endpoint, task
 
 
 class EchoRequest(Message):

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from dspy.evaluate.metrics import f1_score, normalize_text
 
-from bus.errors import ConfigurationError, NotFoundError
+from dspyrt.bus.errors import ConfigurationError, NotFoundError
 
 ENTRY_POINT_GROUP = "dspyrt.metrics"
 

@@ -22,9 +22,9 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
-from agents.artifacts import ArtifactStore
-from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
-from agents.optimizers import (
+from dspyrt.agents.artifacts import ArtifactStore
+from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
+from dspyrt.agents.optimizers import (
     ArtifactRef,
     DSPyOptimizerManager,
     OptimizationRequest,
@@ -32,11 +32,11 @@ from agents.optimizers import (
     RunOutcome,
     state_sha256,
 )
-from agents.switcher_core import Selection, SelectRequest
-from bus import Empty, Message
-from bus.streams import key_value
-from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
-from runtime.datasets import DatasetStore, load_fields, pin_fields
+from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.bus import Empty, Message
+from dspyrt.bus.streams import key_value
+from dspyrt.runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
+from dspyrt.runtime.datasets import DatasetStore, load_fields, pin_fields
 
 ACTIVE_KEY = "active"
 EXAMPLE_FIELDS = ("trainset", "valset")

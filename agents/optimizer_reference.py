@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from agents.optimizers import OptimizerFactory
+from dspyrt.agents.optimizers import OptimizerFactory
 
 __all__ = ["OptimizerDoc", "ParameterDoc", "optimizer_reference", "params_model_of", "reference_markdown"]
 
@@ -68,8 +68,8 @@ class OptimizerDoc(BaseModel):
 def optimizer_reference(optimizers: Mapping[str, OptimizerFactory] | None = None) -> list[OptimizerDoc]:
     """Every optimizer of ``optimizers`` (default: the installed ones, as the optimizer agent sees them)."""
     if optimizers is None:
-        from agents.metrics import MetricRegistry
-        from agents.optimizers import DSPyOptimizerManager
+        from dspyrt.agents.metrics import MetricRegistry
+        from dspyrt.agents.optimizers import DSPyOptimizerManager
 
         # The manager's own list (built-ins, then entry points it does not shadow); an empty metric registry so
         # that listing optimizers does not also load every metric plugin.

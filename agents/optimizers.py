@@ -1,5 +1,5 @@
 """The guide's optimizers in plain Python: ``DSPyOptimizerManager``, ``LabeledFewShotOptimizer``,
-``OptimizationResult``. ``agents.optimizer`` puts the manager on the bus as the durable ``optimize`` task.
+``OptimizationResult``. ``dspyrt.agents.optimizer`` puts the manager on the bus as the durable ``optimize`` task.
 
 Every optimizer is DSPy's own (LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2,
 COPRO, SIMBA, GEPA); third-party ones come from the entry-point group ``dspyrt.optimizers``. Parameters are
@@ -26,13 +26,13 @@ import dspy
 from dspy.utils.callback import BaseCallback
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.lm.bus_engine import BudgetExhaustedError, UsageMeter, program_context
-from agents.metrics import Metric, MetricRegistry
-from agents.programs import ProgramSpec, build_program, dump_program_state, parse_program_spec, program_hash
-from agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
-from bus import ConfigurationError, FieldError, Message, MessageValidationError, NotFoundError, RemoteError
-from bus.messages import MAX_FIELD_ERRORS, clip, field_errors_of
-from runtime.datasets import Examples, references_in
+from dspyrt.agents.lm.bus_engine import BudgetExhaustedError, UsageMeter, program_context
+from dspyrt.agents.metrics import Metric, MetricRegistry
+from dspyrt.agents.programs import ProgramSpec, build_program, dump_program_state, parse_program_spec, program_hash
+from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
+from dspyrt.bus import ConfigurationError, FieldError, Message, MessageValidationError, NotFoundError, RemoteError
+from dspyrt.bus.messages import MAX_FIELD_ERRORS, clip, field_errors_of
+from dspyrt.runtime.datasets import Examples, references_in
 
 ENTRY_POINT_GROUP = "dspyrt.optimizers"
 DEFAULT_OPTIMIZER = "labeled_fewshot"
@@ -757,7 +757,7 @@ def _check_run(meter: UsageMeter) -> None:
 
 
 def _score(program: Any, devset: list[Any], metric: Metric, num_threads: int, meter: UsageMeter, lm: Any) -> Score:
-    """The percent of the metric over the answered examples (``agents.scoring``: a failed call is not a 0)."""
+    """The percent of the metric over the answered examples (``dspyrt.agents.scoring``: a failed call is not a 0)."""
     results = evaluate_examples(program, devset, 0, metric, lm, num_threads)
     _check_run(meter)
     return summarize(results)

@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, get_args, runtime_checkable
 import dspy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bus.errors import ConfigurationError, FieldError, MessageValidationError, NotFoundError
+from dspyrt.bus.errors import ConfigurationError, FieldError, MessageValidationError, NotFoundError
 
 ENTRY_POINT_GROUP = "dspyrt.programs"
 

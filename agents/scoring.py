@@ -22,10 +22,10 @@ from typing import Any
 
 from pydantic import Field
 
-from agents.lm.bus_engine import program_context
-from agents.lm.errors import TRANSIENT_CALL_CODES, ProviderUnreliableError, project_error
-from agents.metrics import Metric
-from bus import Message
+from dspyrt.agents.lm.bus_engine import program_context
+from dspyrt.agents.lm.errors import TRANSIENT_CALL_CODES, ProviderUnreliableError, project_error
+from dspyrt.agents.metrics import Metric
+from dspyrt.bus import Message
 
 # An evaluation or optimization whose failed LM calls pass this share fails with provider_unreliable.
 DEFAULT_MAX_ERROR_RATE = 0.02

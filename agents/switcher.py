@@ -1,6 +1,6 @@
 """The model switcher agent: ``<prefix>.switcher.select | complete | stats | models`` on the bus.
 
-Every LM call of every agent's DSPy program arrives here (see ``agents.lm.bus_engine``); the core
+Every LM call of every agent's DSPy program arrives here (see ``dspyrt.agents.lm.bus_engine``); the core
 ``ModelSwitcher`` selects, limits, retries and falls back. Each call is published as an ``lm.call`` event and
 recorded as OpenTelemetry metrics (latency histogram, token and cost counters, labelled by model). Replicas
 share the load through the queue group; each reports the figures of the calls it served.
@@ -19,10 +19,10 @@ from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 from pydantic import Field
 
-from agents.deployments import DeployRegistry
-from agents.lm.cache import ResponseCache
-from agents.lm.demo import demo_engines
-from agents.lm.errors import (
+from dspyrt.agents.deployments import DeployRegistry
+from dspyrt.agents.lm.cache import ResponseCache
+from dspyrt.agents.lm.demo import demo_engines
+from dspyrt.agents.lm.errors import (
     ProviderError,
     RateLimitedError,
     RedactFn,
@@ -30,8 +30,8 @@ from agents.lm.errors import (
     classify,
     provider_message,
 )
-from agents.lm.models import ModelRegistry, ModelSpec, build_lm
-from agents.switcher_core import (
+from dspyrt.agents.lm.models import ModelRegistry, ModelSpec, build_lm
+from dspyrt.agents.switcher_core import (
     CompletionReply,
     CompletionRequest,
     ModelFigures,
@@ -41,9 +41,9 @@ from agents.switcher_core import (
     SelectRequest,
     TokenUsage,
 )
-from bus import Empty, Message
-from bus.streams import cache_bucket
-from runtime.agent import Agent, CheckResult, endpoint
+from dspyrt.bus import Empty, Message
+from dspyrt.bus.streams import cache_bucket
+from dspyrt.runtime.agent import Agent, CheckResult, endpoint
 
 
 class CacheFigures(Message):

@@ -1,5 +1,5 @@
 """The guide's ModelSwitcher, in plain Python: model selection, the LM call with limits, retries and fallback,
-and per-model performance figures. ``agents.switcher`` puts it on the bus.
+and per-model performance figures. ``dspyrt.agents.switcher`` puts it on the bus.
 
 Selection is a UCB1 bandit over the eligible models. A call's reward is its success, discounted by its latency
 and cost relative to the other candidates; a model never tried yet gets the exploration bonus first, so every
@@ -9,8 +9,9 @@ with the task kind or role is preferred to an untagged one, and a budget caps th
 Fallback is explicit and independent of the rules: after the first model, the models its ``fallback`` list (or
 the models file's default chain) names are tried in order. A request that did not pin a model and has no declared
 chain falls back through the other eligible models by rank. A request may forbid fallback (``fallback=False``).
-Failures follow one taxonomy (``agents.lm.errors``): rate limits wait, transient failures are retried with backoff
-and then fall back, permanent ones fail the call at once. The response cache (``agents.lm.cache``) answers a
+Failures follow one taxonomy (``dspyrt.agents.lm.errors``): rate limits wait, transient failures are retried with
+backoff
+and then fall back, permanent ones fail the call at once. The response cache (``dspyrt.agents.lm.cache``) answers a
 request it has seen before without calling the provider, unless the request says ``no_cache``.
 """
 
@@ -27,9 +28,9 @@ from typing import Any, Literal, Protocol
 import anyio
 from pydantic import Field, field_validator
 
-from agents.lm.cache import CachedResponse, ResponseCache, cache_key
-from agents.lm.errors import AllModelsFailedError, ProviderError, classify
-from bus import DspyrtError, Message
+from dspyrt.agents.lm.cache import CachedResponse, ResponseCache, cache_key
+from dspyrt.agents.lm.errors import AllModelsFailedError, ProviderError, classify
+from dspyrt.bus import DspyrtError, Message
 
 log = logging.getLogger("dspyrt.switcher")
 
@@ -38,7 +39,7 @@ MAX_RETRY_AFTER = 30.0
 
 
 class ModelLike(Protocol):
-    """What the switcher needs to know about a model (``agents.lm.models.ModelSpec`` satisfies it)."""
+    """What the switcher needs to know about a model (``dspyrt.agents.lm.models.ModelSpec`` satisfies it)."""
 
     @property
     def model(self) -> str: ...

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import anyio
 
-from agents.assertions import (
+from dspyrt.agents.assertions import (
     AssertionResult,
     AssertionStats,
     AssertionStatsRecorder,
@@ -41,8 +41,8 @@ from agents.assertions import (
     ValidationRequest,
     Validator,
 )
-from bus import DspyrtError, Empty
-from runtime.agent import Agent, CheckResult, endpoint
+from dspyrt.bus import DspyrtError, Empty
+from dspyrt.runtime.agent import Agent, CheckResult, endpoint
 
 AGENT_FOR_TYPE: dict[AssertionType, str] = {
     AssertionType.CODE_QUALITY: "validator-code",

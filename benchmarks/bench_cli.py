@@ -111,7 +111,7 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 def importtime(which: str, workdir: Path) -> None:
     args = ["--help"] if which == "help" else ["status"]
-    code = "import sys; from runtime.cli import main; sys.argv[0] = 'dspyrt'; main()"
+    code = "import sys; from dspyrt.runtime.cli import main; sys.argv[0] = 'dspyrt'; main()"
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code, *args], cwd=workdir, env=clean_env(), capture_output=True,
         text=True, check=False,

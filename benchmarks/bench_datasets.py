@@ -1,6 +1,6 @@
 """Data at scale: evaluations on datasets of 1k, 10k and 100k examples, and cycles on large devsets.
 
-Every agent runs as its own process, as an operator runs them (``python -m runtime.cli agent NAME``): one
+Every agent runs as its own process, as an operator runs them (``python -m dspyrt.runtime.cli agent NAME``): one
 ``switcher`` serving the demo model behind a fixed latency per LM call (default 50 ms, a provider's round trip),
 ``--evaluators`` ``evaluator`` processes, ``loop-evaluate`` (the coordinator), and for the cycles ``cycle``,
 ``loop-create``, ``optimizer`` and ``loop-deploy`` (validation off). The bench process only puts the datasets and
@@ -37,10 +37,10 @@ import anyio
 from _common import load_average, versions
 from bench_loop import EXAMPLE_FILE, MODEL, Fleet, make_devset, quiet_dspy, trained_state
 
-from bus import EmbeddedServer
-from runtime.client import Client, connect_client
-from runtime.config import IntegrationConfig
-from runtime.system import collect_status
+from dspyrt.bus import EmbeddedServer
+from dspyrt.runtime.client import Client, connect_client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.system import collect_status
 
 FILLER_TEXT = (
     "the report notes that the committee met on a weekday and discussed several items in turn before the "

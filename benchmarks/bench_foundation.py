@@ -43,7 +43,7 @@ from typing import Any
 from _common import proc_cpu
 from pydantic import BaseModel
 
-from runtime.agent import Agent, TaskContext, endpoint, task
+from dspyrt.runtime.agent import Agent, TaskContext, endpoint, task
 
 RESULT_MARK = "BENCH_RESULT "
 PAYLOAD = {"text": "hello benchmark", "n": 42}
@@ -277,10 +277,10 @@ async def rr_raw(url: str, args: argparse.Namespace, window: Window) -> dict[str
 async def rr_runtime(url: str, args: argparse.Namespace, window: Window) -> dict[str, Any]:
     import anyio
 
-    from bus import Bus, TaskStore, ensure_streams
-    from runtime.client import Client
-    from runtime.config import IntegrationConfig
-    from runtime.host import AgentHost
+    from dspyrt.bus import Bus, TaskStore, ensure_streams
+    from dspyrt.runtime.client import Client
+    from dspyrt.runtime.config import IntegrationConfig
+    from dspyrt.runtime.host import AgentHost
 
     overrides = {"agent_concurrency": args.agent_concurrency} if args.agent_concurrency else {}
     config = IntegrationConfig(state_dir=Path(args.tmp), subject_prefix=f"b{uuid.uuid4().hex[:8]}", **overrides)
@@ -428,10 +428,10 @@ async def task_raw(url: str, args: argparse.Namespace, window: Window) -> dict[s
 async def task_runtime(url: str, args: argparse.Namespace, window: Window) -> dict[str, Any]:
     import anyio
 
-    from bus import Bus, TaskStatus, TaskStore, ensure_streams
-    from runtime.client import Client
-    from runtime.config import IntegrationConfig
-    from runtime.host import AgentHost
+    from dspyrt.bus import Bus, TaskStatus, TaskStore, ensure_streams
+    from dspyrt.runtime.client import Client
+    from dspyrt.runtime.config import IntegrationConfig
+    from dspyrt.runtime.host import AgentHost
 
     overrides = {"agent_concurrency": args.agent_concurrency} if args.agent_concurrency else {}
     config = IntegrationConfig(state_dir=Path(args.tmp), subject_prefix=f"b{uuid.uuid4().hex[:8]}", **overrides)
@@ -502,7 +502,7 @@ def child_main(args: argparse.Namespace) -> None:
     row = BY_KEY[args.child]
     telemetry = None
     if row.telemetry != "none":
-        from runtime.telemetry import setup_telemetry
+        from dspyrt.runtime.telemetry import setup_telemetry
 
         telemetry = setup_telemetry(Path(args.tmp) / row.key, service_name=f"bench-{row.key}")
     window = Window(args.server_pid, args.cprofile)
@@ -731,7 +731,7 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
-    from bus.server import EmbeddedServer, nats_server_binary
+    from dspyrt.bus.server import EmbeddedServer, nats_server_binary
 
     if args.profile:
         keys, args.rounds = [args.profile], 1

@@ -6,12 +6,13 @@ evaluator-kill test of tests/test_loop.py), on the demo model behind the fault w
 call (a stand-in for a provider's round trip).
 
 E. ``dspy.Evaluate(devset, metric, num_threads=N)`` in this process, the LM being
-   ``agents.lm.demo.demo_lm(faults=FaultProfile(latency=fixed 50 ms))``: N=8 (the reference), and N equal to the
+   ``dspyrt.agents.lm.demo.demo_lm(faults=FaultProfile(latency=fixed 50 ms))``: N=8 (the reference), and N equal to the
    total LM concurrency of each distributed row.
-D. One ``evaluate`` task submitted to ``loop-evaluate`` (hosted in this process by ``runtime.supervisor.serve``),
+D. One ``evaluate`` task submitted to ``loop-evaluate`` (hosted in this process by ``dspyrt.runtime.supervisor.serve``),
    which splits the devset into ``evaluate-shard`` tasks scored by 1, 2 and 4 ``evaluator`` processes
-   (``python -m runtime.cli agent evaluator``: 2 shards at once per process, ``num_threads`` threads per shard);
-   every LM call goes over NATS to ``switcher`` process(es) (``python -m runtime.cli agent switcher``) serving the
+   (``python -m dspyrt.runtime.cli agent evaluator``: 2 shards at once per process, ``num_threads`` threads per shard);
+   every LM call goes over NATS to ``switcher`` process(es) (``python -m dspyrt.runtime.cli agent switcher``) serving
+   the
    same demo model with the same 50 ms latency from a models TOML. Total LM concurrency is
    processes x 2 x num_threads. The 4-process row is run with 1 and then 2 switcher processes.
 
@@ -62,16 +63,16 @@ import anyio.to_thread
 import dspy
 from _common import load_average, machine_busy, proc_cpu, versions
 
-from agents.lm.demo import demo_lm
-from agents.lm.faults import FaultProfile, FixedLatency
-from agents.loop.evaluate import EvaluateAgent
-from agents.metrics import MetricRegistry
-from agents.programs import build_program, dump_program_state, load_program_state, parse_program_spec
-from bus import EmbeddedServer
-from runtime.config import IntegrationConfig
-from runtime.supervisor import RunningSystem
-from runtime.supervisor import serving as supervisor_serving
-from runtime.system import collect_status
+from dspyrt.agents.lm.demo import demo_lm
+from dspyrt.agents.lm.faults import FaultProfile, FixedLatency
+from dspyrt.agents.loop.evaluate import EvaluateAgent
+from dspyrt.agents.metrics import MetricRegistry
+from dspyrt.agents.programs import build_program, dump_program_state, load_program_state, parse_program_spec
+from dspyrt.bus import EmbeddedServer
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.supervisor import RunningSystem
+from dspyrt.runtime.supervisor import serving as supervisor_serving
+from dspyrt.runtime.system import collect_status
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FILE = ROOT / "examples" / "optimize.json"
@@ -168,7 +169,8 @@ class CpuMeter:
 
 
 class Fleet:
-    """``python -m runtime.cli agent NAME`` processes, as an operator runs them; every one is stopped at the end."""
+    """``python -m dspyrt.runtime.cli agent NAME`` processes, as an operator runs them; every one is stopped at the
+    end."""
 
     def __init__(self, config: IntegrationConfig, workdir: Path) -> None:
         self.workdir = workdir
@@ -190,7 +192,7 @@ class Fleet:
         env.update({f"DSPYRT_{k.upper()}": str(v) for k, v in settings.items()})
         with open(folder / "agent.log", "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "runtime.cli", "agent", name], cwd=ROOT, env=env, stdout=log, stderr=log
+                [sys.executable, "-m", "dspyrt.runtime.cli", "agent", name], cwd=ROOT, env=env, stdout=log, stderr=log
             )
         self.processes.setdefault(name, []).append(process)
         return process

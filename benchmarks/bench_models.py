@@ -1,8 +1,8 @@
 """Models benchmark: what the LM proxy (switcher over NATS) and the optimize task cost next to plain in-process DSPy.
 
 L. The LM proxy hop. The same ``dspy.Predict`` calls (``text -> topic`` with 4 demos, ChatAdapter prompt) made
-   (a) in-process on the offline demo engine (``agents.lm.demo.demo_lm`` via ``dspy.context``) and
-   (b) through the switcher agent over a real nats-server (``agents.lm.bus_engine.bus_lm``, model pinned),
+   (a) in-process on the offline demo engine (``dspyrt.agents.lm.demo.demo_lm`` via ``dspy.context``) and
+   (b) through the switcher agent over a real nats-server (``dspyrt.agents.lm.bus_engine.bus_lm``, model pinned),
    from the event loop (``Predict.acall``: the async engine) and from worker threads (``Predict.__call__``: the sync
    engine, which hops back to the loop with ``anyio.from_thread.run``, as DSPy optimizers do). Sequential latency
    (p50/p99 per call) and throughput with ``--concurrency`` callers in flight. Repeated with the fault wrapper's fixed
@@ -17,7 +17,8 @@ C. One proxied call piece by piece, each measured alone in the same process (p50
    agents' connection, pydantic/JSON both ways, the spans of one hop, the switcher's own work (its second dspy.LM
    layer, the demo engine inside it, model ordering, the lm.call event + metrics), the sync engine's thread hop.
 
-Everything runs in this process (agents via ``runtime.supervisor.serve``, as ``dspyrt up`` does, tracing on with the
+Everything runs in this process (agents via ``dspyrt.runtime.supervisor.serve``, as ``dspyrt up`` does, tracing on
+with the
 JSONL exporter) against one embedded nats-server. This is a benchmark, not a test: nothing asserts on timing.
 
     .venv/bin/python benchmarks/bench_models.py                 # ~1-2 minutes
@@ -57,18 +58,18 @@ import dspy
 from _common import load_average, proc_cpu, versions
 from dspy import lm15
 
-from agents.lm.bus_engine import Routing, bus_lm, to_completion_request, to_response
-from agents.lm.models import ModelRegistry, build_lm
-from agents.metrics import MetricRegistry
-from agents.optimizer import OptimizerAgent
-from agents.programs import build_program, parse_program_spec
-from agents.switcher import SwitcherAgent
-from agents.switcher_core import CompletionReply, CompletionRequest
-from bus import EmbeddedServer, tracing
-from bus.messages import decode, encode
-from runtime.config import IntegrationConfig
-from runtime.supervisor import RunningSystem
-from runtime.supervisor import serving as supervisor_serving
+from dspyrt.agents.lm.bus_engine import Routing, bus_lm, to_completion_request, to_response
+from dspyrt.agents.lm.models import ModelRegistry, build_lm
+from dspyrt.agents.metrics import MetricRegistry
+from dspyrt.agents.optimizer import OptimizerAgent
+from dspyrt.agents.programs import build_program, parse_program_spec
+from dspyrt.agents.switcher import SwitcherAgent
+from dspyrt.agents.switcher_core import CompletionReply, CompletionRequest
+from dspyrt.bus import EmbeddedServer, tracing
+from dspyrt.bus.messages import decode, encode
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.supervisor import RunningSystem
+from dspyrt.runtime.supervisor import serving as supervisor_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FILE = ROOT / "examples" / "optimize.json"
@@ -373,7 +374,7 @@ async def atimed(fn: Callable[[], Awaitable[Any]], n: int, server_pid: int | Non
 
 
 async def components(system: RunningSystem, program: Any, n: int, server_pid: int | None) -> dict[str, float]:
-    from agents.lm.demo import DemoFewShotEngine
+    from dspyrt.agents.lm.demo import DemoFewShotEngine
 
     engine = DemoFewShotEngine()
     recorder = RecordingEngine(engine)
@@ -731,7 +732,7 @@ def main() -> None:
         try:
             import subprocess
 
-            from bus.server import nats_server_binary
+            from dspyrt.bus.server import nats_server_binary
 
             nats_version = subprocess.run(
                 [str(nats_server_binary()), "--version"], capture_output=True, text=True, check=False

@@ -1,20 +1,21 @@
 """Provider benchmark: dspyrt next to plain DSPy against a local OpenAI-compatible provider over real HTTP.
 
 Every LM call goes through the real ``dspy.LM("openai/demo-model", api_base=..., api_key=...)`` HTTP path to the
-demo provider (``agents.lm.demo_provider``, a subprocess on 127.0.0.1 that answers like the demo engine, with a
+demo provider (``dspyrt.agents.lm.demo_provider``, a subprocess on 127.0.0.1 that answers like the demo engine, with a
 fixed latency set through its ``/control`` endpoint). Nothing else touches the network.
 
 A. The ``optimize`` task with 100 ms per provider call. The ``text -> topic`` program of examples/optimize.json
    (40 train / 20 val; ``--valset-repeat K`` repeats the valset K times), LabeledFewShot k=16:
    (a) in-process, plain DSPy as a user writes it without us: one ``dspy.LM(..., cache=False)``,
        ``dspy.Evaluate(num_threads=N)`` of the baseline, ``LabeledFewShot(k=16).compile``, ``Evaluate`` again;
-   (b) dspyrt: the switcher and optimizer agents in this process (``runtime.supervisor.serving``, as ``dspyrt up``
+   (b) dspyrt: the switcher and optimizer agents in this process (``dspyrt.runtime.supervisor.serving``, as ``dspyrt
+   up``
        runs them) on an embedded nats-server, the models TOML naming the provider; the same task submitted with
        ``no_cache: true`` and awaited (``client.run``).
    Same N on both sides, rounds interleaved, medians. Then the caches: the task again with the cache on (the LM
    answers of the no_cache runs are stored), with a new seed so the optimization-result cache misses and only the
    switcher's LM response cache answers, and once more identical so the result cache answers.
-B. LM calls per second through one switcher process (``python -m runtime.cli agent switcher``, as an operator
+B. LM calls per second through one switcher process (``python -m dspyrt.runtime.cli agent switcher``, as an operator
    runs it) with ``--inflight`` senders of ``switcher.complete`` (distinct prompts, ``no_cache``) in this process,
    at 0 and 50 ms provider latency, next to the same load sent straight to the provider with
    ``dspy.LM(...).acall`` from this process (the raw peer); a second switcher process with its LM cache turned off
@@ -60,17 +61,17 @@ import anyio.to_thread
 import dspy
 from _common import load_average, machine_busy, proc_cpu, versions
 
-from agents.assertions.performance import percentile
-from agents.lm.demo_provider import DemoProviderProcess, run_demo_provider
-from agents.optimizer import OptimizerAgent
-from agents.switcher import ModelList, SwitcherAgent
-from agents.switcher_core import ChatMessage, CompletionReply, CompletionRequest
-from bus import EmbeddedServer, Empty
-from bus.server import nats_server_binary
-from runtime.client import Client, connect_client
-from runtime.config import IntegrationConfig
-from runtime.supervisor import serving
-from runtime.telemetry import setup_telemetry
+from dspyrt.agents.assertions.performance import percentile
+from dspyrt.agents.lm.demo_provider import DemoProviderProcess, run_demo_provider
+from dspyrt.agents.optimizer import OptimizerAgent
+from dspyrt.agents.switcher import ModelList, SwitcherAgent
+from dspyrt.agents.switcher_core import ChatMessage, CompletionReply, CompletionRequest
+from dspyrt.bus import EmbeddedServer, Empty
+from dspyrt.bus.server import nats_server_binary
+from dspyrt.runtime.client import Client, connect_client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.supervisor import serving
+from dspyrt.runtime.telemetry import setup_telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FILE = ROOT / "examples" / "optimize.json"
@@ -335,7 +336,8 @@ async def load(meter: Meter, args: argparse.Namespace, call: Callable[[int, int]
 
 
 class SwitcherProcess:
-    """``python -m runtime.cli agent switcher`` against the benchmark's nats-server; stopped when the block ends."""
+    """``python -m dspyrt.runtime.cli agent switcher`` against the benchmark's nats-server; stopped when the block
+    ends."""
 
     def __init__(self, config: IntegrationConfig, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -356,7 +358,7 @@ class SwitcherProcess:
     def __enter__(self) -> SwitcherProcess:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "runtime.cli", "agent", "switcher"],
+                [sys.executable, "-m", "dspyrt.runtime.cli", "agent", "switcher"],
                 cwd=ROOT, env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         return self
@@ -624,7 +626,8 @@ def print_part_b(rows: list[LoadRow], args: argparse.Namespace) -> None:
         ])  # fmt: skip
     render(header, lines, left={0, 1})
     print(
-        "The switchers are processes of their own (python -m runtime.cli agent switcher; agent_concurrency and the "
+        "The switchers are processes of their own (python -m dspyrt.runtime.cli agent switcher; "
+        "agent_concurrency and the "
         f"model's max_concurrency {SWITCHER_CONCURRENCY}), one with the LM cache on (the default: no_cache calls skip "
         "the lookup but still store the answer) and one with DSPYRT_LM_CACHE=false; one serves each row. The "
         f"{args.inflight} senders and the raw dspy.LM calls run in this process. vs raw: calls/s / the raw row's at "

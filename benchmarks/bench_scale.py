@@ -10,7 +10,7 @@ latency samples. ``wordcount`` (the ``example`` agent) is measured beside it as 
 runtime with no DSPy and no LM hop. (``optimize`` is a whole run per task, ~1 s of CPU each, and returns a cached
 result for a repeated request: too few samples for a p99 in the time.)
 
-An agent process is ``python -m runtime.cli up --agents evaluator,switcher,example`` against the benchmark's own
+An agent process is ``python -m dspyrt.runtime.cli up --agents evaluator,switcher,example`` against the benchmark's own
 ``nats-server``: each process brings the task's worker, the switcher its LM calls go through (the switcher is a
 queue group: a call is served by any process's switcher) and the ``wordcount`` worker, so N processes are N times
 everything a task needs and nothing but nats-server is shared. Processes are added between rows (1, then 2, then
@@ -53,12 +53,12 @@ import dspy
 from _common import load_average, machine_busy, proc_cpu
 from nats.aio.msg import Msg
 
-from agents.programs import build_program, dump_program_state, parse_program_spec
-from bus import Bus, EmbeddedServer, TaskRecord, TaskStore, ensure_streams
-from bus.tasks import new_task_id
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.system import collect_status
+from dspyrt.agents.programs import build_program, dump_program_state, parse_program_spec
+from dspyrt.bus import Bus, EmbeddedServer, TaskRecord, TaskStore, ensure_streams
+from dspyrt.bus.tasks import new_task_id
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.system import collect_status
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = json.loads((ROOT / "examples" / "optimize.json").read_text())["input"]
@@ -118,7 +118,8 @@ class Cpu:
 
 
 class Fleet:
-    """``python -m runtime.cli up --agents ...`` processes against the benchmark's NATS; all stopped at the end."""
+    """``python -m dspyrt.runtime.cli up --agents ...`` processes against the benchmark's NATS; all stopped at the
+    end."""
 
     def __init__(self, config: IntegrationConfig, workdir: Path) -> None:
         self.workdir = workdir
@@ -137,7 +138,7 @@ class Fleet:
         folder.mkdir(parents=True, exist_ok=True)
         env = {**self.env, "DSPYRT_STATE_DIR": str(folder / "state")}
         with open(folder / "agents.log", "ab") as log:
-            command = [sys.executable, "-m", "runtime.cli", "up", "--agents", AGENTS]
+            command = [sys.executable, "-m", "dspyrt.runtime.cli", "up", "--agents", AGENTS]
             self.processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log))
 
     def check(self) -> None:

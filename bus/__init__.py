@@ -3,8 +3,8 @@
 Nothing here knows about DSPy or agents.
 """
 
-from bus.connection import Bus, ConnectionOptions, TlsOptions
-from bus.errors import (
+from dspyrt.bus.connection import Bus, ConnectionOptions, TlsOptions
+from dspyrt.bus.errors import (
     BusUnavailableError,
     ConfigurationError,
     DspyrtError,
@@ -19,12 +19,12 @@ from bus.errors import (
     TaskError,
     UnknownKindError,
 )
-from bus.events import Event, EventConsumer, publish_event
-from bus.messages import Empty, Message, decode, encode
-from bus.server import EmbeddedServer, free_port
-from bus.streams import StreamLayout, StreamOutcome, ensure_streams
-from bus.subjects import Subjects
-from bus.tasks import (
+from dspyrt.bus.events import Event, EventConsumer, publish_event
+from dspyrt.bus.messages import Empty, Message, decode, encode
+from dspyrt.bus.server import EmbeddedServer, free_port
+from dspyrt.bus.streams import StreamLayout, StreamOutcome, ensure_streams
+from dspyrt.bus.subjects import Subjects
+from dspyrt.bus.tasks import (
     DeadLetter,
     TaskEnvelope,
     TaskRecord,

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bus.connection import Bus
-from bus.streams import read_tail
+from dspyrt.bus.connection import Bus
+from dspyrt.bus.streams import read_tail
 
 
 class AuditRecord(BaseModel):

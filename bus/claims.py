@@ -18,9 +18,9 @@ from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from pydantic import BaseModel
 
-from bus.connection import Bus
-from bus.errors import DspyrtError, NotFoundError
-from bus.streams import StreamLayout, put_object
+from dspyrt.bus.connection import Bus
+from dspyrt.bus.errors import DspyrtError, NotFoundError
+from dspyrt.bus.streams import StreamLayout, put_object
 
 RESULTS_STORE = "results"
 

@@ -23,10 +23,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from pydantic import BaseModel, Field, SecretStr
 
-from bus import tracing
-from bus.errors import BusUnavailableError, DspyrtError, ErrorBody, RemoteError
-from bus.messages import ERROR_CODE_HEADER, ERROR_HEADER, check_size, decode, encode
-from bus.subjects import Subjects
+from dspyrt.bus import tracing
+from dspyrt.bus.errors import BusUnavailableError, DspyrtError, ErrorBody, RemoteError
+from dspyrt.bus.messages import ERROR_CODE_HEADER, ERROR_HEADER, check_size, decode, encode
+from dspyrt.bus.subjects import Subjects
 
 log = logging.getLogger("dspyrt.bus")
 R = TypeVar("R", bound=BaseModel)
@@ -190,7 +190,7 @@ class ConnectionOptions(BaseModel):
     credentials_file: Path | None = None
     nkey_seed_file: Path | None = None
     tls: TlsOptions | None = None
-    # Replies to this connection arrive under it (``bus.subjects.inbox_prefix``).
+    # Replies to this connection arrive under it (``dspyrt.bus.subjects.inbox_prefix``).
     inbox_prefix: str = "_INBOX"
     connect_timeout: float = 2.0
     reconnect_wait: float = 0.5

@@ -13,9 +13,9 @@ from nats.aio.msg import Msg
 from nats.js import api
 from pydantic import BaseModel, Field
 
-from bus import tracing
-from bus.connection import Bus
-from bus.messages import decode, error_body
+from dspyrt.bus import tracing
+from dspyrt.bus.connection import Bus
+from dspyrt.bus.messages import decode, error_body
 
 log = logging.getLogger("dspyrt.events")
 

@@ -7,7 +7,7 @@ from typing import TypeVar
 import nats.errors
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bus.errors import ErrorBody, FieldError, MessageValidationError, PayloadTooLargeError
+from dspyrt.bus.errors import ErrorBody, FieldError, MessageValidationError, PayloadTooLargeError
 
 M = TypeVar("M", bound=BaseModel)
 

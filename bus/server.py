@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from bus.errors import BusUnavailableError, ConfigurationError
+from dspyrt.bus.errors import BusUnavailableError, ConfigurationError
 
 
 def nats_server_binary() -> Path:

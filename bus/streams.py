@@ -22,7 +22,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from bus.connection import Bus
+from dspyrt.bus.connection import Bus
 
 DAY = 24 * 3600.0
 log = logging.getLogger("dspyrt.bus")

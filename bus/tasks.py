@@ -46,11 +46,11 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, field_validator
 
-from bus import tracing
-from bus.audit import record_audit
-from bus.claims import ClaimStore, ObjectRef
-from bus.connection import Bus
-from bus.errors import (
+from dspyrt.bus import tracing
+from dspyrt.bus.audit import record_audit
+from dspyrt.bus.claims import ClaimStore, ObjectRef
+from dspyrt.bus.connection import Bus
+from dspyrt.bus.errors import (
     BusUnavailableError,
     DspyrtError,
     ErrorBody,
@@ -59,10 +59,10 @@ from bus.errors import (
     UnknownKindError,
     is_permanent,
 )
-from bus.errors import (
+from dspyrt.bus.errors import (
     NotFoundError as TaskNotFoundError,
 )
-from bus.messages import (
+from dspyrt.bus.messages import (
     CLIENT_HEADER,
     MSG_ID_HEADER,
     RECORD_REV_HEADER,
@@ -73,7 +73,7 @@ from bus.messages import (
     decode,
     error_body,
 )
-from bus.streams import key_value, kv_keys, kv_keys_matching
+from dspyrt.bus.streams import key_value, kv_keys, kv_keys_matching
 
 log = logging.getLogger("dspyrt.tasks")
 

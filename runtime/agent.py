@@ -13,7 +13,7 @@
         async def on_cycle(self, event: Event) -> None: ...
 
 Request and reply types come from the handler's annotations (pydantic models). The agent instance is the shared
-state; ``AgentHost`` (``runtime.host``) puts it on the bus.
+state; ``AgentHost`` (``dspyrt.runtime.host``) puts it on the bus.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_type_hint
 
 from pydantic import BaseModel
 
-from bus import Bus, TaskRun, publish_event
-from bus.subjects import check_dotted, check_token
+from dspyrt.bus import Bus, TaskRun, publish_event
+from dspyrt.bus.subjects import check_dotted, check_token
 
 if TYPE_CHECKING:
-    from runtime.client import Client
-    from runtime.config import IntegrationConfig
+    from dspyrt.runtime.client import Client
+    from dspyrt.runtime.config import IntegrationConfig
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

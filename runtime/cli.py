@@ -38,19 +38,19 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Column, Table
 
-from runtime.cli_dashboard import dashboard_command
-from runtime.cli_datasets import datasets_app
-from runtime.cli_feedback import feedback_command, predictions_command
-from runtime.cli_lm_cache import lm_cache_command
-from runtime.cli_optimizers import optimizers_command
-from runtime.cli_roles import roles_app
-from runtime.cli_tasks import tasks_app
+from dspyrt.runtime.cli_dashboard import dashboard_command
+from dspyrt.runtime.cli_datasets import datasets_app
+from dspyrt.runtime.cli_feedback import feedback_command, predictions_command
+from dspyrt.runtime.cli_lm_cache import lm_cache_command
+from dspyrt.runtime.cli_optimizers import optimizers_command
+from dspyrt.runtime.cli_roles import roles_app
+from dspyrt.runtime.cli_tasks import tasks_app
 
 if TYPE_CHECKING:
-    from bus import DspyrtError, TaskRecord
-    from runtime.client import Client
-    from runtime.config import IntegrationConfig
-    from runtime.supervisor import RunningSystem
+    from dspyrt.bus import DspyrtError, TaskRecord
+    from dspyrt.runtime.client import Client
+    from dspyrt.runtime.config import IntegrationConfig
+    from dspyrt.runtime.supervisor import RunningSystem
 
 app = typer.Typer(
     help="DSPy program optimization as a service, on NATS.",
@@ -98,7 +98,7 @@ def error_line(code: str, message: str, field_errors: Sequence[Any] = ()) -> str
     """``<code>: <message>``, followed by every field error (``loc: message``), up to MAX_LISTED_FIELD_ERRORS.
 
     ``field_errors`` are ``FieldError``s or their JSON dicts. A message that names the first field error in
-    parentheses at its end (``bus.messages.decode``'s) names it once."""
+    parentheses at its end (``dspyrt.bus.messages.decode``'s) names it once."""
     listed = [
         f"{fe.get('loc')}: {fe.get('message')}" if isinstance(fe, dict) else f"{fe.loc}: {fe.message}"
         for fe in field_errors
@@ -126,7 +126,7 @@ def report(exc: DspyrtError) -> None:
 
 def _dspyrt_error(exc: BaseException) -> DspyrtError | None:
     """``exc`` if it is a DspyrtError, or the one inside exception groups of a single exception (task groups')."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -150,7 +150,7 @@ def one_line_errors(exit_code: int = 2) -> Iterator[None]:
 
 
 def _config(config_file: Path | None, **overrides: Any) -> IntegrationConfig:
-    from runtime.config import CONFIG_FILE_ENV, load_config
+    from dspyrt.runtime.config import CONFIG_FILE_ENV, load_config
 
     if config_file is not None:
         os.environ[CONFIG_FILE_ENV] = str(config_file)
@@ -181,7 +181,7 @@ def _with_client(
 ) -> T:
     """Connect (to ``config``, else the configuration loaded from ``config_file`` with ``overrides``) and run
     ``body`` with the client; our errors are one line and exit code 2."""
-    from runtime.client import connect_client
+    from dspyrt.runtime.client import connect_client
 
     def inner() -> Awaitable[T]:
         async def go() -> T:
@@ -196,7 +196,7 @@ def _with_client(
     # without one the CLI writes no span files of its own (it may run in any folder), and loads no SDK.
     telemetry = None
     if _otlp_configured():
-        from runtime.telemetry import setup_telemetry
+        from dspyrt.runtime.telemetry import setup_telemetry
 
         telemetry = setup_telemetry(cfg.state_dir, service_name="dspyrt-cli")
     try:
@@ -210,7 +210,7 @@ def _otlp_configured() -> bool:
     # runtime.telemetry.otlp_configured, without importing the OpenTelemetry SDK to find out that it is not needed.
     if not any(name.startswith("OTEL_EXPORTER_OTLP_") for name in os.environ):
         return False
-    from runtime.telemetry import otlp_configured
+    from dspyrt.runtime.telemetry import otlp_configured
 
     return otlp_configured()
 
@@ -274,7 +274,7 @@ def _narrowest(target: Console, table: Table) -> int:
 
 def _read_text(source: str, what: str = "file") -> str:
     """A file's text (``-``: stdin); a missing or unreadable one is a DspyrtError naming it and why."""
-    from bus import DspyrtError, NotFoundError
+    from dspyrt.bus import DspyrtError, NotFoundError
 
     if source == "-":
         return sys.stdin.read()
@@ -294,7 +294,7 @@ def _read_text(source: str, what: str = "file") -> str:
 
 def _parse_json(text: str, where: str) -> Any:
     """JSON, or a DspyrtError ``invalid_json`` naming where, the line and the column."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     try:
         return json.loads(text)
@@ -310,7 +310,7 @@ def _json_type(value: Any) -> str:
 
 def _read_task_file(path: Path) -> tuple[str, dict[str, Any]]:
     """A task file: ``{"kind": ..., "input": {...}}``."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     data = _parse_json(_read_text(str(path), "task file"), str(path))
     if not (isinstance(data, dict) and isinstance(data.get("kind"), str) and isinstance(data.get("input"), dict)):
@@ -322,7 +322,7 @@ def _read_task_file(path: Path) -> tuple[str, dict[str, Any]]:
 
 def _read_input(source: str, kind: str | None = None) -> dict[str, Any]:
     """A task's input: a JSON object, or a whole task file ``{"kind", "input"}`` whose kind must be ``kind``."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     where = "stdin" if source == "-" else source
     data = _parse_json(_read_text(source), where)
@@ -344,7 +344,7 @@ def _read_input(source: str, kind: str | None = None) -> dict[str, Any]:
 
 def _predict_inputs(inputs: str) -> dict[str, Any]:
     """predict's INPUTS: a JSON object, ``@FILE`` (a file holding one) or ``-`` (stdin)."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     if inputs == "-" or inputs.startswith("@"):
         where = "stdin" if inputs == "-" else inputs[1:]
@@ -383,8 +383,8 @@ def up(
 ) -> None:
     """Start the system: embedded NATS (unless a URL is configured) and every agent the mode enables; print every
     URL it serves."""
-    from runtime.registry import agents_for
-    from runtime.supervisor import serve
+    from dspyrt.runtime.registry import agents_for
+    from dspyrt.runtime.supervisor import serve
 
     with one_line_errors():
         cfg = _config(config_file, agents=agents)
@@ -401,7 +401,7 @@ def up(
             record = await _follow(system.client, submission.task_id, timeout=None)
             _print_record(record, as_json=False)
             system.telemetry.flush()
-            from runtime.cli_traces import print_trace
+            from dspyrt.runtime.cli_traces import print_trace
 
             print_trace(cfg, submission.task_id, console=console)
         console.print("\nserving; Ctrl-C to stop")
@@ -442,10 +442,10 @@ def agent(
     config_file: ConfigOption = None,
 ) -> None:
     """Run one agent against an existing NATS (configured URL, or the one 'dspyrt up' started here)."""
-    from bus import DspyrtError
-    from runtime.client import resolve_servers
-    from runtime.registry import available_agents
-    from runtime.supervisor import serve
+    from dspyrt.bus import DspyrtError
+    from dspyrt.runtime.client import resolve_servers
+    from dspyrt.runtime.registry import available_agents
+    from dspyrt.runtime.supervisor import serve
 
     with one_line_errors():
         cfg = _config(config_file)
@@ -643,8 +643,8 @@ def submit(
         payload = _read_input(source, kind)
 
     async def body(client: Client) -> int:
-        from bus import DspyrtError
-        from bus.tasks import new_task_id
+        from dspyrt.bus import DspyrtError
+        from dspyrt.bus.tasks import new_task_id
 
         the_id = task_id or new_task_id()
         try:
@@ -718,9 +718,9 @@ def dlq(
     to older ones; --replay ID runs one again."""
 
     async def body(client: Client) -> None:
-        from bus import NotFoundError
-        from bus.streams import read_page
-        from bus.tasks import DeadLetter
+        from dspyrt.bus import NotFoundError
+        from dspyrt.bus.streams import read_page
+        from dspyrt.bus.tasks import DeadLetter
 
         if replay:
             try:
@@ -770,7 +770,7 @@ def audit(
     """The audit trail: who submitted, deployed, rolled back or promoted what, and when."""
 
     async def body(client: Client) -> None:
-        from bus.audit import read_audit
+        from dspyrt.bus.audit import read_audit
 
         records = await read_audit(client.bus, limit)
         if as_json:
@@ -801,14 +801,14 @@ def status(as_json: JsonOption = False, wide: WideOption = False, config_file: C
     show the end of their id (--wide: all of it)."""
 
     async def body(client: Client) -> dict[str, Any]:
-        from bus import BusUnavailableError, DspyrtError
+        from dspyrt.bus import BusUnavailableError, DspyrtError
 
         try:
             return await client.call(SYSTEM_AGENT, "status", {}, timeout=STATUS_TIMEOUT)
         except (BusUnavailableError, DspyrtError) as exc:
             if not isinstance(exc, BusUnavailableError) and exc.code != "timeout":
                 raise
-        from runtime.system import collect_status  # no system agent answered: gather here
+        from dspyrt.runtime.system import collect_status  # no system agent answered: gather here
 
         return (await collect_status(client.bus, cfg)).model_dump(mode="json")
 
@@ -859,7 +859,7 @@ def streams(as_json: JsonOption = False, config_file: ConfigOption = None) -> No
     """
 
     async def body(client: Client) -> dict[str, str]:
-        from bus import ensure_streams
+        from dspyrt.bus import ensure_streams
 
         outcomes = await ensure_streams(client.bus, cfg.stream_layout, update=True)
         return {name: outcome.value for name, outcome in outcomes.items()}
@@ -895,7 +895,7 @@ KNOWN_PROGRAMS_TIMEOUT = 3.0
 
 async def _with_known_programs(client: Client, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
     """``call``; when it fails with ``not_found`` (an unknown program), the same error naming the deployed ones."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     try:
         return await call
@@ -1038,7 +1038,7 @@ def traces(
 ) -> None:
     """One task's span tree from the local span files (when no OTLP collector is configured): a summary per phase,
     repeated spans collapsed (--full: every span)."""
-    from runtime.cli_traces import traces_command  # span files and the bus: loaded when a trace is printed
+    from dspyrt.runtime.cli_traces import traces_command  # span files and the bus: loaded when a trace is printed
 
     traces_command(task_id, full, config_file)
 
@@ -1109,7 +1109,7 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-if __name__ == "__main__":  # `python -m runtime.cli`: run the module's own copy (the cli_* modules import it)
-    from runtime.cli import main as _main
+if __name__ == "__main__":  # `python -m dspyrt.runtime.cli`: run the module's own copy (the cli_* modules import it)
+    from dspyrt.runtime.cli import main as _main
 
     _main()

@@ -2,7 +2,7 @@
 
 It reads the dashboard agent's ``snapshot`` endpoint (``<prefix>.dashboard.snapshot``) over the bus: the same
 data the agent's web page shows. The runtime knows nothing of the agent's types, so the reply is read as JSON.
-Register it in ``runtime.cli`` with ``app.command("dashboard")(dashboard_command)``.
+Register it in ``dspyrt.runtime.cli`` with ``app.command("dashboard")(dashboard_command)``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # the bus and the client are imported by the command (runtime.cli starts without them)
-    from runtime.client import Client
+    from dspyrt.runtime.client import Client
 
 DASHBOARD_AGENT = "dashboard"
 SNAPSHOT_ENDPOINT = "snapshot"
@@ -176,8 +176,8 @@ def dashboard_command(
     from rich.live import Live
     from rich.panel import Panel
 
-    from bus import DspyrtError
-    from runtime import cli  # this command is registered by runtime.cli; use its console and client helpers
+    from dspyrt.bus import DspyrtError
+    from dspyrt.runtime import cli  # this command is registered by runtime.cli; use its console and client helpers
 
     async def body(client: Client) -> None:
         data = await fetch_snapshot(client, program=program, model=model)

@@ -1,6 +1,6 @@
-"""``dspyrt datasets``: put, list, show and remove dataset versions (:mod:`runtime.datasets`).
+"""``dspyrt datasets``: put, list, show and remove dataset versions (:mod:`dspyrt.runtime.datasets`).
 
-``put`` reads a file (:mod:`runtime.dataset_files`: JSON Lines, CSV, JSON, Parquet, or JSON Lines on stdin) and
+``put`` reads a file (:mod:`dspyrt.runtime.dataset_files`: JSON Lines, CSV, JSON, Parquet, or JSON Lines on stdin) and
 prints ``NAME@VERSION``; the version is a hash of the content, so the same rows again print the same version.
 ``rm`` asks the deploy agent (``loop-deploy``, over the bus) which deployed program versions were built on the
 dataset version, and refuses while an active or canary version was; without an answer it refuses unless ``--force``.
@@ -9,7 +9,8 @@ Exit codes: 0 done, 1 the command failed (one line on stderr: a bad file or row,
 ``rm``), 2 a usage error or no NATS reachable. The datasets live in JetStream: run these as a user with JetStream
 access (the deploy's ``admin``), not through the client gateway.
 
-``runtime.cli`` is imported inside the commands, not at module level, so ``runtime.cli`` can import this module
+``dspyrt.runtime.cli`` is imported inside the commands, not at module level, so ``dspyrt.runtime.cli`` can import this
+module
 (``app.add_typer(datasets_app, name="datasets")``).
 """
 
@@ -27,12 +28,12 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from runtime.cli_lm_cache import _size
+from dspyrt.runtime.cli_lm_cache import _size
 
 if TYPE_CHECKING:  # imported by the commands: runtime.cli starts without the bus (NATS)
-    from bus import DspyrtError
-    from runtime.client import Client
-    from runtime.datasets import DatasetIndex, DatasetManifest, DatasetRef
+    from dspyrt.bus import DspyrtError
+    from dspyrt.runtime.client import Client
+    from dspyrt.runtime.datasets import DatasetIndex, DatasetManifest, DatasetRef
 
 DEPLOY_AGENT = "loop-deploy"
 # How long rm waits for each answer of the deploy agent.
@@ -60,7 +61,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 
 def fail(error: DspyrtError, code: int = 1) -> NoReturn:
     """``error <code>: <message>`` on stderr, with every field error, in one line; then exit with ``code``."""
-    from runtime.cli import report
+    from dspyrt.runtime.cli import report
 
     report(error)
     raise typer.Exit(code)
@@ -72,10 +73,10 @@ class _Failed:
 
 
 def run_with_client(config_file: Path | None, body: Callable[[Client], Awaitable[T]]) -> T:
-    """``runtime.cli._with_client``, where an error of the command itself (raised by ``body``) is one line and
+    """``dspyrt.runtime.cli._with_client``, where an error of the command itself (raised by ``body``) is one line and
     exit code 1; a configuration error or an unreachable NATS stays exit code 2, as for every command."""
-    from bus import DspyrtError
-    from runtime.cli import _with_client
+    from dspyrt.bus import DspyrtError
+    from dspyrt.runtime.cli import _with_client
 
     async def guarded(client: Client) -> T | _Failed:
         try:
@@ -113,7 +114,7 @@ def cell(value: Any) -> Text:
 
 
 def _dataset_name(text: str) -> str:
-    from runtime.datasets import NAME
+    from dspyrt.runtime.datasets import NAME
 
     if not NAME.match(text):
         raise typer.BadParameter(f"{text[:80]!r}: a dataset name is 1-80 letters, digits, '_' or '-'")
@@ -122,8 +123,8 @@ def _dataset_name(text: str) -> str:
 
 def _reference(text: str) -> DatasetRef:
     """``NAME``, ``NAME@VERSION``, or the same with ``dataset:`` in front."""
-    from bus import MessageValidationError
-    from runtime.datasets import DatasetRef
+    from dspyrt.bus import MessageValidationError
+    from dspyrt.runtime.datasets import DatasetRef
 
     try:
         return DatasetRef.parse(text if text.startswith("dataset:") else f"dataset:{text}")
@@ -190,9 +191,9 @@ def put_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Store FILE's rows as a version of NAME and print NAME@VERSION (the same content again: the same version)."""
-    from bus import DspyrtError, MessageValidationError
-    from runtime.cli import console
-    from runtime.dataset_files import STDIN, read_rows
+    from dspyrt.bus import DspyrtError, MessageValidationError
+    from dspyrt.runtime.cli import console
+    from dspyrt.runtime.dataset_files import STDIN, read_rows
 
     source = "<stdin>" if str(file) == STDIN else str(file)
     try:
@@ -216,7 +217,7 @@ def put_command(
 @datasets_app.command("list")
 def list_command(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """Every dataset: its newest version, how many versions, rows, size and when it was stored."""
-    from runtime.cli import console, print_table
+    from dspyrt.runtime.cli import console, print_table
 
     async def body(client: Client) -> list[DatasetIndex]:
         return await (await client.datasets()).indexes()
@@ -247,7 +248,7 @@ def show_command(
     config_file: ConfigOption = None,
 ) -> None:
     """One dataset version: rows, size, fields, where it came from, the name's other versions, and its first rows."""
-    from runtime.cli import console
+    from dspyrt.runtime.cli import console
 
     ref = _reference(reference)  # parsed here: the signature's types must not need runtime.datasets (NATS) at start
 
@@ -311,7 +312,7 @@ def _labels(version: dict[str, Any]) -> set[str]:
 async def dataset_uses(client: Client, ref: DatasetRef) -> DatasetUses:
     """Ask ``loop-deploy`` which program versions name ``ref`` among their datasets (its active and canary
     versions, and the others). Raises when it does not answer, or answers something unexpected."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     uses = DatasetUses()
     listing = await client.call(DEPLOY_AGENT, "list", {}, timeout=DEPLOY_TIMEOUT)
@@ -352,9 +353,9 @@ def rm_command(
     """Remove one dataset version; refused while a deployed program's active or canary version was built on it.
 
     Tasks already submitted with it (pinned at submit) fail when they read it afterwards."""
-    from bus import DspyrtError
-    from bus.audit import record_audit
-    from runtime.cli import console, err
+    from dspyrt.bus import DspyrtError
+    from dspyrt.bus.audit import record_audit
+    from dspyrt.runtime.cli import console, err
 
     ref = _pinned_reference(reference)
 

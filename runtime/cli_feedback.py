@@ -7,8 +7,8 @@
 
 Each command is one request to ``<prefix>.serving.record | predictions | feedback``; payloads are plain JSON,
 checked by the serving agent, whose error is printed as one line (exit code 1). Nothing here knows about DSPy or the
-agents' code. Register the commands in ``runtime.cli`` with ``app.command("predictions")(predictions_command)``
-and ``app.command("feedback")(feedback_command)``; ``runtime.cli`` is imported inside them, not at module level.
+agents' code. Register the commands in ``dspyrt.runtime.cli`` with ``app.command("predictions")(predictions_command)``
+and ``app.command("feedback")(feedback_command)``; ``dspyrt.runtime.cli`` is imported inside them, not at module level.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # imported when a command runs: runtime.cli starts without the bus (NATS)
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
 SERVING_AGENT = "serving"
 _CLIP = 60
@@ -39,7 +39,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 
 def _fail(message: str, code: str = "invalid_input") -> typer.Exit:
     """``error <code>: <message>`` on stderr, in one line; the Exit (code 1) to raise."""
-    from runtime.cli import print_error
+    from dspyrt.runtime.cli import print_error
 
     print_error(code, message)
     return typer.Exit(1)
@@ -47,9 +47,9 @@ def _fail(message: str, code: str = "invalid_input") -> typer.Exit:
 
 def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """One request to the serving agent; its error (or a missing agent) is one line and exit code 1."""
-    from bus import DspyrtError
-    from runtime.cli import _with_client, report
-    from runtime.client import Client
+    from dspyrt.bus import DspyrtError
+    from dspyrt.runtime.cli import _with_client, report
+    from dspyrt.runtime.client import Client
 
     async def body(client: Client) -> dict[str, Any] | DspyrtError:
         try:
@@ -85,7 +85,7 @@ def predictions_command(
     config_file: ConfigOption = None,
 ) -> None:
     """A program's newest recorded predictions; with --record RATE, set the share of its predictions recorded."""
-    from runtime.cli import console, print_table
+    from dspyrt.runtime.cli import console, print_table
 
     if record is not None:
         settings = _call(config_file, "record", {"program": program, "sample_rate": record})
@@ -171,7 +171,7 @@ def feedback_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Correct recorded predictions: one batch, one new version of the program's feedback dataset (printed)."""
-    from runtime.cli import console
+    from dspyrt.runtime.cli import console
 
     items = _read_items(pairs or [], file)
     data = _call(config_file, "feedback", {"items": items}, timeout=60.0)

@@ -1,15 +1,15 @@
 """``dspyrt lm-cache``: the switcher's LM response cache: what its KV bucket holds, or ``--clear`` to empty it.
 
 The bucket is the one every switcher replica shares (``SwitcherAgent.make_cache``): named by
-``Subjects.lm_cache_bucket``, created by ``bus.streams.cache_bucket`` with a TTL and a size limit (the oldest
+``Subjects.lm_cache_bucket``, created by ``dspyrt.bus.streams.cache_bucket`` with a TTL and a size limit (the oldest
 entries are dropped when it is full), kept in JetStream's stream ``KV_<bucket>``. The facts come from that stream
 (``stream_info``); ``--clear`` purges it and records ``lm-cache.clear`` in the audit trail. Each switcher also keeps
 an LRU in its own memory in front of the bucket; only a restart empties it, and the command says so.
 
 Under the deploy's permissions (``deploy/nats``) run it as ``admin``: the ``client`` user may not look at the
 bucket, and no agent's user may purge it. A refused permission is one line and exit code 2, as any other error.
-Register it in ``runtime.cli`` with ``app.command("lm-cache")(lm_cache_command)``; the work is in
-``runtime.cli_lm_cache_report``, imported when the command runs.
+Register it in ``dspyrt.runtime.cli`` with ``app.command("lm-cache")(lm_cache_command)``; the work is in
+``dspyrt.runtime.cli_lm_cache_report``, imported when the command runs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:  # the report's models, NATS and the bus are imported by the command: runtime.cli starts without
-    from runtime.cli_lm_cache_report import LmCacheReport
-    from runtime.client import Client
+    from dspyrt.runtime.cli_lm_cache_report import LmCacheReport
+    from dspyrt.runtime.client import Client
 
 # The same options as runtime.cli's (kept here so this module imports nothing from it at import time).
 ConfigOption = Annotated[
@@ -57,8 +57,8 @@ def _duration(seconds: float) -> str:
 
 def lm_cache_command(clear: ClearOption = False, as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """The switcher's LM response cache: its bucket, entries, size, TTL and size limit; --clear empties it."""
-    from runtime import cli  # this command is registered by runtime.cli; use its console and client helpers
-    from runtime.cli_lm_cache_report import LmCacheSettings, clear_lm_cache, read_lm_cache, render_report
+    from dspyrt.runtime import cli  # this command is registered by runtime.cli; use its console and client helpers
+    from dspyrt.runtime.cli_lm_cache_report import LmCacheSettings, clear_lm_cache, read_lm_cache, render_report
 
     with cli.one_line_errors():
         config = cli._config(config_file)

@@ -1,7 +1,7 @@
-"""What ``dspyrt lm-cache`` reads and does (``runtime.cli_lm_cache`` is the command): the LM cache bucket's facts
+"""What ``dspyrt lm-cache`` reads and does (``dspyrt.runtime.cli_lm_cache`` is the command): the LM cache bucket's facts
 from its stream, ``--clear``'s audited purge, and the human view of both.
 
-Imported by the command when it runs, so that ``runtime.cli`` starts without pydantic models or NATS.
+Imported by the command when it runs, so that ``dspyrt.runtime.cli`` starts without pydantic models or NATS.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from runtime.cli_lm_cache import _duration, _size
+from dspyrt.runtime.cli_lm_cache import _duration, _size
 
 if TYPE_CHECKING:
-    from bus import Bus
-    from runtime.config import IntegrationConfig
+    from dspyrt.bus import Bus
+    from dspyrt.runtime.config import IntegrationConfig
 
 CLEAR_ACTION = "lm-cache.clear"
 NO_CACHE = "no LM cache yet (the switcher creates it on its first start)"
@@ -88,7 +88,7 @@ def _jetstream(bus: Bus, what: str) -> Iterator[None]:
     from nats.errors import NoRespondersError
     from nats.js.errors import APIError, NoStreamResponseError
 
-    from bus import BusUnavailableError, DspyrtError
+    from dspyrt.bus import BusUnavailableError, DspyrtError
 
     try:
         yield
@@ -139,8 +139,8 @@ async def read_lm_cache(bus: Bus, settings: LmCacheSettings) -> LmCacheReport:
 
 async def clear_lm_cache(bus: Bus, settings: LmCacheSettings, *, identity: str | None = None) -> LmCacheReport:
     """Purge the bucket's stream, audited; the report after it, with ``removed`` (what it held just before)."""
-    from bus import DspyrtError
-    from bus.audit import record_audit
+    from dspyrt.bus import DspyrtError
+    from dspyrt.bus.audit import record_audit
 
     before = await read_lm_cache(bus, settings)
     if not before.exists:

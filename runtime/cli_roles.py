@@ -3,7 +3,8 @@
 Nothing here knows about DSPy or the agents' code: payloads are plain JSON, validated by the roles agent, whose
 structured errors (code, message, field errors) are printed as they come.
 
-``runtime.cli`` is imported inside the commands, not at module level, so ``runtime.cli`` can import this module
+``dspyrt.runtime.cli`` is imported inside the commands, not at module level, so ``dspyrt.runtime.cli`` can import this
+module
 wherever it likes (``app.add_typer(roles_app, name="roles")``).
 """
 
@@ -31,8 +32,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable outpu
 
 def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """One request to the roles agent; its error reply is one line with every field error (exit code 2)."""
-    from runtime.cli import _with_client
-    from runtime.client import Client
+    from dspyrt.runtime.cli import _with_client
+    from dspyrt.runtime.client import Client
 
     async def body(client: Client) -> dict[str, Any]:
         return await client.call(ROLES_AGENT, endpoint, payload, timeout=timeout)
@@ -42,8 +43,8 @@ def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], time
 
 def _read_role_file(source: str) -> dict[str, Any]:
     """A role definition (JSON object), or ``{"role": {...}, "target_context": ...}``; ``-`` reads stdin."""
-    from bus import DspyrtError
-    from runtime.cli import _json_type, _parse_json, _read_text
+    from dspyrt.bus import DspyrtError
+    from dspyrt.runtime.cli import _json_type, _parse_json, _read_text
 
     where = "stdin" if source == "-" else source
     data = _parse_json(_read_text(source, "role file"), where)
@@ -59,7 +60,7 @@ def _label(pointer: dict[str, Any]) -> str:
 @roles_app.command("list")
 def roles_list(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """Every stored role with its latest version and score."""
-    from runtime.cli import console, print_table
+    from dspyrt.runtime.cli import console, print_table
 
     data = _call(config_file, "list", {})
     if as_json:
@@ -83,7 +84,7 @@ def roles_show(
     config_file: ConfigOption = None,
 ) -> None:
     """One stored role: the refined definition, and how it was refined."""
-    from runtime.cli import console
+    from dspyrt.runtime.cli import console
 
     payload: dict[str, Any] = {"name": name} | ({"version": version} if version is not None else {})
     data = _call(config_file, "get", payload)
@@ -112,8 +113,8 @@ def roles_refine(
     config_file: ConfigOption = None,
 ) -> None:
     """Refine a role for a target context, as a durable refine-role task; store it as the role's next version."""
-    from runtime.cli import _with_client, console, one_line_errors, print_error
-    from runtime.client import Client
+    from dspyrt.runtime.cli import _with_client, console, one_line_errors, print_error
+    from dspyrt.runtime.client import Client
 
     with one_line_errors():
         payload = _read_role_file(file)
@@ -147,7 +148,7 @@ def roles_refine(
 
 
 def _print_role(role: dict[str, Any]) -> None:
-    from runtime.cli import console
+    from dspyrt.runtime.cli import console
 
     console.print(f"  type    {role.get('custom_name') or role['role_type']}")
     console.print(f"  focus   {role['focus']}")
@@ -158,7 +159,7 @@ def _print_role(role: dict[str, Any]) -> None:
 
 
 def _print_refinement(result: dict[str, Any]) -> None:
-    from runtime.cli import console
+    from dspyrt.runtime.cli import console
 
     found = ", ".join(result["patterns_found"]) or "none"
     remaining = ", ".join(result["patterns_remaining"]) or "none"

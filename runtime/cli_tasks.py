@@ -8,7 +8,7 @@ claim-checked (``results_ref``, an :class:`~bus.claims.ObjectRef` to a JSON Line
 one ``ExampleResult`` per line in index order), read here with :class:`~bus.claims.ClaimStore`.
 
 Exit codes as for ``dspyrt datasets``: 1 the command failed (an unknown task, no such results), 2 a usage error
-or no NATS reachable. ``runtime.cli`` registers ``tasks_app`` and is imported here inside the commands only.
+or no NATS reachable. ``dspyrt.runtime.cli`` registers ``tasks_app`` and is imported here inside the commands only.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from runtime.cli_datasets import cell, clip, plural, run_with_client
-from runtime.cli_lm_cache import _size
+from dspyrt.runtime.cli_datasets import cell, clip, plural, run_with_client
+from dspyrt.runtime.cli_lm_cache import _size
 
 if TYPE_CHECKING:  # the bus is imported by the commands: runtime.cli starts without it (NATS)
-    from bus import TaskRecord
-    from bus.claims import ObjectRef
-    from runtime.client import Client
+    from dspyrt.bus import TaskRecord
+    from dspyrt.bus.claims import ObjectRef
+    from dspyrt.runtime.client import Client
 
 DEFAULT_EXAMPLES = 20
 # Lists longer than this are shown as their length in a result's summary (--json has them whole).
@@ -77,7 +77,7 @@ def tasks_command(
     if ctx.invoked_subcommand is not None:
         ctx.obj = _GroupOptions(config_file, as_json)
         return
-    from runtime.cli import _with_client, console, listing, print_table
+    from dspyrt.runtime.cli import _with_client, console, listing, print_table
 
     async def body(client: Client) -> None:
         records = await client.tasks(limit)
@@ -105,7 +105,7 @@ def tasks_command(
 async def stored_record(client: Client, task_id: str) -> TaskRecord:
     """The record as stored (a claim-checked result stays in the object store); through the gateway, what it
     shows. ``task_id`` may be a unique prefix of the id (``Client.resolve_task_id``)."""
-    from bus import NotFoundError
+    from dspyrt.bus import NotFoundError
 
     task_id = await client.resolve_task_id(task_id)
     if client.gateway is not None:
@@ -145,7 +145,7 @@ def show_command(
         return
     record = run_with_client(config_file, lambda client: stored_record(client, task_id))
     if as_json:
-        from runtime.cli import console
+        from dspyrt.runtime.cli import console
 
         console.print_json(record.model_dump_json())
         return
@@ -153,8 +153,8 @@ def show_command(
 
 
 def _print_record(record: TaskRecord) -> None:
-    from bus import TaskStatus
-    from runtime.cli import console, error_line
+    from dspyrt.bus import TaskStatus
+    from dspyrt.runtime.cli import console, error_line
 
     colour = {"succeeded": "green", "failed": "red", "dead": "red"}.get(record.status.value, "yellow")
     console.print(
@@ -217,8 +217,8 @@ def _is_evaluation(result: dict[str, Any]) -> bool:
 
 
 def _print_cycle(result: dict[str, Any]) -> bool:
-    """runtime.cli's table of a cycle; False when the result (a summary) lacks what it needs."""
-    from runtime.cli import _print_cycle as print_cycle
+    """dspyrt.runtime.cli's table of a cycle; False when the result (a summary) lacks what it needs."""
+    from dspyrt.runtime.cli import _print_cycle as print_cycle
 
     try:
         print_cycle(result)
@@ -246,7 +246,7 @@ def _where(evaluation: dict[str, Any], claim_checked: bool) -> str:
 
 
 def _print_summary(result: Any) -> None:
-    from runtime.cli import console
+    from dspyrt.runtime.cli import console
 
     console.print_json(json.dumps(_collapsed(result), default=str))
 
@@ -279,7 +279,7 @@ class ExamplesPage:
 
 def evaluation_of(record: TaskRecord, result: Any, phase: Phase | None) -> tuple[dict[str, Any], str]:
     """The evaluation a task's (whole) result holds, and what it is, for ``--examples``."""
-    from bus import DspyrtError, TaskStatus
+    from dspyrt.bus import DspyrtError, TaskStatus
 
     if record.status is not TaskStatus.SUCCEEDED:
         error = f" ({record.error.code}: {record.error.message})" if record.error else ""
@@ -308,8 +308,8 @@ async def examples_page(client: Client, evaluation: dict[str, Any], offset: int,
     import anyio
     from pydantic import ValidationError
 
-    from bus import DspyrtError
-    from bus.claims import ClaimStore, ObjectRef
+    from dspyrt.bus import DspyrtError
+    from dspyrt.bus.claims import ClaimStore, ObjectRef
 
     raw_ref = evaluation.get("results_ref")
     if raw_ref:
@@ -338,7 +338,7 @@ async def examples_page(client: Client, evaluation: dict[str, Any], offset: int,
 
 def _page_of_file(path: Path, ref: ObjectRef, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
     """Lines ``[offset, offset + limit)`` of a downloaded JSON Lines object, parsed, and how many lines it has."""
-    from bus import DspyrtError
+    from dspyrt.bus import DspyrtError
 
     rows: list[dict[str, Any]] = []
     total = 0
@@ -359,7 +359,7 @@ def _page_of_file(path: Path, ref: ObjectRef, offset: int, limit: int) -> tuple[
 def _show_examples(
     task_id: str, offset: int, limit: int, phase: Phase | None, as_json: bool, config_file: Path | None
 ) -> None:
-    from runtime.cli import console
+    from dspyrt.runtime.cli import console
 
     async def body(client: Client) -> tuple[ExamplesPage, str]:
         record = await stored_record(client, task_id)

@@ -7,9 +7,9 @@ below it is never merged, and a failed span shows its error. ``--full`` prints e
 the console's width (at most ``MAX_LAYOUT_WIDTH``): a long name loses its service, then its 32-hex ids are
 shortened, then its leading subject tokens, then its middle; figures stay right-aligned.
 
-TASK_ID may be a unique prefix of a task id found in the span files (``runtime.traces.resolve_task_id``).
+TASK_ID may be a unique prefix of a task id found in the span files (``dspyrt.runtime.traces.resolve_task_id``).
 Exit codes: 0 shown, 1 no single task matches (none, or an ambiguous prefix), 2 a configuration error.
-Register it in ``runtime.cli`` with ``app.command("traces")(traces_command)``; ``up`` prints its example task's
+Register it in ``dspyrt.runtime.cli`` with ``app.command("traces")(traces_command)``; ``up`` prints its example task's
 trace with ``print_trace(cfg, task_id, console=console)``.
 """
 
@@ -24,9 +24,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from bus import DspyrtError, NotFoundError
-from runtime.config import IntegrationConfig
-from runtime.traces import (
+from dspyrt.bus import DspyrtError, NotFoundError
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.traces import (
     AmbiguousTaskIdError,
     Figures,
     SpanGroup,
@@ -230,7 +230,7 @@ def traces_command(
 ) -> None:
     """One task's span tree from the local span files (when no OTLP collector is configured): a summary per phase,
     repeated spans collapsed (--full: every span)."""
-    from runtime import cli  # this command is registered by runtime.cli; use its console and configuration
+    from dspyrt.runtime import cli  # this command is registered by runtime.cli; use its console and configuration
 
     try:
         cfg = cli._config(config_file)

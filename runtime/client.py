@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
-from bus import (
+from dspyrt.bus import (
     Bus,
     BusUnavailableError,
     ConfigurationError,
@@ -33,16 +33,16 @@ from bus import (
     submit_task,
     wait_for_task,
 )
-from bus.events import follow_events
-from bus.messages import CLIENT_HEADER, encode
-from bus.streams import read_tail
-from bus.tasks import Submission, TaskKinds, load_result, pick_task_id, replay_dead_letter
-from runtime.config import IntegrationConfig
+from dspyrt.bus.events import follow_events
+from dspyrt.bus.messages import CLIENT_HEADER, encode
+from dspyrt.bus.streams import read_tail
+from dspyrt.bus.tasks import Submission, TaskKinds, load_result, pick_task_id, replay_dead_letter
+from dspyrt.runtime.config import IntegrationConfig
 
 if TYPE_CHECKING:  # imported where used: a CLI command that needs neither starts faster without them
-    from bus.claims import ClaimStore
-    from runtime.datasets import DatasetManifest, DatasetStore
-    from runtime.gateway import GatewayTasks
+    from dspyrt.bus.claims import ClaimStore
+    from dspyrt.runtime.datasets import DatasetManifest, DatasetStore
+    from dspyrt.runtime.gateway import GatewayTasks
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -129,7 +129,7 @@ class Client:
         If a submit fails (an exception, say while the server restarts), submit the same ``task_id`` again: a task
         that was recorded but never queued is queued then, and one that was queued is not run twice.
         """
-        from runtime.datasets import has_references, pin_references, with_dataset_hint
+        from dspyrt.runtime.datasets import has_references, pin_references, with_dataset_hint
 
         payload = input.model_dump(mode="json") if isinstance(input, BaseModel) else input
         try:
@@ -152,7 +152,7 @@ class Client:
 
     async def datasets(self) -> DatasetStore:
         """The deployment's datasets (needs JetStream access: not through the gateway)."""
-        from runtime.datasets import DatasetStore
+        from dspyrt.runtime.datasets import DatasetStore
 
         if self._datasets is None:
             if self._store is None:
@@ -175,7 +175,7 @@ class Client:
         if record.result_ref is None or self.gateway is not None:
             return record.result
         if self._claims is None:  # opened once: every claim-checked result of this client is read through it
-            from bus.claims import ClaimStore
+            from dspyrt.bus.claims import ClaimStore
 
             self._claims = await ClaimStore.open(self.bus)
         return await load_result(self._claims, record)
@@ -306,7 +306,7 @@ async def connect_client(
         if create_streams:
             await ensure_streams(bus, config.stream_layout)
         if config.client_gateway:
-            from runtime.gateway import GatewayTasks
+            from dspyrt.runtime.gateway import GatewayTasks
 
             if not config.nats_user:
                 raise ConfigurationError("client_gateway needs nats_user: the gateway answers about that user's tasks")

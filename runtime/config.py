@@ -17,8 +17,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from bus import ConfigurationError, ConnectionOptions, StreamLayout, Subjects, TlsOptions
-from bus.subjects import check_dotted, check_token, inbox_prefix
+from dspyrt.bus import ConfigurationError, ConnectionOptions, StreamLayout, Subjects, TlsOptions
+from dspyrt.bus.subjects import check_dotted, check_token, inbox_prefix
 
 CONFIG_FILE_ENV = "DSPYRT_CONFIG"
 DEFAULT_CONFIG_FILE = "dspyrt.toml"

@@ -13,7 +13,7 @@ The format is the file's extension:
 
 Files are read as UTF-8 (a leading byte-order mark is allowed). A file that cannot be parsed is a
 :class:`DatasetFileError` naming the file and the line (or row). Whether each row is a valid dataset row (field
-names, JSON values, sizes) is checked by :meth:`runtime.datasets.DatasetStore.put`, which numbers rows from 1 in
+names, JSON values, sizes) is checked by :meth:`dspyrt.runtime.datasets.DatasetStore.put`, which numbers rows from 1 in
 file order: for a CSV, row 1 is the first line after the header.
 """
 
@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from bus import DspyrtError
-from runtime.datasets import FIELD_NAME, MAX_ROW_BYTES
+from dspyrt.bus import DspyrtError
+from dspyrt.runtime.datasets import FIELD_NAME, MAX_ROW_BYTES
 
 __all__ = ["FORMATS", "JSON_LIST_KEYS", "STDIN", "DatasetFileError", "read_rows"]
 

@@ -30,9 +30,17 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from pydantic import BaseModel, BeforeValidator, Field
 
-from bus import Bus, DspyrtError, Message, MessageValidationError, NotFoundError, PayloadTooLargeError, StreamLayout
-from bus.errors import FieldError
-from bus.streams import key_value, kv_keys, kv_update, object_store, put_object
+from dspyrt.bus import (
+    Bus,
+    DspyrtError,
+    Message,
+    MessageValidationError,
+    NotFoundError,
+    PayloadTooLargeError,
+    StreamLayout,
+)
+from dspyrt.bus.errors import FieldError
+from dspyrt.bus.streams import key_value, kv_keys, kv_update, object_store, put_object
 
 STORE = "datasets"
 FORMAT = "dspyrt.dataset/1"

@@ -27,14 +27,14 @@ from typing import Any, TypeVar
 import anyio
 from pydantic import BaseModel, Field
 
-from bus import Bus, Message, NotFoundError, TaskRecord, TaskStore, submit_task, wait_for_task
-from bus.errors import DspyrtError
-from bus.events import Event
-from bus.messages import encode
-from bus.subjects import check_token
-from bus.tasks import Submission, TaskKinds, check_task_id
-from runtime.agent import Agent, current_requester, endpoint
-from runtime.datasets import DatasetStore, has_references, pin_references
+from dspyrt.bus import Bus, Message, NotFoundError, TaskRecord, TaskStore, submit_task, wait_for_task
+from dspyrt.bus.errors import DspyrtError
+from dspyrt.bus.events import Event
+from dspyrt.bus.messages import encode
+from dspyrt.bus.subjects import check_token
+from dspyrt.bus.tasks import Submission, TaskKinds, check_task_id
+from dspyrt.runtime.agent import Agent, current_requester, endpoint
+from dspyrt.runtime.datasets import DatasetStore, has_references, pin_references
 
 R = TypeVar("R", bound=BaseModel)
 

@@ -25,7 +25,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 from pydantic import BaseModel, Field, ValidationError
 
-from bus import (
+from dspyrt.bus import (
     Bus,
     EventConsumer,
     MessageValidationError,
@@ -36,11 +36,11 @@ from bus import (
     WorkerOptions,
     tracing,
 )
-from bus.messages import CLIENT_HEADER, Empty, check_size, decode, encode, error_body, field_errors_of
-from runtime.agent import Agent, CheckResult, EndpointSpec, TaskContext, TaskSpec, _caller, _requester
-from runtime.client import Client
-from runtime.liveness import LivenessGuard
-from runtime.telemetry import current_telemetry
+from dspyrt.bus.messages import CLIENT_HEADER, Empty, check_size, decode, encode, error_body, field_errors_of
+from dspyrt.runtime.agent import Agent, CheckResult, EndpointSpec, TaskContext, TaskSpec, _caller, _requester
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.liveness import LivenessGuard
+from dspyrt.runtime.telemetry import current_telemetry
 
 log = logging.getLogger("dspyrt.host")
 

@@ -26,8 +26,8 @@ import anyio
 from anyio.abc import TaskStatus
 from nats.aio.subscription import Subscription
 
-from bus import Bus
-from runtime.agent import CheckResult
+from dspyrt.bus import Bus
+from dspyrt.runtime.agent import CheckResult
 
 log = logging.getLogger("dspyrt.liveness")
 

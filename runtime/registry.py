@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from bus import ConfigurationError
-from runtime.agent import Agent
-from runtime.config import IntegrationConfig, IntegrationMode
+from dspyrt.bus import ConfigurationError
+from dspyrt.runtime.agent import Agent
+from dspyrt.runtime.config import IntegrationConfig, IntegrationMode
 
 ENTRY_POINT_GROUP = "dspyrt.agents"
 

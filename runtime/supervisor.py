@@ -21,13 +21,13 @@ import anyio
 from anyio import CancelScope
 from anyio.abc import TaskStatus
 
-from bus import Bus, BusUnavailableError, EmbeddedServer, TaskStore, ensure_streams, free_port
-from runtime.agent import Agent
-from runtime.client import Client, system_file
-from runtime.config import IntegrationConfig
-from runtime.host import AgentHost
-from runtime.liveness import LivenessGuard, liveness_guard
-from runtime.telemetry import Telemetry, setup_telemetry
+from dspyrt.bus import Bus, BusUnavailableError, EmbeddedServer, TaskStore, ensure_streams, free_port
+from dspyrt.runtime.agent import Agent
+from dspyrt.runtime.client import Client, system_file
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.host import AgentHost
+from dspyrt.runtime.liveness import LivenessGuard, liveness_guard
+from dspyrt.runtime.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger("dspyrt.supervisor")
 
@@ -154,7 +154,7 @@ async def serve(
     """Run ``agent_classes`` until cancelled or signalled; start the embedded NATS when no URL is configured.
 
     Raises ``BusUnavailableError`` when the connection is lost for good: NATS closed it (nats-py does not reconnect
-    then), or it stayed deaf in spite of forced reconnects (``runtime.liveness``).
+    then), or it stayed deaf in spite of forced reconnects (``dspyrt.runtime.liveness``).
     """
     telemetry = setup_telemetry(config.state_dir, service_name=process_name, instrumentations=config.instrumentations)
     try:

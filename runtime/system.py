@@ -12,11 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bus import Bus, Empty
-from bus.subjects import SERVICE_STATS
-from runtime.agent import Agent, endpoint
-from runtime.config import IntegrationConfig, IntegrationMode
-from runtime.host import HEALTH_ENDPOINT
+from dspyrt.bus import Bus, Empty
+from dspyrt.bus.subjects import SERVICE_STATS
+from dspyrt.runtime.agent import Agent, endpoint
+from dspyrt.runtime.config import IntegrationConfig, IntegrationMode
+from dspyrt.runtime.host import HEALTH_ENDPOINT
 
 
 class InstanceStatus(BaseModel):

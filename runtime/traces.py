@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bus import DspyrtError, NotFoundError
+from dspyrt.bus import DspyrtError, NotFoundError
 
 TASK_ATTRIBUTES = ("dspyrt.task.id", "messaging.message.id")
 ERROR_STATUS = "ERROR"

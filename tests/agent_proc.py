@@ -1,7 +1,7 @@
 """An agent process for the fault tests: ``python -m tests.agent_proc``.
 
 Configuration comes from the DSPYRT_* environment exactly as for ``dspyrt agent``; the process runs
-``runtime.supervisor.serve`` (so SIGTERM drains it) with one agent, ``sleeper``, whose ``sleep`` task leaves
+``dspyrt.runtime.supervisor.serve`` (so SIGTERM drains it) with one agent, ``sleeper``, whose ``sleep`` task leaves
 marker files in ``$TEST_AGENT_MARKERS``: ``started-<task>-<pid>-<attempt>`` when a delivery begins and
 ``done-<task>-<pid>-<attempt>`` when the handler has finished its work.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import anyio
 from pydantic import Field
 
-from bus import Message
-from runtime.agent import Agent, TaskContext, task
-from runtime.config import load_config
-from runtime.supervisor import RunningSystem, serve
+from dspyrt.bus import Message
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.config import load_config
+from dspyrt.runtime.supervisor import RunningSystem, serve
 
 
 class SleepJob(Message):

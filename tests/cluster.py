@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from bus import EmbeddedServer, free_port
+from dspyrt.bus import EmbeddedServer, free_port
 from tests.helpers import wait_until
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bus import Bus, EmbeddedServer, TaskStore, ensure_streams
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.telemetry import Telemetry, setup_telemetry
+from dspyrt.bus import Bus, EmbeddedServer, TaskStore, ensure_streams
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.telemetry import Telemetry, setup_telemetry
 from tests.helpers import AgentProcess, start_server
 
 _ISOLATED_ENV = ("DSPYRT_", "OTEL_")

@@ -17,13 +17,13 @@ from anyio.abc import SocketAttribute, SocketStream
 from nats.aio.client import Client as NatsClient
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from bus import Bus, DeadLetter, EmbeddedServer, TaskStore, free_port
-from runtime.agent import Agent
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.host import AgentHost
-from runtime.supervisor import RunningSystem
-from runtime.supervisor import serving as supervisor_serving
+from dspyrt.bus import Bus, DeadLetter, EmbeddedServer, TaskStore, free_port
+from dspyrt.runtime.agent import Agent
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.host import AgentHost
+from dspyrt.runtime.supervisor import RunningSystem
+from dspyrt.runtime.supervisor import serving as supervisor_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ async def hosting(agent: Agent) -> AsyncIterator[AgentHost]:
 
 
 def serving(config: IntegrationConfig, classes: list[type[Agent]]) -> AbstractAsyncContextManager[RunningSystem]:
-    """``runtime.supervisor.serving`` as the tests use it (no signal handlers: this is the test process)."""
+    """``dspyrt.runtime.supervisor.serving`` as the tests use it (no signal handlers: this is the test process)."""
     return supervisor_serving(config, classes, process_name="test", ready_timeout=15)
 
 

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
-from agents.loop.deploy import RollbackRequest
-from bus.audit import read_audit
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
+from dspyrt.agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
+from dspyrt.agents.loop.deploy import RollbackRequest
+from dspyrt.bus.audit import read_audit
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
 from tests.helpers import serving
 
 

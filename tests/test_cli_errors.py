@@ -19,13 +19,13 @@ import pytest
 from rich.console import Console
 from rich.table import Column
 
-from bus import Bus, ErrorBody, FieldError, Message, NotFoundError, TaskRecord, TaskStatus, TaskStore
-from bus.errors import DspyrtError, RemoteError
-from bus.tasks import pick_task_id
-from runtime import cli
-from runtime.agent import Agent, TaskContext, task
-from runtime.client import resolve_task_id
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Bus, ErrorBody, FieldError, Message, NotFoundError, TaskRecord, TaskStatus, TaskStore
+from dspyrt.bus.errors import DspyrtError, RemoteError
+from dspyrt.bus.tasks import pick_task_id
+from dspyrt.runtime import cli
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.client import resolve_task_id
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import ROOT, hosting
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,8 +33,9 @@ pytestmark = pytest.mark.timeout(60)
 DSPYRT = Path(sys.executable).parent / "dspyrt"
 EXAMPLES = ROOT / "examples"
 # What `dspyrt --help` must not import: NATS and the bus, the configuration, telemetry, DSPy and the agents.
-NOT_AT_START = ("nats", "bus", "dspy", "agents", "litellm", "opentelemetry", "pydantic_settings", "runtime.config",
-                "runtime.client", "runtime.telemetry", "runtime.traces")  # fmt: skip
+NOT_AT_START = ("nats", "dspyrt.bus", "dspy", "dspyrt.agents", "litellm", "opentelemetry", "pydantic_settings",
+                "dspyrt.runtime.config", "dspyrt.runtime.client", "dspyrt.runtime.telemetry",
+                "dspyrt.runtime.traces")  # fmt: skip
 
 
 def run(
@@ -80,12 +81,12 @@ def env_of(config: IntegrationConfig) -> dict[str, str]:
 def test_help_imports_neither_nats_nor_dspy(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "from runtime.cli import main\n"
+        "from dspyrt.runtime.cli import main\n"
         "sys.argv = ['dspyrt', '--help']\n"
         "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
         "import json\n"
         f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {NOT_AT_START!r}"
-        f" or m in {NOT_AT_START!r})), file=sys.stderr)\n"
+        f" or m.startswith(tuple(p + '.' for p in {NOT_AT_START!r})) or m in {NOT_AT_START!r})), file=sys.stderr)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -95,7 +96,7 @@ def test_help_imports_neither_nats_nor_dspy(tmp_path: Path) -> None:
 
 
 def test_importing_the_cli_imports_no_agents_or_dspy(tmp_path: Path) -> None:
-    code = "import sys, runtime.cli; print([m for m in sys.modules if m.startswith(('agents', 'dspy'))])"
+    code = "import sys, dspyrt.runtime.cli; print([m for m in sys.modules if m.startswith(('dspyrt.agents', 'dspy.'))])"
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -27,10 +27,10 @@ import pytest
 from nats.errors import Error as NatsError
 from nats.js import api
 
-from bus import Bus, Message, PermanentError, TaskRecord, TaskStatus, TaskStore, ensure_streams
-from runtime.agent import Agent, TaskContext, task
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Bus, Message, PermanentError, TaskRecord, TaskStatus, TaskStore, ensure_streams
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.agent_proc import SleepJob
 from tests.cluster import NatsCluster
 from tests.helpers import AgentProcess, dead_letters_of, serving, wait_until
@@ -131,7 +131,7 @@ async def record_histories(bus: Bus, timeout: float = 30.0) -> dict[str, list[Ta
 async def wait_all(client: Client, ids: list[str], timeout: float) -> dict[str, TaskRecord]:
     """Every task's terminal record (the waits run side by side, across faults).
 
-    ``Client.result`` gives up when one of its reads fails during a fail-over (``bus.tasks.wait_for_task`` does
+    ``Client.result`` gives up when one of its reads fails during a fail-over (``dspyrt.bus.tasks.wait_for_task`` does
     not retry a timed-out KV get); such a wait is started again here, within the same deadline, and counted."""
     records: dict[str, TaskRecord] = {}
     restarted = 0

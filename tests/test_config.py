@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agents.example import ExampleAgent
-from bus import ConfigurationError
-from runtime.agent import Agent, AgentGroup
-from runtime.config import IntegrationConfig, IntegrationMode, load_config
-from runtime.registry import agents_for, available_agents
-from runtime.system import SystemAgent
+from dspyrt.agents.example import ExampleAgent
+from dspyrt.bus import ConfigurationError
+from dspyrt.runtime.agent import Agent, AgentGroup
+from dspyrt.runtime.config import IntegrationConfig, IntegrationMode, load_config
+from dspyrt.runtime.registry import agents_for, available_agents
+from dspyrt.runtime.system import SystemAgent
 
 pytestmark = pytest.mark.timeout(30)
 

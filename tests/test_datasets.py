@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from bus import Bus, DspyrtError, Message, MessageValidationError, PayloadTooLargeError, TaskStatus
-from bus.claims import ClaimStore
-from runtime.agent import Agent, TaskContext, task
-from runtime.client import Client
-from runtime.datasets import (
+from dspyrt.bus import Bus, DspyrtError, Message, MessageValidationError, PayloadTooLargeError, TaskStatus
+from dspyrt.bus.claims import ClaimStore
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.datasets import (
     PART_ROWS,
     DatasetNotFoundError,
     DatasetRef,

@@ -15,15 +15,15 @@ import anyio
 import pytest
 from pydantic import BaseModel
 
-from agents.deployments import DeployedVersion, DeployRegistry
-from agents.loop.deploy import DeployAgent
-from bus import Bus, Empty, Message, NotFoundError, TaskRecord, TaskStatus, TaskStore
-from bus.audit import read_audit
-from bus.claims import ClaimStore
-from runtime.agent import Agent, endpoint
-from runtime.config import IntegrationConfig
-from runtime.dataset_files import DatasetFileError, read_rows
-from runtime.datasets import DatasetStore
+from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
+from dspyrt.agents.loop.deploy import DeployAgent
+from dspyrt.bus import Bus, Empty, Message, NotFoundError, TaskRecord, TaskStatus, TaskStore
+from dspyrt.bus.audit import read_audit
+from dspyrt.bus.claims import ClaimStore
+from dspyrt.runtime.agent import Agent, endpoint
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.dataset_files import DatasetFileError, read_rows
+from dspyrt.runtime.datasets import DatasetStore
 from tests.helpers import serving
 
 pytestmark = pytest.mark.timeout(120)

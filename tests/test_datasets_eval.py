@@ -14,16 +14,16 @@ from typing import Any
 import dspy
 import pytest
 
-from agents.loop.cycle import DevsetRows, FourPartOptimizationLoop, KvCycleStore
-from agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
-from agents.loop.evaluation import (
+from dspyrt.agents.loop.cycle import DevsetRows, FourPartOptimizationLoop, KvCycleStore
+from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
+from dspyrt.agents.loop.evaluation import (
     INLINE_RESULTS,
     EvaluationAccumulator,
     merge_shards,
     percentile,
     read_example_results,
 )
-from agents.loop.models import (
+from dspyrt.agents.loop.models import (
     CreateResult,
     CycleRequest,
     CycleState,
@@ -34,16 +34,16 @@ from agents.loop.models import (
     ShardRequest,
     ShardResult,
 )
-from agents.optimizers import OptimizationRequest, OptimizationResult
-from agents.programs import build_program, dump_program_state, parse_program_spec
-from agents.scoring import ExampleResult, summarize
-from agents.switcher import SwitcherStats
-from bus import Bus, Empty, PayloadTooLargeError, TaskEnvelope, TaskStatus
-from bus.claims import ClaimStore, ObjectRef
-from bus.streams import key_value
-from runtime.config import IntegrationConfig
-from runtime.datasets import DatasetStore
-from runtime.registry import available_agents
+from dspyrt.agents.optimizers import OptimizationRequest, OptimizationResult
+from dspyrt.agents.programs import build_program, dump_program_state, parse_program_spec
+from dspyrt.agents.scoring import ExampleResult, summarize
+from dspyrt.agents.switcher import SwitcherStats
+from dspyrt.bus import Bus, Empty, PayloadTooLargeError, TaskEnvelope, TaskStatus
+from dspyrt.bus.claims import ClaimStore, ObjectRef
+from dspyrt.bus.streams import key_value
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.datasets import DatasetStore
+from dspyrt.runtime.registry import available_agents
 from tests.helpers import cycle, serving
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,18 +34,18 @@ import nats
 import pytest
 import yaml
 
-from agents.dashboard.agent import DashboardSettings
-from agents.dashboard.web import is_loopback, is_wildcard, web_access
-from bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus
-from bus.audit import read_audit
-from bus.server import free_port, nats_server_binary
-from bus.subjects import inbox_prefix
-from runtime.agent import Agent
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.gateway import GatewayAgent, GatewayTasks
-from runtime.registry import available_agents
-from runtime.system import collect_status
+from dspyrt.agents.dashboard.agent import DashboardSettings
+from dspyrt.agents.dashboard.web import is_loopback, is_wildcard, web_access
+from dspyrt.bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus
+from dspyrt.bus.audit import read_audit
+from dspyrt.bus.server import free_port, nats_server_binary
+from dspyrt.bus.subjects import inbox_prefix
+from dspyrt.runtime.agent import Agent
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.gateway import GatewayAgent, GatewayTasks
+from dspyrt.runtime.registry import available_agents
+from dspyrt.runtime.system import collect_status
 from tests.helpers import serving, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,7 +60,7 @@ TLS_NODE_CONFS = ["nats-tls-1.conf", "nats-tls-2.conf", "nats-tls-3.conf"]
 # Secrets of deploy/.env beyond the NATS users' passwords (compose refuses to start without them).
 OTHER_SECRETS = {"NATS_ROUTE_PASSWORD", "DASHBOARD_TOKEN"}
 # Agents that exist but are not (yet) registered under the dspyrt.agents entry points.
-UNREGISTERED = {"dashboard": ("agents.dashboard.agent", "DashboardAgent")}
+UNREGISTERED = {"dashboard": ("dspyrt.agents.dashboard.agent", "DashboardAgent")}
 
 
 def _load_generator() -> ModuleType:
@@ -263,7 +263,7 @@ def gateway_client(bus: Bus, user: str = "client") -> Client:
 async def test_an_agent_and_a_client_can_do_their_work_under_their_users(
     secured: SecuredServer, tmp_path: Path
 ) -> None:
-    from agents.example import EchoReply, EchoRequest, ExampleAgent, WordCountInput
+    from dspyrt.agents.example import EchoReply, EchoRequest, ExampleAgent, WordCountInput
 
     async with (
         serving(secured.config("example", tmp_path / "agent"), [ExampleAgent]),
@@ -331,7 +331,7 @@ async def _check_refused(secured: SecuredServer, user: str, publish: list[str], 
 
 
 async def test_the_users_are_refused_what_they_may_not_do(secured: SecuredServer, tmp_path: Path) -> None:
-    from agents.example import ExampleAgent
+    from dspyrt.agents.example import ExampleAgent
 
     for user, password in (("client", "pw-wrong"), ("nobody", "pw-wrong")):
         with pytest.raises(BusUnavailableError, match=f"refused the credentials of user '{user}'"):
@@ -452,7 +452,7 @@ async def _probe(mode: str, agent: str, config: IntegrationConfig) -> tuple[int,
 
 
 async def test_the_k8s_probe_says_live_and_ready(secured: SecuredServer, tmp_path: Path) -> None:
-    from agents.example import ExampleAgent
+    from dspyrt.agents.example import ExampleAgent
 
     example = secured.config("example", tmp_path / "example")
     roles = secured.config("roles", tmp_path / "roles")
@@ -477,7 +477,7 @@ async def test_stream_settings_are_applied_by_admin_and_left_alone_by_agents(
 ) -> None:
     """Agents (manage_streams = false, no STREAM.UPDATE permission) create missing streams; ``dspyrt streams`` as
     admin applies changed settings; an agent started with other settings leaves them and says so."""
-    from agents.example import ExampleAgent
+    from dspyrt.agents.example import ExampleAgent
 
     example = secured.config("example", tmp_path / "example")
     async with serving(example, [ExampleAgent]):
@@ -492,7 +492,7 @@ async def test_stream_settings_are_applied_by_admin_and_left_alone_by_agents(
         DSPYRT_EVENT_STREAM_MAX_MB="16",
     )
     result = await anyio.run_process(
-        [sys.executable, "-m", "runtime.cli", "streams", "--json"], env=env, check=False, cwd=ROOT
+        [sys.executable, "-m", "dspyrt.runtime.cli", "streams", "--json"], env=env, check=False, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout) == {

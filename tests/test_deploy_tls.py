@@ -29,8 +29,8 @@ from typing import Any
 import nats
 import pytest
 
-from bus import EmbeddedServer
-from bus.server import free_port, nats_server_binary
+from dspyrt.bus import EmbeddedServer
+from dspyrt.bus.server import free_port, nats_server_binary
 
 pytestmark = pytest.mark.timeout(120)
 

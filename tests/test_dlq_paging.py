@@ -16,12 +16,12 @@ import anyio
 import pytest
 from typer.testing import CliRunner
 
-from agents.example import ExampleAgent
-from bus import Bus, DeadLetter, ErrorBody, TaskStatus
-from bus.streams import read_page
-from runtime.cli import app
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.agents.example import ExampleAgent
+from dspyrt.bus import Bus, DeadLetter, ErrorBody, TaskStatus
+from dspyrt.bus.streams import read_page
+from dspyrt.runtime.cli import app
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import dead_letters_of, hosting
 
 pytestmark = pytest.mark.timeout(90)
@@ -89,7 +89,7 @@ async def _cli(config: IntegrationConfig, *args: str) -> tuple[int, str, str]:
         COLUMNS="200",  # the table on one line per letter
     )
     result = await anyio.run_process(
-        [sys.executable, "-m", "runtime.cli", "dlq", *args], env=env, check=False, cwd=config.state_dir.parent
+        [sys.executable, "-m", "dspyrt.runtime.cli", "dlq", *args], env=env, check=False, cwd=config.state_dir.parent
     )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 

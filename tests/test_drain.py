@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
-from bus import Message, TaskStatus
-from runtime.agent import Agent, TaskContext, endpoint, task
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Message, TaskStatus
+from dspyrt.runtime.agent import Agent, TaskContext, endpoint, task
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import hosting, wait_until
 
 pytestmark = pytest.mark.timeout(60)

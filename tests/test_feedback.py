@@ -15,17 +15,17 @@ import dspy
 import pytest
 from typer.testing import CliRunner
 
-from agents.artifacts import ArtifactStore
-from agents.dashboard.core import DashboardSnapshot, MetricsDashboard, MetricType
-from agents.deployments import DeployedVersion, DeployRegistry
-from agents.loop.feedback import (
+from dspyrt.agents.artifacts import ArtifactStore
+from dspyrt.agents.dashboard.core import DashboardSnapshot, MetricsDashboard, MetricType
+from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
+from dspyrt.agents.loop.feedback import (
     FeedbackStore,
     check_corrections,
     feedback_dataset,
     merge_rows,
     new_prediction_id,
 )
-from agents.loop.feedback_models import (
+from dspyrt.agents.loop.feedback_models import (
     FeedbackItem,
     FeedbackReply,
     FeedbackRequest,
@@ -35,14 +35,14 @@ from agents.loop.feedback_models import (
     RecordRequest,
     RecordSettings,
 )
-from agents.loop.models import PredictReply, PredictRequest
-from agents.programs import build_program, dump_program_state, parse_program_spec
-from bus import Bus, Event, MessageValidationError, RemoteError, TaskStatus
-from runtime.cli import app
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.datasets import DatasetNotFoundError
-from runtime.registry import available_agents
+from dspyrt.agents.loop.models import PredictReply, PredictRequest
+from dspyrt.agents.programs import build_program, dump_program_state, parse_program_spec
+from dspyrt.bus import Bus, Event, MessageValidationError, RemoteError, TaskStatus
+from dspyrt.runtime.cli import app
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.datasets import DatasetNotFoundError
+from dspyrt.runtime.registry import available_agents
 from tests.dashboard.common import dashboard, snapshot, wait_for_events
 from tests.helpers import serving, wait_until
 
@@ -186,7 +186,10 @@ def test_the_dashboard_keeps_feedback_counts_and_the_agreeing_share_per_version(
 
 
 def test_the_commands_module_stays_out_of_agents_and_dspy() -> None:
-    code = "import sys, runtime.cli_feedback; print([m for m in sys.modules if m.startswith(('agents', 'dspy'))])"
+    code = (
+        "import sys, dspyrt.runtime.cli_feedback; "
+        "print([m for m in sys.modules if m.startswith(('dspyrt.agents', 'dspy.'))])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
 

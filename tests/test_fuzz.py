@@ -55,7 +55,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
-from bus import (
+from dspyrt.bus import (
     Bus,
     DeadLetter,
     EmbeddedServer,
@@ -67,12 +67,12 @@ from bus import (
     TaskStore,
     decode,
 )
-from bus.messages import ERROR_CODE_HEADER, ERROR_HEADER, MSG_ID_HEADER, RECORD_REV_HEADER, TASK_ID_HEADER
-from runtime.agent import Agent
-from runtime.config import IntegrationConfig
-from runtime.host import HEALTH_ENDPOINT, HealthReply
-from runtime.registry import available_agents
-from runtime.system import collect_status
+from dspyrt.bus.messages import ERROR_CODE_HEADER, ERROR_HEADER, MSG_ID_HEADER, RECORD_REV_HEADER, TASK_ID_HEADER
+from dspyrt.runtime.agent import Agent
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.host import HEALTH_ENDPOINT, HealthReply
+from dspyrt.runtime.registry import available_agents
+from dspyrt.runtime.system import collect_status
 from tests.helpers import ROOT, serving, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -1209,7 +1209,7 @@ def start_agent_process(name: str, env: dict[str, str], log_path: Path) -> subpr
     """``dspyrt agent NAME`` as an operator runs it."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "agent", name], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "dspyrt.runtime.cli", "agent", name], cwd=ROOT, env=env, stdout=log, stderr=log
         )
 
 

@@ -1,6 +1,6 @@
 """Raw-protocol fuzzing of header blocks (issue 11): no message may silence an agent process.
 
-nats-py parses every inbound message inside its connection's read loop; before ``bus.connection``'s guard, one
+nats-py parses every inbound message inside its connection's read loop; before ``dspyrt.bus.connection``'s guard, one
 8-byte header block (``NATS/1.0``) raised there and the loop ended while the client still said "connected": every
 agent of the process answered nothing until a stale-connection reconnect minutes later. The server relays any
 header block a publisher sends, so the bytes here are written on a raw TCP socket, speaking the NATS protocol by
@@ -10,7 +10,7 @@ Every installed agent runs in one agent process (``dspyrt up``, as an operator s
 goes to every endpoint subject (the built-in ``health`` included) and every task subject; after each message,
 every agent must answer ``$SRV.PING`` within 2 s (the deadline the issue sets), on the same instance (no restart).
 At the end, the process's health must show the repaired messages and no reconnect: the parsing guard alone kept
-the connection reading, not the liveness guard (``runtime.liveness``), which would take longer than 2 s anyway.
+the connection reading, not the liveness guard (``dspyrt.runtime.liveness``), which would take longer than 2 s anyway.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from anyio.abc import SocketStream
 from nats.aio.client import Client as NatsClient
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from runtime.agent import Agent
-from runtime.config import IntegrationConfig
-from runtime.host import HEALTH_ENDPOINT
-from runtime.registry import available_agents
+from dspyrt.runtime.agent import Agent
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.host import HEALTH_ENDPOINT
+from dspyrt.runtime.registry import available_agents
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -307,7 +307,7 @@ def start_agent_process(
         "DSPYRT_LOG_LEVEL": "WARNING",
     }
     with open(workdir / "agents.log", "ab") as log:
-        command = [sys.executable, "-m", "runtime.cli", "up"]
+        command = [sys.executable, "-m", "dspyrt.runtime.cli", "up"]
         return subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=log)
 
 

@@ -21,11 +21,11 @@ import anyio
 import nats
 import pytest
 
-from bus import Bus, EmbeddedServer, RemoteError, TaskRecord, TaskStatus, TaskStore, ensure_streams
-from bus.events import publish_event
-from bus.subjects import inbox_prefix
-from runtime.config import IntegrationConfig
-from runtime.gateway import GatewayAgent, GatewayTasks
+from dspyrt.bus import Bus, EmbeddedServer, RemoteError, TaskRecord, TaskStatus, TaskStore, ensure_streams
+from dspyrt.bus.events import publish_event
+from dspyrt.bus.subjects import inbox_prefix
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.gateway import GatewayAgent, GatewayTasks
 from tests.helpers import serving, wait_until
 from tests.test_deploy_configs import SecuredServer, gen
 
@@ -206,7 +206,7 @@ def tenant_config(server: SecuredServer, user: str, state: Path) -> IntegrationC
 @asynccontextmanager
 async def gateway_system(server: SecuredServer, tmp_path: Path) -> AsyncIterator[SecuredServer]:
     """The example agent and the gateway, each under its own user (entered in the test's own task)."""
-    from agents.example import ExampleAgent
+    from dspyrt.agents.example import ExampleAgent
 
     async with serving(tenant_config(server, "example", tmp_path / "example"), [ExampleAgent]):
         async with serving(tenant_config(server, "gateway", tmp_path / "gateway"), [GatewayAgent]):
@@ -280,7 +280,7 @@ async def test_the_cli_of_a_client_user_goes_through_the_gateway(tenants: Secure
     )
     task = tmp_path / "task.json"
     task.write_text(json.dumps({"kind": "wordcount", "input": {"text": "one two three four"}}))
-    cli = [sys.executable, "-m", "runtime.cli"]
+    cli = [sys.executable, "-m", "dspyrt.runtime.cli"]
     before = len(violations_of(tenants, "team-b"))
     async with gateway_system(tenants, tmp_path):
         submitted = await anyio.run_process(
@@ -298,8 +298,8 @@ async def test_the_cli_of_a_client_user_goes_through_the_gateway(tenants: Secure
 async def test_the_gateway_pins_dataset_references_for_its_clients(tenants: SecuredServer, tmp_path: Path) -> None:
     """A client names a dataset the operator put; the gateway pins it (reading the datasets under its own
     permissions) or refuses a missing one at submit. The client itself has no JetStream access."""
-    from runtime.client import Client
-    from runtime.datasets import DatasetStore
+    from dspyrt.runtime.client import Client
+    from dspyrt.runtime.datasets import DatasetStore
 
     admin = tenants.config("admin", tmp_path / "admin")
     async with Bus(admin.connection_options(name="admin"), admin.subjects) as admin_bus:
@@ -325,7 +325,7 @@ async def test_the_gateway_pins_dataset_references_for_its_clients(tenants: Secu
 async def test_an_agent_that_only_reads_datasets_cannot_write_one(tenants: SecuredServer, tmp_path: Path) -> None:
     """The evaluator reads dataset parts; under the deploy's permissions it cannot put a version (nor move a name's
     newest version), so a compromised evaluator cannot change what the next cycle trains on."""
-    from runtime.datasets import DatasetStore
+    from dspyrt.runtime.datasets import DatasetStore
 
     admin = tenants.config("admin", tmp_path / "admin")
     async with Bus(admin.connection_options(name="admin"), admin.subjects) as admin_bus:

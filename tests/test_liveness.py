@@ -1,8 +1,10 @@
-"""The liveness guard (``runtime.liveness``): a process whose connection stops delivering while nats-py still says
+"""The liveness guard (``dspyrt.runtime.liveness``): a process whose connection stops delivering while nats-py still
+says
 "connected" reconnects by itself within seconds, or exits with the reason so that its supervisor restarts it.
 
 The deafness is real in each test, never a mock: nats-py's own read loop ended by a poison message (the parsing
-guard of ``bus.connection`` taken off that one connection, as nats-py 2.16 ships), or a TCP proxy between an agent
+guard of ``dspyrt.bus.connection`` taken off that one connection, as nats-py 2.16 ships), or a TCP proxy between an
+agent
 process and nats-server that stops passing the server's bytes on while the process's own still get through (a
 half-open connection). No timing is asserted: how long the recovery took is printed (``-s``).
 """
@@ -25,10 +27,10 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from bus import EmbeddedServer
-from runtime.config import IntegrationConfig
-from runtime.liveness import ATTEMPTS
-from runtime.registry import available_agents
+from dspyrt.bus import EmbeddedServer
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.liveness import ATTEMPTS
+from dspyrt.runtime.registry import available_agents
 from tests.helpers import AgentProcess, serving, wait_until
 from tests.test_header_fuzz import RawNats
 

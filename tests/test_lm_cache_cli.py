@@ -14,12 +14,12 @@ import anyio
 import pytest
 from pydantic import SecretStr
 
-from agents.switcher import SwitcherAgent
-from bus import Bus, EmbeddedServer, ensure_streams, free_port
-from bus.audit import read_audit
-from bus.streams import cache_bucket
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.agents.switcher import SwitcherAgent
+from dspyrt.bus import Bus, EmbeddedServer, ensure_streams, free_port
+from dspyrt.bus.audit import read_audit
+from dspyrt.bus.streams import cache_bucket
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import start_server
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,17 +16,17 @@ from typing import Any
 import dspy
 import pytest
 
-from agents.deployments import ProgramPointer
-from agents.loop.deploy import ProgramDetail, ProgramList, ProgramName, RollbackRequest
-from agents.loop.models import CycleState, PredictReply, PredictRequest
-from agents.optimizer import OptimizerStatsReply
-from agents.programs import build_program, dump_program_state, parse_program_spec
-from bus import Empty, TaskStatus
-from bus.streams import key_value
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
-from runtime.system import collect_status
+from dspyrt.agents.deployments import ProgramPointer
+from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName, RollbackRequest
+from dspyrt.agents.loop.models import CycleState, PredictReply, PredictRequest
+from dspyrt.agents.optimizer import OptimizerStatsReply
+from dspyrt.agents.programs import build_program, dump_program_state, parse_program_spec
+from dspyrt.bus import Empty, TaskStatus
+from dspyrt.bus.streams import key_value
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
+from dspyrt.runtime.system import collect_status
 from tests.helpers import cycle, serving, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,8 @@ def agent_processes(config: IntegrationConfig, workdir: Path, *names: str) -> It
             with open(workdir / f"{name}-{i}.log", "ab") as log:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "runtime.cli", "agent", name], cwd=ROOT, env=env, stdout=log, stderr=log
+                        [sys.executable, "-m", "dspyrt.runtime.cli", "agent", name], cwd=ROOT, env=env,
+                            stdout=log, stderr=log
                     )
                 )
         yield processes

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from agents.switcher import SwitcherStats
-from bus import Empty, TaskRecord, TaskStatus
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
+from dspyrt.agents.switcher import SwitcherStats
+from dspyrt.bus import Empty, TaskRecord, TaskStatus
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
 from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,9 +21,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus import Bus, EmbeddedServer, TaskRecord, TaskStore
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Bus, EmbeddedServer, TaskRecord, TaskStore
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.agent_proc import SleepJob
 from tests.helpers import AgentProcess, restartable_server, wait_until
 from tests.test_task_submit import CuttingProxy

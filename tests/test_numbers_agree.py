@@ -11,18 +11,18 @@ from typing import Any
 
 import pytest
 
-from agents.dashboard.agent import DashboardAgent
-from agents.dashboard.core import MetricsDashboard, MetricType
-from agents.deployments import DeployedVersion
-from agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
-from agents.loop.models import DeployRequest, DeployVerdict, PredictReply, PredictRequest
-from agents.optimizers import ArtifactRef, ProgramInputs, improvement_points, program_inputs, state_sha256
-from agents.programs import build_program, parse_program_spec
-from agents.switcher import SwitcherStats
-from bus import Empty, Event, MessageValidationError, RemoteError, TaskStatus
-from bus.audit import read_audit
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
+from dspyrt.agents.dashboard.agent import DashboardAgent
+from dspyrt.agents.dashboard.core import MetricsDashboard, MetricType
+from dspyrt.agents.deployments import DeployedVersion
+from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
+from dspyrt.agents.loop.models import DeployRequest, DeployVerdict, PredictReply, PredictRequest
+from dspyrt.agents.optimizers import ArtifactRef, ProgramInputs, improvement_points, program_inputs, state_sha256
+from dspyrt.agents.programs import build_program, parse_program_spec
+from dspyrt.agents.switcher import SwitcherStats
+from dspyrt.bus import Empty, Event, MessageValidationError, RemoteError, TaskStatus
+from dspyrt.bus.audit import read_audit
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
 from tests.dashboard.common import snapshot, wait_for_events
 from tests.helpers import serving, wait_until
 

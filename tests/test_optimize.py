@@ -9,13 +9,13 @@ from typing import Any
 import anyio
 import pytest
 
-from agents.optimizer import OptimizerAgent, OptimizerList, OptimizerStatsReply
-from agents.switcher import SwitcherAgent, SwitcherStats
-from agents.switcher_core import CompletionReply, CompletionRequest
-from bus import Empty, RemoteError, TaskStatus
-from runtime.config import IntegrationConfig
-from runtime.telemetry import Telemetry
-from runtime.traces import read_spans
+from dspyrt.agents.optimizer import OptimizerAgent, OptimizerList, OptimizerStatsReply
+from dspyrt.agents.switcher import SwitcherAgent, SwitcherStats
+from dspyrt.agents.switcher_core import CompletionReply, CompletionRequest
+from dspyrt.bus import Empty, RemoteError, TaskStatus
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.telemetry import Telemetry
+from dspyrt.runtime.traces import read_spans
 from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,8 +198,8 @@ async def test_concurrent_tasks_with_different_models_keep_their_own_lm(models_c
 
 
 async def test_select_names_the_deployed_version_for_the_chosen_model(models_config: IntegrationConfig) -> None:
-    from agents.deployments import DeployedVersion, DeployRegistry
-    from agents.switcher_core import Selection, SelectRequest
+    from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
+    from dspyrt.agents.switcher_core import Selection, SelectRequest
 
     async with serving(models_config, [SwitcherAgent]) as system:
         registry = await DeployRegistry.open(system.bus)
@@ -220,7 +220,7 @@ async def test_select_names_the_deployed_version_for_the_chosen_model(models_con
 
 
 def test_a_model_name_a_kv_key_cannot_hold_is_encoded() -> None:
-    from agents.deployments import pointer_key
+    from dspyrt.agents.deployments import pointer_key
 
     assert pointer_key("p", "demo/fewshot") == "p.model.demo/fewshot"
     encoded = pointer_key("p", "ollama_chat/llama3.1:8b")

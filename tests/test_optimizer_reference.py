@@ -11,9 +11,9 @@ from typing import Annotated, Any, ClassVar, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-import agents.optimizer_reference as reference_module
-from agents.optimizer_reference import OptimizerDoc, optimizer_reference, params_model_of, reference_markdown
-from agents.optimizers import (
+import dspyrt.agents.optimizer_reference as reference_module
+from dspyrt.agents.optimizer_reference import OptimizerDoc, optimizer_reference, params_model_of, reference_markdown
+from dspyrt.agents.optimizers import (
     BUILTIN_OPTIMIZERS,
     BootstrapParams,
     CoproParams,
@@ -77,7 +77,7 @@ def test_every_built_in_optimizer_has_every_field_of_its_params_model() -> None:
         model = PARAMS_MODELS[name]
         assert params_model_of(factory) is model
         doc = docs[name]
-        assert doc.params_model == f"agents.optimizers.{model.__name__}"
+        assert doc.params_model == f"dspyrt.agents.optimizers.{model.__name__}"
         assert doc.wraps == WRAPS[name]
         assert doc.description.startswith(WRAPS[name])
         assert doc.parameters is not None

@@ -12,11 +12,11 @@ import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import Field
 
-from bus import Bus, EmbeddedServer, Message, PayloadTooLargeError, RemoteError, TaskStatus
-from bus.messages import ERROR_CODE_HEADER, HEADER_ALLOWANCE
-from runtime.agent import Agent, TaskContext, endpoint, task
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Bus, EmbeddedServer, Message, PayloadTooLargeError, RemoteError, TaskStatus
+from dspyrt.bus.messages import ERROR_CODE_HEADER, HEADER_ALLOWANCE
+from dspyrt.runtime.agent import Agent, TaskContext, endpoint, task
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import hosting, start_server
 
 pytestmark = pytest.mark.timeout(60)

@@ -32,9 +32,9 @@ import httpx
 import nats
 import pytest
 
-from bus import EmbeddedServer, free_port
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
+from dspyrt.bus import EmbeddedServer, free_port
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
 from tests.helpers import echoing_provider, start_server, wait_until
 
 pytest.importorskip("phoenix.server", reason="the phoenix extra is not installed")
@@ -51,7 +51,8 @@ KEY = f"sk-test-{uuid.uuid4().hex}"
 def start_cli(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """``dspyrt ARGS`` as an operator runs it, output to ``log_path``."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=log)
+        return subprocess.Popen([sys.executable, "-m", "dspyrt.runtime.cli", *args], cwd=ROOT, env=env,
+            stdout=log, stderr=log)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -131,7 +132,8 @@ class System:
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env=self.env, capture_output=True, timeout=timeout
+            [sys.executable, "-m", "dspyrt.runtime.cli", *args], cwd=ROOT, env=self.env, capture_output=True,
+                timeout=timeout
         )
 
 

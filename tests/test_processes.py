@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bus import TaskStatus
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.bus import TaskStatus
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.agent_proc import SleepJob
 from tests.helpers import AgentProcess, dead_letters_of, wait_until
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dspy
 from dspy.clients import base_lm
 
-from agents.lm.demo import demo_lm
-from agents.metrics import MetricRegistry
-from agents.scoring import run_one
+from dspyrt.agents.lm.demo import demo_lm
+from dspyrt.agents.metrics import MetricRegistry
+from dspyrt.agents.scoring import run_one
 
 
 def test_scoring_examples_keeps_no_dspy_history() -> None:

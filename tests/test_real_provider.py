@@ -1,4 +1,4 @@
-"""Honest results with a real HTTP provider: the local demo provider (``agents.lm.demo_provider``) in its own
+"""Honest results with a real HTTP provider: the local demo provider (``dspyrt.agents.lm.demo_provider``) in its own
 process, called by the switcher through the real ``dspy.LM("openai/...")`` path, on a real nats-server.
 
 Each test is one of the issue's "done when" rules: faults do not move scores, the system's own cache answers
@@ -19,11 +19,11 @@ from typing import Any
 import anyio
 import pytest
 
-from agents.lm.demo_provider import DemoProviderProcess, run_demo_provider
-from bus import TaskStatus
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
-from runtime.telemetry import current_telemetry
+from dspyrt.agents.lm.demo_provider import DemoProviderProcess, run_demo_provider
+from dspyrt.bus import TaskStatus
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
+from dspyrt.runtime.telemetry import current_telemetry
 from tests.helpers import serving, wait_until
 from tests.test_secrets import every_log_record, stream_messages
 

@@ -9,13 +9,13 @@ import nats
 import pytest
 from pydantic import Field
 
-from bus import Bus, EmbeddedServer, Empty, Message, RemoteError
-from bus.messages import ERROR_CODE_HEADER, ERROR_HEADER, MAX_FIELD_ERRORS
-from runtime.agent import Agent, endpoint
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.host import HealthReply
-from runtime.system import SystemAgent, SystemStatus
+from dspyrt.bus import Bus, EmbeddedServer, Empty, Message, RemoteError
+from dspyrt.bus.messages import ERROR_CODE_HEADER, ERROR_HEADER, MAX_FIELD_ERRORS
+from dspyrt.runtime.agent import Agent, endpoint
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.host import HealthReply
+from dspyrt.runtime.system import SystemAgent, SystemStatus
 from tests.helpers import gather_replies, hosting, serving
 
 pytestmark = pytest.mark.timeout(60)

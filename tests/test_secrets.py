@@ -32,13 +32,13 @@ import anyio
 import pytest
 from nats.aio.msg import Msg
 
-from agents.lm.models import ModelRegistry, ModelSpec, build_lm
-from bus import Bus, TaskStatus
-from bus.tasks import new_task_id
-from runtime.agent import Agent
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
-from runtime.telemetry import current_telemetry
+from dspyrt.agents.lm.models import ModelRegistry, ModelSpec, build_lm
+from dspyrt.bus import Bus, TaskStatus
+from dspyrt.bus.tasks import new_task_id
+from dspyrt.runtime.agent import Agent
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
+from dspyrt.runtime.telemetry import current_telemetry
 from tests.helpers import echoing_provider, serving, wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,11 +9,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bus import Bus, BusUnavailableError, EmbeddedServer, TaskRecord, TaskStatus
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
-from runtime.supervisor import RunningSystem, serve
+from dspyrt.bus import Bus, BusUnavailableError, EmbeddedServer, TaskRecord, TaskStatus
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
+from dspyrt.runtime.supervisor import RunningSystem, serve
 from tests.agent_proc import Sleeper, SleepJob
 from tests.helpers import restartable_server, serving, wait_until
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bus import Bus, StreamLayout, StreamOutcome, ensure_streams
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Bus, StreamLayout, StreamOutcome, ensure_streams
+from dspyrt.runtime.config import IntegrationConfig
 
 
 async def test_streams_are_created_kept_and_updated_only_when_allowed(

@@ -26,12 +26,12 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
-from bus import Bus, EmbeddedServer, Message, TaskStatus, ensure_streams
-from bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
-from bus.tasks import TaskEnvelope, UnknownKindError
-from runtime.agent import Agent, TaskContext, task
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Bus, EmbeddedServer, Message, TaskStatus, ensure_streams
+from dspyrt.bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
+from dspyrt.bus.tasks import TaskEnvelope, UnknownKindError
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import ROOT, dead_letters_of, hosting, restartable_server, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -111,7 +111,8 @@ async def dspyrt(
         "COLUMNS": "500",  # rich wraps at 80 columns when stderr is not a terminal
     }
     with anyio.fail_after(60):
-        return await anyio.run_process([sys.executable, "-m", "runtime.cli", *args], env=env, check=False, cwd=ROOT)
+        return await anyio.run_process([sys.executable, "-m", "dspyrt.runtime.cli", *args], env=env,
+            check=False, cwd=ROOT)
 
 
 # ----------------------------------------------------------------------------------------- unknown kinds

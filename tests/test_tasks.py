@@ -10,7 +10,7 @@ import anyio
 import pytest
 from nats.js import api
 
-from bus import (
+from dspyrt.bus import (
     Bus,
     DspyrtError,
     ErrorBody,
@@ -23,14 +23,14 @@ from bus import (
     TaskStatus,
     TaskStore,
 )
-from bus.errors import is_permanent
-from bus.events import publish_event
-from bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
-from bus.streams import kv_keys_matching
-from bus.tasks import ExhaustedTaskWatcher, TaskEnvelope
-from runtime.agent import Agent, TaskContext, task
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.bus.errors import is_permanent
+from dspyrt.bus.events import publish_event
+from dspyrt.bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
+from dspyrt.bus.streams import kv_keys_matching
+from dspyrt.bus.tasks import ExhaustedTaskWatcher, TaskEnvelope
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import dead_letters_of, hosting, wait_until
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,8 +12,8 @@ from dspy.utils.dummies import DummyLM
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from runtime.telemetry import INSTRUMENTOR_GROUP, Telemetry, instrument
-from runtime.traces import read_spans
+from dspyrt.runtime.telemetry import INSTRUMENTOR_GROUP, Telemetry, instrument
+from dspyrt.runtime.traces import read_spans
 
 INSTRUMENTORS = """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``dspyrt traces``: collapsed span trees, phase summaries, task id prefixes, lines that fit the console.
 
-The span files are written here in the exporter's own format (``runtime.telemetry.span_to_dict``, one JSON object
+The span files are written here in the exporter's own format (``dspyrt.runtime.telemetry.span_to_dict``, one JSON object
 a line), shaped like a cycle's trace: the coordinator's phase requests and tasks, evaluation shards, LM calls.
 """
 
@@ -18,10 +18,10 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from bus import NotFoundError
-from runtime.cli_traces import print_trace, trace_lines, traces_command
-from runtime.config import IntegrationConfig
-from runtime.traces import (
+from dspyrt.bus import NotFoundError
+from dspyrt.runtime.cli_traces import print_trace, trace_lines, traces_command
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.traces import (
     AmbiguousTaskIdError,
     SpanNode,
     collapse,
@@ -266,7 +266,7 @@ def test_print_trace_for_up(tmp_path: Path) -> None:
 
 @pytest.fixture
 def traces_cli(tmp_path: Path) -> typer.Typer:
-    """``dspyrt traces`` as ``runtime.cli`` registers it; spans under ``./.dspyrt`` (the test's cwd)."""
+    """``dspyrt traces`` as ``dspyrt.runtime.cli`` registers it; spans under ``./.dspyrt`` (the test's cwd)."""
     assert Path.cwd() == tmp_path
     app = typer.Typer()
     app.callback()(lambda: None)

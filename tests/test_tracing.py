@@ -15,12 +15,12 @@ from typing import Any
 import anyio
 import pytest
 
-from bus import Bus, Message, TaskStatus, TaskStore
-from runtime.agent import Agent, TaskContext, endpoint, task
-from runtime.client import Client
-from runtime.config import IntegrationConfig
-from runtime.telemetry import Telemetry
-from runtime.traces import SpanNode, read_spans, task_trees
+from dspyrt.bus import Bus, Message, TaskStatus, TaskStore
+from dspyrt.runtime.agent import Agent, TaskContext, endpoint, task
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.telemetry import Telemetry
+from dspyrt.runtime.traces import SpanNode, read_spans, task_trees
 from tests.helpers import ROOT, hosting, serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -164,7 +164,7 @@ async def test_a_task_submitted_with_the_cli_is_traced_from_its_submit(
     config: IntegrationConfig, telemetry: Telemetry, tmp_path: Path
 ) -> None:
     """With a collector configured, ``dspyrt submit`` sends its span there: the task's trace starts at the submit."""
-    from agents.example import ExampleAgent
+    from dspyrt.agents.example import ExampleAgent
 
     s = config.subjects
     (tmp_path / "input.json").write_text('{"text": "a b a"}')
@@ -178,7 +178,7 @@ async def test_a_task_submitted_with_the_cli_is_traced_from_its_submit(
         }
         async with serving(config, [ExampleAgent]):
             result = await anyio.run_process(
-                [sys.executable, "-m", "runtime.cli", "submit", "wordcount", str(tmp_path / "input.json"),
+                [sys.executable, "-m", "dspyrt.runtime.cli", "submit", "wordcount", str(tmp_path / "input.json"),
                  "--id", "cli-traced", "--wait", "--timeout", "20"],
                 env=env, check=False, cwd=ROOT,
             )  # fmt: skip

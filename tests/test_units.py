@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-import bus
-from bus import DspyrtError, Message, MessageValidationError, PayloadTooLargeError, Subjects
-from bus.messages import HEADER_ALLOWANCE, LISTED_ERRORS_LIMIT, MAX_FIELD_ERRORS, check_size, decode, encode, error_body
+import dspyrt.bus as bus_package
+from dspyrt.bus import DspyrtError, Message, MessageValidationError, PayloadTooLargeError, Subjects
+from dspyrt.bus.messages import (
+    HEADER_ALLOWANCE,
+    LISTED_ERRORS_LIMIT,
+    MAX_FIELD_ERRORS,
+    check_size,
+    decode,
+    encode,
+    error_body,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -129,7 +137,7 @@ def test_error_body_keeps_codes() -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    assert bus.__all__ == sorted(bus.__all__)
-    assert all(hasattr(bus, name) for name in bus.__all__)
-    errors = [getattr(bus, n) for n in bus.__all__ if n.endswith("Error") and n != "FieldError"]
+    assert bus_package.__all__ == sorted(bus_package.__all__)
+    assert all(hasattr(bus_package, name) for name in bus_package.__all__)
+    errors = [getattr(bus_package, n) for n in bus_package.__all__ if n.endswith("Error") and n != "FieldError"]
     assert all(issubclass(e, DspyrtError) for e in errors)

@@ -1,6 +1,6 @@
 """The guide's assertion framework: validators of a DSPy program's outputs, and the framework that runs them.
 
-    from agents.assertions import AssertionType, DSPyAssertionFramework, ValidationRequest
+    from dspyrt.agents.assertions import AssertionType, DSPyAssertionFramework, ValidationRequest
 
     framework = DSPyAssertionFramework()
     framework.add_validator(AssertionType.CUSTOM, MyValidator())
@@ -10,11 +10,11 @@
 
 Built-in validators: :class:`CodeQualityValidator`, :class:`LogicValidator`, :class:`PerformanceValidator`,
 :class:`SecurityValidator`; plugins come from the entry-point group ``dspyrt.validators``
-(:class:`CustomValidatorRegistry`). ``agents.validators`` puts them on the bus.
+(:class:`CustomValidatorRegistry`). ``dspyrt.agents.validators`` puts them on the bus.
 """
 
-from agents.assertions.code_quality import CodeQualityValidator
-from agents.assertions.core import (
+from dspyrt.agents.assertions.code_quality import CodeQualityValidator
+from dspyrt.agents.assertions.core import (
     AssertionResult,
     AssertionStats,
     AssertionStatsRecorder,
@@ -40,10 +40,10 @@ from agents.assertions.core import (
     Validator,
     default_validators,
 )
-from agents.assertions.custom import ENTRY_POINT_GROUP, CustomValidatorRegistry
-from agents.assertions.logic import LogicValidator
-from agents.assertions.performance import PerformanceValidator
-from agents.assertions.security import SecurityValidator
+from dspyrt.agents.assertions.custom import ENTRY_POINT_GROUP, CustomValidatorRegistry
+from dspyrt.agents.assertions.logic import LogicValidator
+from dspyrt.agents.assertions.performance import PerformanceValidator
+from dspyrt.agents.assertions.security import SecurityValidator
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from radon.visitors import ComplexityVisitor
 
-from agents.assertions.core import (
+from dspyrt.agents.assertions.core import (
     AssertionResult,
     AssertionType,
     CodeQualityOptions,

@@ -39,9 +39,9 @@ from pydantic import (
     model_validator,
 )
 
-from agents.programs import FieldType
-from bus.errors import ConfigurationError
-from bus.messages import Message
+from dspyrt.agents.programs import FieldType
+from dspyrt.bus.errors import ConfigurationError
+from dspyrt.bus.messages import Message
 
 log = logging.getLogger(__name__)
 
@@ -674,11 +674,11 @@ def _as_result(item: Any, assertion_type: AssertionType) -> AssertionResult:
 
 def default_validators() -> dict[AssertionType, list[Validator]]:
     """The four built-in validators, plus every plugin installed under ``dspyrt.validators`` as ``custom``."""
-    from agents.assertions.code_quality import CodeQualityValidator
-    from agents.assertions.custom import CustomValidatorRegistry
-    from agents.assertions.logic import LogicValidator
-    from agents.assertions.performance import PerformanceValidator
-    from agents.assertions.security import SecurityValidator
+    from dspyrt.agents.assertions.code_quality import CodeQualityValidator
+    from dspyrt.agents.assertions.custom import CustomValidatorRegistry
+    from dspyrt.agents.assertions.logic import LogicValidator
+    from dspyrt.agents.assertions.performance import PerformanceValidator
+    from dspyrt.agents.assertions.security import SecurityValidator
 
     return {
         AssertionType.CODE_QUALITY: [CodeQualityValidator()],

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 
-from agents.assertions.core import Validator
-from bus.errors import ConfigurationError, NotFoundError
+from dspyrt.agents.assertions.core import Validator
+from dspyrt.bus.errors import ConfigurationError, NotFoundError
 
 ENTRY_POINT_GROUP = "dspyrt.validators"
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import regex
 
-from agents.assertions.core import (
+from dspyrt.agents.assertions.core import (
     MAX_PATTERN_INPUT,
     PATTERN_TIMEOUT,
     AssertionResult,

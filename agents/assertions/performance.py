@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar
 
-from agents.assertions.core import AssertionResult, AssertionType, ResultCollector, Severity, ValidationRequest
+from dspyrt.agents.assertions.core import AssertionResult, AssertionType, ResultCollector, Severity, ValidationRequest
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -26,7 +26,7 @@ def percentile(values: Sequence[float], pct: float) -> float:
 
 
 class PerformanceValidator:
-    """Latency, tokens and cost of the recorded calls against :class:`~agents.assertions.core.Objectives`."""
+    """Latency, tokens and cost of the recorded calls against :class:`~dspyrt.agents.assertions.core.Objectives`."""
 
     name: ClassVar[str] = "performance"
 

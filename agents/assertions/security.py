@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from agents.assertions.code_quality import CodeItem, code_items, quiet_parser
-from agents.assertions.core import (
+from dspyrt.agents.assertions.code_quality import CodeItem, code_items, quiet_parser
+from dspyrt.agents.assertions.core import (
     AssertionResult,
     AssertionType,
     Case,
@@ -56,7 +56,7 @@ _SUMMARIES = {
 class SecurityValidator:
     """Dangerous code, secrets, personal data and prompt-injection echoes in the outputs.
 
-    What is looked for comes from each request's :class:`~agents.assertions.core.SecurityOptions`.
+    What is looked for comes from each request's :class:`~dspyrt.agents.assertions.core.SecurityOptions`.
     """
 
     name: ClassVar[str] = "security"

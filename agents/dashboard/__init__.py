@@ -1,16 +1,16 @@
 """The guide's metrics dashboard: metric series from the event stream, alert management, dashboard views.
 
-    from agents.dashboard import MetricsDashboard, MetricType, SnapshotQuery
+    from dspyrt.agents.dashboard import MetricsDashboard, MetricType, SnapshotQuery
 
     dashboard = MetricsDashboard(rules=load_rules_file(Path("alerts.toml")))
     dashboard.record_cycle_metrics(cycle_result)
     transitions = dashboard.evaluate_alerts()
 
-``agents.dashboard.agent.DashboardAgent`` puts it on the bus (``dashboard`` agent, group ``monitoring``) and
+``dspyrt.agents.dashboard.agent.DashboardAgent`` puts it on the bus (``dashboard`` agent, group ``monitoring``) and
 serves the web view; ``dspyrt dashboard`` shows the same data in the terminal.
 """
 
-from agents.dashboard.alerts import (
+from dspyrt.agents.dashboard.alerts import (
     Alert,
     AlertManager,
     AlertRule,
@@ -24,7 +24,7 @@ from agents.dashboard.alerts import (
     load_rules_file,
     parse_rules,
 )
-from agents.dashboard.core import (
+from dspyrt.agents.dashboard.core import (
     CustomMetricType,
     DashboardSnapshot,
     MetricPoint,

@@ -37,7 +37,7 @@ from opentelemetry import metrics
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from agents.dashboard.alerts import (
+from dspyrt.agents.dashboard.alerts import (
     Alert,
     AlertRule,
     AlertRuleError,
@@ -46,7 +46,7 @@ from agents.dashboard.alerts import (
     load_rules_file,
     parse_rules,
 )
-from agents.dashboard.core import (
+from dspyrt.agents.dashboard.core import (
     CustomMetricType,
     DashboardSnapshot,
     MetricsDashboard,
@@ -54,13 +54,21 @@ from agents.dashboard.core import (
     MetricTypeInfo,
     SnapshotQuery,
 )
-from agents.dashboard.otel import DashboardInstruments
-from agents.dashboard.web import DEFAULT_HOSTS, create_app, env_name, host_pattern, listen, running_web, web_access
-from agents.deployments import DeployRegistry, ProgramPointer
-from bus import DspyrtError, Empty, Event, Message, TaskStatus, decode
-from bus.streams import key_value, kv_keys
-from runtime.agent import Agent, CheckResult, endpoint
-from runtime.config import IntegrationConfig
+from dspyrt.agents.dashboard.otel import DashboardInstruments
+from dspyrt.agents.dashboard.web import (
+    DEFAULT_HOSTS,
+    create_app,
+    env_name,
+    host_pattern,
+    listen,
+    running_web,
+    web_access,
+)
+from dspyrt.agents.deployments import DeployRegistry, ProgramPointer
+from dspyrt.bus import DspyrtError, Empty, Event, Message, TaskStatus, decode
+from dspyrt.bus.streams import key_value, kv_keys
+from dspyrt.runtime.agent import Agent, CheckResult, endpoint
+from dspyrt.runtime.config import IntegrationConfig
 
 log = logging.getLogger("dspyrt.dashboard")
 
@@ -72,7 +80,7 @@ RULES_KEY = "rules"
 class DashboardSettings(BaseSettings):
     """The dashboard's own settings (environment ``DSPYRT_*``; not part of ``IntegrationConfig`` yet).
 
-    ``DSPYRT_ALERTS_FILE``             TOML file of ``[[rules]]`` (see ``agents.dashboard.alerts``)
+    ``DSPYRT_ALERTS_FILE``             TOML file of ``[[rules]]`` (see ``dspyrt.agents.dashboard.alerts``)
     ``DSPYRT_DASHBOARD_HOST``          where the web view listens (default 127.0.0.1; beyond loopback only
                                        with a token)
     ``DSPYRT_DASHBOARD_PORT``          its port (default 8765, or a free one when 8765 is taken; set, it is
@@ -459,7 +467,7 @@ class DashboardAgent(Agent):
         )
 
     async def _reoptimize(self, alert: Alert, program: str) -> None:
-        from agents.loop.cycle import last_cycle_key  # the loop (and DSPy) only when an alert needs it
+        from dspyrt.agents.loop.cycle import last_cycle_key  # the loop (and DSPy) only when an alert needs it
 
         try:
             entry = await self.cycles.get(last_cycle_key(program))

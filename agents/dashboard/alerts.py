@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-from bus import ConfigurationError, FieldError, Message
+from dspyrt.bus import ConfigurationError, FieldError, Message
 
 AlertState = Literal["firing", "resolved"]
 AlertSeverity = Literal["info", "warning", "critical"]
@@ -60,7 +60,7 @@ class PointLike(Protocol):
 
 
 class SeriesLike(Protocol):
-    """What a rule reads of a series (``agents.dashboard.core.MetricSeries`` is one)."""
+    """What a rule reads of a series (``dspyrt.agents.dashboard.core.MetricSeries`` is one)."""
 
     @property
     def metric_type(self) -> str: ...

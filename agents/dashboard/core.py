@@ -7,7 +7,7 @@ alert management, and the snapshot that both views (the web page and ``dspyrt da
     transitions = dashboard.evaluate_alerts()              # what fired / resolved since the last call
     view = dashboard.snapshot(SnapshotQuery(program="topic-classifier"))
 
-Nothing here touches NATS; ``agents.dashboard.agent`` feeds it from the event stream.
+Nothing here touches NATS; ``dspyrt.agents.dashboard.agent`` feeds it from the event stream.
 
 Events and the series they feed (labels in braces):
 
@@ -48,8 +48,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
-from agents.dashboard.alerts import Alert, AlertManager, AlertRule, AlertTransition, parse_rules
-from bus import DspyrtError, Event, Message
+from dspyrt.agents.dashboard.alerts import Alert, AlertManager, AlertRule, AlertTransition, parse_rules
+from dspyrt.bus import DspyrtError, Event, Message
 
 DEFAULT_MAX_POINTS = 2000
 DEFAULT_MAX_SERIES = 5000
@@ -455,7 +455,7 @@ def _flat_cycle(cycle: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
 
 def _improvement(data: Mapping[str, Any]) -> float | None:
     """A cycle's improvement: its optimized minus its baseline score, in percentage points, as
-    ``agents.optimizers.improvement_points`` defines it (not imported: the dashboard stays free of DSPy). Derived
+    ``dspyrt.agents.optimizers.improvement_points`` defines it (not imported: the dashboard stays free of DSPy). Derived
     from the two scores it records beside it, whatever figure the payload carries (an older coordinator sent the
     optimizer's, measured on its validation set); ``None`` without both scores."""
     baseline, optimized = _num(data, "baseline_score"), _num(data, "optimized_score")

@@ -38,8 +38,8 @@ from opentelemetry.metrics import Counter as OtelCounter
 from opentelemetry.metrics import Histogram, Meter
 from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge's public name (in __all__)
 
-from agents.dashboard.alerts import Alert
-from agents.dashboard.core import RATE_WINDOW, MetricPoint, MetricSeries, MetricType, MetricTypeInfo
+from dspyrt.agents.dashboard.alerts import Alert
+from dspyrt.agents.dashboard.core import RATE_WINDOW, MetricPoint, MetricSeries, MetricType, MetricTypeInfo
 
 # metric type -> (instrument name, unit, description)
 GAUGES: dict[str, tuple[str, str, str]] = {

@@ -47,9 +47,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agents.dashboard.core import DashboardSnapshot, SnapshotQuery
-from bus import ConfigurationError
-from bus.messages import field_errors_of
+from dspyrt.agents.dashboard.core import DashboardSnapshot, SnapshotQuery
+from dspyrt.bus import ConfigurationError
+from dspyrt.bus.messages import field_errors_of
 
 log = logging.getLogger("dspyrt.dashboard.web")
 
@@ -69,7 +69,7 @@ _ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "t
 
 
 def _asset(name: str) -> str:
-    return (files("agents.dashboard") / "static" / name).read_text(encoding="utf-8")
+    return (files("dspyrt.agents.dashboard") / "static" / name).read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------- access

@@ -1,8 +1,8 @@
 """Language models for the agents: model specs and registry, the offline demo engine, fault injection."""
 
-from agents.lm.demo import MODEL as DEMO_MODEL
-from agents.lm.demo import AsyncDemoFewShotEngine, DemoFewShotEngine, demo_lm
-from agents.lm.faults import (
+from dspyrt.agents.lm.demo import MODEL as DEMO_MODEL
+from dspyrt.agents.lm.demo import AsyncDemoFewShotEngine, DemoFewShotEngine, demo_lm
+from dspyrt.agents.lm.faults import (
     AsyncFaultyEngine,
     Fault,
     FaultInjector,
@@ -15,7 +15,7 @@ from agents.lm.faults import (
     RateLimitedError,
     UniformLatency,
 )
-from agents.lm.models import ModelRegistry, ModelSpec, build_lm
+from dspyrt.agents.lm.models import ModelRegistry, ModelSpec, build_lm
 
 __all__ = [
     "DEMO_MODEL",

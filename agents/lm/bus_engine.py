@@ -31,12 +31,12 @@ from dspy.lm15 import Message, Request, Response, Usage
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from agents.lm.cache import disable_dspy_cache
-from agents.lm.errors import TRANSIENT_CALL_CODES
-from agents.switcher_core import ChatMessage, CompletionReply, CompletionRequest
-from bus import DspyrtError, RemoteError
-from bus.errors import is_permanent
-from runtime.client import Client
+from dspyrt.agents.lm.cache import disable_dspy_cache
+from dspyrt.agents.lm.errors import TRANSIENT_CALL_CODES
+from dspyrt.agents.switcher_core import ChatMessage, CompletionReply, CompletionRequest
+from dspyrt.bus import DspyrtError, RemoteError
+from dspyrt.bus.errors import is_permanent
+from dspyrt.runtime.client import Client
 
 SWITCHER = "switcher"
 COMPLETE = "complete"

@@ -186,7 +186,7 @@ def demo_engines(*, fallback: str = "unknown", min_similarity: float = 0.0, faul
     engine: Any = DemoFewShotEngine(fallback=fallback, min_similarity=min_similarity)
     async_engine: Any = AsyncDemoFewShotEngine(engine)
     if faults is not None:
-        from agents.lm.faults import AsyncFaultyEngine, FaultInjector, FaultyEngine
+        from dspyrt.agents.lm.faults import AsyncFaultyEngine, FaultInjector, FaultyEngine
 
         injector = FaultInjector(faults)
         engine, async_engine = FaultyEngine(engine, injector), AsyncFaultyEngine(async_engine, injector)

@@ -2,7 +2,7 @@
 
 This is not a model and not a provider anyone should depend on. It exists so tests and benchmarks can drive
 the real ``dspy.LM("openai/<name>", api_base=..., api_key=...)`` HTTP path, with real usage figures, latency
-and faults, without the network. Every answer comes from :class:`agents.lm.demo.DemoFewShotEngine`: the
+and faults, without the network. Every answer comes from :class:`dspyrt.agents.lm.demo.DemoFewShotEngine`: the
 request body is read into a ``dspy.lm15.Request`` by lm15's own Chat Completions reader and answered with
 the outputs of the nearest few-shot demo in the prompt (ChatAdapter or JSONAdapter format); usage is
 counted in whitespace tokens, as the demo engine counts it.
@@ -26,7 +26,7 @@ counts); then one draw of a ``random.Random(seed)`` per request, in arrival orde
 success. Rate limits and rejections answer at once; otherwise ``latency`` seconds pass (``anyio.sleep``)
 before the answer, the 500 or the drop. The same seed and the same arrival order give the same outcomes.
 
-Run it as a process (``python -m agents.lm.demo_provider --port 0 --api-key KEY``; it prints one line,
+Run it as a process (``python -m dspyrt.agents.lm.demo_provider --port 0 --api-key KEY``; it prints one line,
 ``listening on http://HOST:PORT``, then serves until SIGTERM/SIGINT), or from a test with
 :func:`run_demo_provider`, which starts that process and stops it on exit::
 
@@ -64,7 +64,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from dspy.lm15 import LM15Error, Request, request_from_openai_chat
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agents.lm.demo import DemoFewShotEngine
+from dspyrt.agents.lm.demo import DemoFewShotEngine
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -539,7 +539,7 @@ _FAULT_FLAGS = tuple(FaultSettings.model_fields)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m agents.lm.demo_provider",
+        prog="python -m dspyrt.agents.lm.demo_provider",
         description="A local OpenAI-compatible DEMO/TEST provider (answers like the offline demo engine).",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -646,7 +646,7 @@ def run_demo_provider(
     """
     settings = FaultSettings(**faults)
     key = api_key if api_key is not None else "sk-demo-" + secrets.token_hex(12)
-    argv = [sys.executable, "-m", "agents.lm.demo_provider", "--host", host, "--port", "0", "--api-key", key]
+    argv = [sys.executable, "-m", "dspyrt.agents.lm.demo_provider", "--host", host, "--port", "0", "--api-key", key]
     argv += [arg for model in models for arg in ("--model", model)]
     for name, value in settings.model_dump(exclude_defaults=True).items():
         argv += ["--" + name.replace("_", "-"), str(value)]

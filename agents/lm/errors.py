@@ -38,7 +38,7 @@ from dspy.utils.exceptions import (
     LMTransportError,
 )
 
-from bus import DspyrtError, PermanentError, RetryableError
+from dspyrt.bus import DspyrtError, PermanentError, RetryableError
 
 FailureKind = Literal["rate_limited", "transient", "permanent"]
 

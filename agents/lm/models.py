@@ -24,11 +24,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agents.lm.cache import disable_dspy_cache
-from agents.lm.demo import MODEL as DEMO_MODEL
-from agents.lm.demo import demo_lm
-from agents.lm.faults import FaultProfile
-from bus.errors import ConfigurationError, NotFoundError
+from dspyrt.agents.lm.cache import disable_dspy_cache
+from dspyrt.agents.lm.demo import MODEL as DEMO_MODEL
+from dspyrt.agents.lm.demo import demo_lm
+from dspyrt.agents.lm.faults import FaultProfile
+from dspyrt.bus.errors import ConfigurationError, NotFoundError
 
 DEMO_PREFIX = "demo/"
 _SECRET_KEYS = frozenset({"api_key", "apikey", "key", "secret", "token", "password"})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.loop.models import CreateRequest, CreateResult
-from agents.optimizers import program_inputs
-from agents.programs import ProgramSpec, build_program, program_hash
-from runtime.agent import Agent, endpoint
+from dspyrt.agents.loop.models import CreateRequest, CreateResult
+from dspyrt.agents.optimizers import program_inputs
+from dspyrt.agents.programs import ProgramSpec, build_program, program_hash
+from dspyrt.runtime.agent import Agent, endpoint
 
 
 def create_program(spec: ProgramSpec) -> tuple[Any, CreateResult]:

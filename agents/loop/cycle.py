@@ -25,9 +25,9 @@ from nats.errors import MaxPayloadError
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from agents.loop.create import create_program
-from agents.loop.evaluation import answered_results
-from agents.loop.models import (
+from dspyrt.agents.loop.create import create_program
+from dspyrt.agents.loop.evaluation import answered_results
+from dspyrt.agents.loop.models import (
     EXAMPLE_FIELDS,
     PHASES,
     CreateResult,
@@ -42,13 +42,13 @@ from agents.loop.models import (
     ProgramRef,
     feedback_dataset,
 )
-from agents.optimizers import OptimizationRequest, OptimizationResult, improvement_points
-from agents.scoring import ExampleResult
-from bus import PayloadTooLargeError, PermanentError, RetryableError, TaskStatus
-from bus.claims import ClaimStore
-from bus.streams import key_value
-from runtime.agent import Agent, TaskContext, task
-from runtime.datasets import DatasetNotFoundError, DatasetRef, DatasetStore, references_in
+from dspyrt.agents.optimizers import OptimizationRequest, OptimizationResult, improvement_points
+from dspyrt.agents.scoring import ExampleResult
+from dspyrt.bus import PayloadTooLargeError, PermanentError, RetryableError, TaskStatus
+from dspyrt.bus.claims import ClaimStore
+from dspyrt.bus.streams import key_value
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.datasets import DatasetNotFoundError, DatasetRef, DatasetStore, references_in
 
 
 class CycleStore(Protocol):
@@ -67,7 +67,7 @@ class CyclePhases(Protocol):
 
 
 class Datasets(Protocol):
-    """What the loop asks of the dataset store (``runtime.datasets.DatasetStore``)."""
+    """What the loop asks of the dataset store (``dspyrt.runtime.datasets.DatasetStore``)."""
 
     async def pin(self, value: Any) -> Any: ...
     async def resolve(self, ref: DatasetRef | str) -> DatasetRef: ...
@@ -375,7 +375,7 @@ class BusPhases:
         return self._claims
 
     async def create(self, req: CycleRequest) -> CreateResult:
-        from agents.loop.models import CreateRequest
+        from dspyrt.agents.loop.models import CreateRequest
 
         return await self.agent.client.request(
             "loop-create", "create", CreateRequest(program=req.program), CreateResult, timeout=30

@@ -14,13 +14,13 @@ from contextlib import asynccontextmanager
 
 from pydantic import Field
 
-from agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
-from agents.loop.gate import check_objectives
-from agents.loop.models import PROGRAM_NAME, DeployRequest, DeployVerdict
-from agents.programs import program_hash
-from bus import Empty, Message, NotFoundError
-from bus.audit import record_audit
-from runtime.agent import Agent, current_caller, endpoint
+from dspyrt.agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
+from dspyrt.agents.loop.gate import check_objectives
+from dspyrt.agents.loop.models import PROGRAM_NAME, DeployRequest, DeployVerdict
+from dspyrt.agents.programs import program_hash
+from dspyrt.bus import Empty, Message, NotFoundError
+from dspyrt.bus.audit import record_audit
+from dspyrt.runtime.agent import Agent, current_caller, endpoint
 
 
 class ProgramName(Message):

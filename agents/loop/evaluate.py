@@ -10,7 +10,7 @@ A devset named by dataset reference is never read whole: the coordinator pins it
 many rows, which fields), and each shard carries the reference with its row range; an evaluator reads only its
 shard's rows (through a store that keeps a few parts cached, so its memory does not grow with the devset).
 Shard results are merged as they arrive into counters and a spool file, and a large evaluation's per-example
-results go to the results object store (``agents.loop.evaluation``).
+results go to the results object store (``dspyrt.agents.loop.evaluation``).
 """
 
 from __future__ import annotations
@@ -25,19 +25,19 @@ from typing import Any
 
 import anyio
 
-from agents.artifacts import ArtifactStore
-from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
-from agents.loop.evaluation import EvaluationAccumulator, store_results, to_examples
-from agents.loop.models import EvaluateRequest, EvaluationResult, ProgramRef, ShardRequest, ShardResult
-from agents.metrics import MetricRegistry
-from agents.optimizers import program_inputs
-from agents.programs import build_program, load_program_state
-from agents.scoring import evaluate_examples
-from agents.switcher_core import Selection, SelectRequest
-from bus import DspyrtError, MessageValidationError, PermanentError, TaskStatus
-from bus.claims import ClaimStore
-from runtime.agent import Agent, TaskContext, task
-from runtime.datasets import DatasetManifest, DatasetRef, DatasetStore, references_in
+from dspyrt.agents.artifacts import ArtifactStore
+from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
+from dspyrt.agents.loop.evaluation import EvaluationAccumulator, store_results, to_examples
+from dspyrt.agents.loop.models import EvaluateRequest, EvaluationResult, ProgramRef, ShardRequest, ShardResult
+from dspyrt.agents.metrics import MetricRegistry
+from dspyrt.agents.optimizers import program_inputs
+from dspyrt.agents.programs import build_program, load_program_state
+from dspyrt.agents.scoring import evaluate_examples
+from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.bus import DspyrtError, MessageValidationError, PermanentError, TaskStatus
+from dspyrt.bus.claims import ClaimStore
+from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.datasets import DatasetManifest, DatasetRef, DatasetStore, references_in
 
 # Shards submitted and awaited at once: enough to keep every evaluator replica busy, without one subscription and
 # one waiting task per shard of a 100,000-example devset.

@@ -4,7 +4,8 @@ Each example is run once in a worker thread under ``dspy.context(lm=...)``; its 
 error are kept, keyed by the example's index in the whole devset. Merging is by index, so a shard scored twice
 (its first worker died after finishing) can never count an example twice.
 
-How each example's failure counts is ``agents.scoring``'s rule: a failure of the example scores 0, an LM call that
+How each example's failure counts is ``dspyrt.agents.scoring``'s rule: a failure of the example scores 0, an LM call
+that
 failed after retries and fallback is an error left out of the score (and counted against coverage), anything else
 fails the shard: scoring every example 0 would report a baseline of 0 and a huge improvement.
 
@@ -27,10 +28,10 @@ from typing import Any, BinaryIO
 import anyio
 import dspy
 
-from agents.loop.models import EvaluationResult, ShardResult
-from agents.scoring import ExampleResult, check_error_rate
-from bus import DspyrtError, MessageValidationError
-from bus.claims import ClaimStore, ObjectRef
+from dspyrt.agents.loop.models import EvaluationResult, ShardResult
+from dspyrt.agents.scoring import ExampleResult, check_error_rate
+from dspyrt.bus import DspyrtError, MessageValidationError
+from dspyrt.bus.claims import ClaimStore, ObjectRef
 
 # Up to this many examples (and INLINE_RESULTS_BYTES of their JSON), results stay inline in the EvaluationResult;
 # beyond, they go to the results object store. Both bounds keep an evaluation (and the cycle state holding two)

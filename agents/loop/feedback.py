@@ -10,7 +10,8 @@ Storage:
 - KV bucket ``<PREFIX>_feedback`` (no expiry): ``settings.<program>`` the program's sample rate (default: off), and
   ``head.<program>`` the feedback dataset version the last batch wrote: the compare-and-swap point that orders
   batches, so two at once (on any replicas) both land.
-- Dataset ``<program>-feedback`` (:mod:`runtime.datasets`): one version per batch, the previous version's rows plus
+- Dataset ``<program>-feedback`` (:mod:`dspyrt.runtime.datasets`): one version per batch, the previous version's rows
+plus
   the batch's, a later correction of the same inputs replacing the earlier one. A row is the prediction's inputs
   and outputs with the corrected fields overridden.
 
@@ -33,7 +34,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from agents.loop.feedback_models import (
+from dspyrt.agents.loop.feedback_models import (
     FeedbackItem,
     FeedbackReply,
     FeedbackRequest,
@@ -41,12 +42,12 @@ from agents.loop.feedback_models import (
     RecordedPrediction,
     RecordSettings,
 )
-from agents.loop.models import feedback_dataset as feedback_reference
-from bus import Bus, DspyrtError, Message, MessageValidationError, NotFoundError, StreamLayout
-from bus.errors import FieldError
-from bus.messages import clip
-from bus.streams import cache_bucket, key_value, kv_keys_matching, kv_update
-from runtime.datasets import (
+from dspyrt.agents.loop.models import feedback_dataset as feedback_reference
+from dspyrt.bus import Bus, DspyrtError, Message, MessageValidationError, NotFoundError, StreamLayout
+from dspyrt.bus.errors import FieldError
+from dspyrt.bus.messages import clip
+from dspyrt.bus.streams import cache_bucket, key_value, kv_keys_matching, kv_update
+from dspyrt.runtime.datasets import (
     DatasetIndex,
     DatasetManifest,
     DatasetNotFoundError,

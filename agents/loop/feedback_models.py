@@ -1,5 +1,5 @@
 """Payloads of production feedback on the serving agent: ``record``, ``predictions``, ``feedback``, and the
-recorded prediction itself (see :mod:`agents.loop.feedback`)."""
+recorded prediction itself (see :mod:`dspyrt.agents.loop.feedback`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from bus import Message
+from dspyrt.bus import Message
 
 PROGRAM_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # as agents.loop.models: a program name is one subject/KV token
 PREDICTION_ID = r"^[0-9a-f]{24}$"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.loop.models import DeployRequest
-from agents.optimizers import improvement_points
+from dspyrt.agents.loop.models import DeployRequest
+from dspyrt.agents.optimizers import improvement_points
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2, "critical": 3}
 

@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agents.optimizers import ArtifactRef, Budget, OptimizationResult
-from agents.programs import ProgramSpec, parse_program_spec
-from agents.scoring import DEFAULT_MAX_ERROR_RATE, ExampleResult
-from bus import Message, MessageValidationError
-from bus.claims import ObjectRef
-from runtime.datasets import DatasetRef, Examples
+from dspyrt.agents.optimizers import ArtifactRef, Budget, OptimizationResult
+from dspyrt.agents.programs import ProgramSpec, parse_program_spec
+from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE, ExampleResult
+from dspyrt.bus import Message, MessageValidationError
+from dspyrt.bus.claims import ObjectRef
+from dspyrt.runtime.datasets import DatasetRef, Examples
 
 Severity = Literal["info", "warning", "error", "critical"]
 PROGRAM_NAME = r"^[A-Za-z0-9_-]{1,64}$"

@@ -6,7 +6,7 @@ pointer, and the next request runs the version it names. A request's inputs are 
 input fields first: a missing or unknown field is refused (``invalid_message``, with the fields it expects)
 before any LM call, since DSPy would only log a warning and answer anyway.
 
-Production feedback (:mod:`agents.loop.feedback`): ``record`` sets the share of a program's predictions that are
+Production feedback (:mod:`dspyrt.agents.loop.feedback`): ``record`` sets the share of a program's predictions that are
 recorded (off by default); a recorded call's reply carries its ``prediction_id``; ``predictions`` lists a program's
 newest records; ``feedback`` takes corrections of recorded predictions and stores them as a new version of the
 program's feedback dataset (event ``feedback.recorded``, per program version in the batch).
@@ -21,11 +21,11 @@ from typing import Any
 
 import anyio
 
-from agents.artifacts import ArtifactStore
-from agents.deployments import DeployedVersion, DeployRegistry
-from agents.lm.bus_engine import Routing, bus_lm, program_context
-from agents.loop.feedback import FeedbackStore, new_prediction_id
-from agents.loop.feedback_models import (
+from dspyrt.agents.artifacts import ArtifactStore
+from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
+from dspyrt.agents.lm.bus_engine import Routing, bus_lm, program_context
+from dspyrt.agents.loop.feedback import FeedbackStore, new_prediction_id
+from dspyrt.agents.loop.feedback_models import (
     FeedbackReply,
     FeedbackRequest,
     PredictionList,
@@ -34,14 +34,14 @@ from agents.loop.feedback_models import (
     RecordRequest,
     RecordSettings,
 )
-from agents.loop.models import PredictReply, PredictRequest
-from agents.optimizers import ArtifactRef, ProgramInputs, program_inputs
-from agents.programs import load_program_state, parse_program_spec
-from agents.scoring import jsonable
-from agents.switcher_core import Selection, SelectRequest
-from bus import MessageValidationError, NotFoundError
-from bus.tracing import current_trace_id
-from runtime.agent import Agent, CheckResult, endpoint
+from dspyrt.agents.loop.models import PredictReply, PredictRequest
+from dspyrt.agents.optimizers import ArtifactRef, ProgramInputs, program_inputs
+from dspyrt.agents.programs import load_program_state, parse_program_spec
+from dspyrt.agents.scoring import jsonable
+from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.bus import MessageValidationError, NotFoundError
+from dspyrt.bus.tracing import current_trace_id
+from dspyrt.runtime.agent import Agent, CheckResult, endpoint
 
 # Room left in a ``predictions`` reply for everything but the records.
 _REPLY_MARGIN = 16 * 1024

@@ -1,19 +1,20 @@
 """The guide's role refinement: rewrite agent roles for a target context (e.g. a solo developer) without
 corporate patterns, version them, and serve them to other agents.
 
-    from agents.roles import RoleDefinition, RoleRefinementSystem, RoleType
+    from dspyrt.agents.roles import RoleDefinition, RoleRefinementSystem, RoleType
 
     role = RoleDefinition(role_type=RoleType.PLANNER, focus="business strategy and stakeholder management",
                           context="enterprise system overview",
                           responsibilities=["stakeholder_analysis", "business_priority_assessment"])
     result = RoleRefinementSystem().refine(role, "solo developer", lm=dspy_lm)   # lm=None: checks only
 
-``agents.roles.core`` holds the models and the deterministic checks, ``agents.roles.program`` the DSPy program
-(``RoleRefiner``) and its bundled demos, ``agents.roles.store`` the versioned KV store, and
-``agents.roles.agent`` the ``roles`` agent.
+``dspyrt.agents.roles.core`` holds the models and the deterministic checks, ``dspyrt.agents.roles.program`` the DSPy
+program
+(``RoleRefiner``) and its bundled demos, ``dspyrt.agents.roles.store`` the versioned KV store, and
+``dspyrt.agents.roles.agent`` the ``roles`` agent.
 """
 
-from agents.roles.agent import (
+from dspyrt.agents.roles.agent import (
     REFINE_TASK,
     CheckReply,
     CheckRequest,
@@ -23,7 +24,7 @@ from agents.roles.agent import (
     RoleRecord,
     RolesAgent,
 )
-from agents.roles.core import (
+from dspyrt.agents.roles.core import (
     CORPORATE_PATTERNS,
     DEFAULT_TARGET_CONTEXT,
     PATTERN_NAMES,
@@ -42,7 +43,7 @@ from agents.roles.core import (
     proposal_score,
     scrub,
 )
-from agents.roles.program import (
+from dspyrt.agents.roles.program import (
     BUNDLED_DEMOS,
     RefineRole,
     RoleRefinementMetric,
@@ -51,7 +52,7 @@ from agents.roles.program import (
     example_row,
     role_refinement_metric,
 )
-from agents.roles.store import RolePointer, RoleStore
+from dspyrt.agents.roles.store import RolePointer, RoleStore
 
 __all__ = [
     "BUNDLED_DEMOS",

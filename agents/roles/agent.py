@@ -25,8 +25,8 @@ from functools import partial
 import anyio
 from pydantic import Field
 
-from agents.lm.bus_engine import Routing, UsageMeter, bus_lm
-from agents.roles.core import (
+from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
+from dspyrt.agents.roles.core import (
     CORPORATE_PATTERNS,
     DEFAULT_TARGET_CONTEXT,
     NAME_PATTERN,
@@ -36,9 +36,9 @@ from agents.roles.core import (
     RoleRefinementSystem,
     patterns_in,
 )
-from agents.roles.store import RolePointer, RoleStore
-from bus import Empty, Message
-from runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
+from dspyrt.agents.roles.store import RolePointer, RoleStore
+from dspyrt.bus import Empty, Message
+from dspyrt.runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
 
 REFINE_TASK = "refine-role"
 

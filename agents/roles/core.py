@@ -1,9 +1,10 @@
 """The guide's role refinement in plain Python: ``RoleType``, ``RoleDefinition``, ``RoleRefinementResult`` and
-``RoleRefinementSystem``, with the deterministic corporate-pattern checks. ``agents.roles.agent`` puts it on the bus.
+``RoleRefinementSystem``, with the deterministic corporate-pattern checks. ``dspyrt.agents.roles.agent`` puts it on
+the bus.
 
 A refinement has two parts, and the result says which part produced what:
 
-1. **The LM part** (``agents.roles.program``, a DSPy program): proposes a rewritten focus, context and list of
+1. **The LM part** (``dspyrt.agents.roles.program``, a DSPy program): proposes a rewritten focus, context and list of
    responsibilities for the target context, and a mapping of rewritten responsibilities.
 2. **The deterministic pass** (:meth:`RoleRefinementSystem.apply`, regular expressions, no LM): finds the corporate
    patterns before and after, and enforces the rules whatever the LM answered —
@@ -30,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from bus import Message
+from dspyrt.bus import Message
 
 DEFAULT_TARGET_CONTEXT = "solo developer"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -435,7 +436,7 @@ def proposal_score(role: RoleDefinition, proposal: Proposal) -> float:
 class RoleRefinementSystem:
     """Refines roles for a target context: the DSPy program proposes, the deterministic pass decides.
 
-    ``program`` is the DSPy module that proposes rewrites (default: :class:`agents.roles.program.RoleRefiner`
+    ``program`` is the DSPy module that proposes rewrites (default: :class:`dspyrt.agents.roles.program.RoleRefiner`
     with its bundled demos). :meth:`refine` is blocking (it makes LM calls): run it in a worker thread.
     """
 
@@ -443,7 +444,7 @@ class RoleRefinementSystem:
 
     def __post_init__(self) -> None:
         if self.program is None:
-            from agents.roles.program import RoleRefiner
+            from dspyrt.agents.roles.program import RoleRefiner
 
             self.program = RoleRefiner()
 
@@ -454,7 +455,7 @@ class RoleRefinementSystem:
 
     def propose(self, role: RoleDefinition, target_context: str, lm: Any) -> tuple[Proposal, list[str]]:
         """The LM part: run the program with ``lm``; an answer the adapter cannot parse is an empty proposal."""
-        from agents.roles.program import run_refiner
+        from dspyrt.agents.roles.program import run_refiner
 
         return run_refiner(self.program, role, target_context, lm)
 

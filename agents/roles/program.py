@@ -9,7 +9,7 @@ worked examples. Registered under ``dspyrt.programs`` it is optimizable by name 
                                    "metric": "role_refinement", ...}}
 
 where each training row is :func:`example_row` of a role, a target context and the refined answer. Whatever the
-program answers, ``agents.roles.core`` applies the deterministic checks afterwards.
+program answers, ``dspyrt.agents.roles.core`` applies the deterministic checks afterwards.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from agents.lm.bus_engine import program_context
-from agents.lm.errors import project_error
-from agents.roles.core import (
+from dspyrt.agents.lm.bus_engine import program_context
+from dspyrt.agents.lm.errors import project_error
+from dspyrt.agents.roles.core import (
     DEFAULT_TARGET_CONTEXT,
     Proposal,
     RoleDefinition,
@@ -185,7 +185,7 @@ def _role_of(
 
 
 class RoleRefinementMetric:
-    """DSPy metric for the program: :func:`agents.roles.core.proposal_score` of the raw prediction (0..1).
+    """DSPy metric for the program: :func:`dspyrt.agents.roles.core.proposal_score` of the raw prediction (0..1).
 
     It scores what the LM proposed, before the deterministic pass repairs anything, so optimizing the program
     improves what the LM contributes.

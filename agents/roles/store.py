@@ -18,9 +18,9 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
-from agents.roles.core import RoleRefinementResult
-from bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
-from bus.streams import key_value, kv_keys
+from dspyrt.agents.roles.core import RoleRefinementResult
+from dspyrt.bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
+from dspyrt.bus.streams import key_value, kv_keys
 
 BUCKET = "roles"
 _ATTEMPTS = 50

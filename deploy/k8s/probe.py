@@ -28,10 +28,10 @@ from typing import Any
 
 import anyio
 
-from bus import Bus, BusUnavailableError, ConfigurationError
-from bus.subjects import SERVICE_PING, SERVICE_STATS
-from runtime.client import resolve_servers
-from runtime.config import load_config
+from dspyrt.bus import Bus, BusUnavailableError, ConfigurationError
+from dspyrt.bus.subjects import SERVICE_PING, SERVICE_STATS
+from dspyrt.runtime.client import resolve_servers
+from dspyrt.runtime.config import load_config
 
 CONNECT_TIMEOUT = 2.0
 WINDOW = 2.0

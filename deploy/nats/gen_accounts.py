@@ -191,12 +191,13 @@ class Names:
         return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.task_stream}.{self.task_consumer(kind)}"
 
     def audit(self, user: str, action: str) -> str:
-        """Where ``user`` records audit ``action`` (``bus.subjects.Subjects.audit``): the subject names the user."""
+        """Where ``user`` records audit ``action`` (``dspyrt.bus.subjects.Subjects.audit``): the subject names the
+        user."""
         return f"{self.prefix}.audit.{user}.{action}"
 
     @staticmethod
     def inbox(user: str) -> str:
-        """Replies to ``user`` (``bus.subjects.inbox_prefix``): only that user may subscribe there."""
+        """Replies to ``user`` (``dspyrt.bus.subjects.inbox_prefix``): only that user may subscribe there."""
         return f"_INBOX.{user}.>"
 
     def task(self, kind: str) -> str:
@@ -210,7 +211,8 @@ class Names:
         return f"{self.prefix}.{dotted}"
 
     def gateway(self, user: str) -> str:
-        """A client's own gateway subjects (``bus.subjects.Subjects.user_endpoint``): the subject names the user."""
+        """A client's own gateway subjects (``dspyrt.bus.subjects.Subjects.user_endpoint``): the subject names the
+        user."""
         return f"{self.prefix}.gateway.{user}.>"
 
     def event(self, topic: str) -> str:
@@ -232,7 +234,7 @@ def _api(*parts: str) -> str:
 
 
 def open_stream(stream: str) -> list[str]:
-    """Open an existing stream or bucket, creating it if missing (``bus.streams.key_value``/``object_store``)."""
+    """Open an existing stream or bucket, creating it if missing (``dspyrt.bus.streams.key_value``/``object_store``)."""
     return [_api("STREAM.INFO", stream), _api("STREAM.CREATE", stream)]
 
 

@@ -59,8 +59,8 @@ from dspy.utils.exceptions import (
 )
 from pydantic import ValidationError
 
-import agents.lm.demo_provider as demo_provider
-from agents.lm.demo_provider import (
+import dspyrt.agents.lm.demo_provider as demo_provider
+from dspyrt.agents.lm.demo_provider import (
     DemoProviderProcess,
     FaultSchedule,
     FaultSettings,

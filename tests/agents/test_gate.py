@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.loop.gate import check_objectives
-from agents.loop.models import DeployRequest
+from dspyrt.agents.loop.gate import check_objectives
+from dspyrt.agents.loop.models import DeployRequest
 
 SPEC = {"signature": "text -> topic", "instructions": "Classify."}
 ARTIFACT = {"store": "s", "name": "p/1.json", "version": "1", "sha256": "", "size": 0}

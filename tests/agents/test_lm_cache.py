@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agents.lm.cache import CachedResponse, ResponseCache
-from agents.switcher_core import (
+from dspyrt.agents.lm.cache import CachedResponse, ResponseCache
+from dspyrt.agents.switcher_core import (
     ChatMessage,
     CompletionReply,
     CompletionRequest,

@@ -15,7 +15,8 @@ import pytest
 from dspy.lm15 import Config, Message, Request, Response
 from dspy.utils.exceptions import LMRateLimitError, LMServerError, is_retryable_lm_error
 
-from agents.lm import (
+import dspyrt.agents.lm as lm_package
+from dspyrt.agents.lm import (
     AsyncDemoFewShotEngine,
     AsyncFaultyEngine,
     DemoFewShotEngine,
@@ -32,8 +33,8 @@ from agents.lm import (
     build_lm,
     demo_lm,
 )
-from agents.metrics import get_metric
-from bus.errors import ConfigurationError, NotFoundError
+from dspyrt.agents.metrics import get_metric
+from dspyrt.bus.errors import ConfigurationError, NotFoundError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -191,7 +192,7 @@ async def test_async_twin_matches_sync_engine() -> None:
 
 def test_lm_with_demo_engine_saves_and_restores() -> None:
     state = demo_lm(fallback="none yet").dump_state()
-    assert state["engine"]["class"] == "agents.lm.demo:DemoFewShotEngine"
+    assert state["engine"]["class"] == "dspyrt.agents.lm.demo:DemoFewShotEngine"
     restored = dspy.LM.load_state(state, allow_custom_lm_class=True)
     with dspy.context(lm=restored):
         assert dspy.Predict("q -> a")(q="x").a == "none yet"
@@ -403,10 +404,9 @@ def test_keys_are_refused_in_configuration_and_never_echoed() -> None:
 
 
 def test_public_surface_is_pinned() -> None:
-    import agents.lm
 
-    assert agents.lm.__all__ == sorted(agents.lm.__all__, key=lambda name: (not name.isupper(), name))
-    assert set(agents.lm.__all__) == {
+    assert lm_package.__all__ == sorted(lm_package.__all__, key=lambda name: (not name.isupper(), name))
+    assert set(lm_package.__all__) == {
         "DEMO_MODEL",
         "AsyncDemoFewShotEngine",
         "AsyncFaultyEngine",

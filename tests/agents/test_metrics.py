@@ -8,15 +8,15 @@ from typing import Any
 import dspy
 import pytest
 
-from agents.lm import demo_lm
-from agents.metrics import (
+from dspyrt.agents.lm import demo_lm
+from dspyrt.agents.metrics import (
     BUILTIN_METRICS,
     ENTRY_POINT_GROUP,
     MetricRegistry,
     field_metric,
     get_metric,
 )
-from bus.errors import ConfigurationError, NotFoundError
+from dspyrt.bus.errors import ConfigurationError, NotFoundError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -10,8 +10,8 @@ from typing import Any
 import dspy
 import pytest
 
-from agents.lm import demo_lm
-from agents.programs import (
+from dspyrt.agents.lm import demo_lm
+from dspyrt.agents.programs import (
     ENTRY_POINT_GROUP,
     HasForward,
     ProgramRegistry,
@@ -22,7 +22,7 @@ from agents.programs import (
     parse_program_spec,
     program_hash,
 )
-from bus.errors import ConfigurationError, MessageValidationError, NotFoundError
+from dspyrt.bus.errors import ConfigurationError, MessageValidationError, NotFoundError
 
 pytestmark = pytest.mark.timeout(30)
 

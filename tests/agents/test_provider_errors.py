@@ -1,4 +1,4 @@
-"""The provider error taxonomy (agents.lm.errors) on DSPy's own error classes and plain HTTP/network errors."""
+"""The provider error taxonomy (dspyrt.agents.lm.errors) on DSPy's own error classes and plain HTTP/network errors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dspy.utils.exceptions import (
     LMUnsupportedModelError,
 )
 
-from agents.lm.errors import RedactFn, classify, provider_message
+from dspyrt.agents.lm.errors import RedactFn, classify, provider_message
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -11,12 +11,12 @@ import pytest
 from dspy import lm15
 from dspy.utils.exceptions import LMRateLimitError
 
-from agents import switcher_core
-from agents.lm.errors import AllModelsFailedError, ProviderError, RateLimitedError
-from agents.lm.faults import FaultProfile
-from agents.lm.models import ModelRegistry, ModelSpec
-from agents.switcher import DspyModelCaller
-from agents.switcher_core import (
+from dspyrt.agents import switcher_core
+from dspyrt.agents.lm.errors import AllModelsFailedError, ProviderError, RateLimitedError
+from dspyrt.agents.lm.faults import FaultProfile
+from dspyrt.agents.lm.models import ModelRegistry, ModelSpec
+from dspyrt.agents.switcher import DspyModelCaller
+from dspyrt.agents.switcher_core import (
     ChatMessage,
     CompletionReply,
     CompletionRequest,

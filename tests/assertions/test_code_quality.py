@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agents.assertions import AssertionResult, AssertionType, CodeQualityValidator, Severity, ValidationRequest
+from dspyrt.agents.assertions import AssertionResult, AssertionType, CodeQualityValidator, Severity, ValidationRequest
 
 pytestmark = pytest.mark.timeout(30)
 

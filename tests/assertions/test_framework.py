@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-import agents.assertions
-from agents.assertions import (
+import dspyrt.agents.assertions as assertions_package
+from dspyrt.agents.assertions import (
     ENTRY_POINT_GROUP,
     AssertionResult,
     AssertionType,
@@ -25,7 +25,7 @@ from agents.assertions import (
     ValidationReport,
     ValidationRequest,
 )
-from bus.errors import ConfigurationError, NotFoundError
+from dspyrt.bus.errors import ConfigurationError, NotFoundError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -93,8 +93,8 @@ def builtins() -> dict[AssertionType, Sequence[Any]]:
 
 
 def test_public_api_is_pinned() -> None:
-    assert agents.assertions.__all__ == sorted(agents.assertions.__all__, key=lambda n: (not n.isupper(), n))
-    assert set(agents.assertions.__all__) == {
+    assert assertions_package.__all__ == sorted(assertions_package.__all__, key=lambda n: (not n.isupper(), n))
+    assert set(assertions_package.__all__) == {
         "ENTRY_POINT_GROUP", "AssertionResult", "AssertionStats", "AssertionStatsRecorder", "AssertionType", "Case",
         "CheckSummary", "CodeQualityOptions", "CodeQualityValidator", "Comparison", "ConsistencyOptions",
         "CustomValidatorRegistry", "DSPyAssertionFramework", "FieldSchema", "Invariant", "LogicValidator",

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agents.assertions import AssertionResult, LogicValidator, Severity, ValidationRequest
+from dspyrt.agents.assertions import AssertionResult, LogicValidator, Severity, ValidationRequest
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from agents.assertions import AssertionResult, PerformanceValidator, Severity, ValidationRequest
-from agents.assertions.performance import percentile
+from dspyrt.agents.assertions import AssertionResult, PerformanceValidator, Severity, ValidationRequest
+from dspyrt.agents.assertions.performance import percentile
 
 pytestmark = pytest.mark.timeout(30)
 

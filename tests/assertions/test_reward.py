@@ -7,9 +7,9 @@ from typing import Any
 import dspy
 import pytest
 
-from agents.assertions import AssertionType, DSPyAssertionFramework, LogicValidator, SecurityValidator
-from agents.assertions import ValidationRequest as Request
-from agents.lm import demo_lm
+from dspyrt.agents.assertions import AssertionType, DSPyAssertionFramework, LogicValidator, SecurityValidator
+from dspyrt.agents.assertions import ValidationRequest as Request
+from dspyrt.agents.lm import demo_lm
 
 pytestmark = pytest.mark.timeout(30)
 

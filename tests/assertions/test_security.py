@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from agents.assertions import AssertionResult, SecurityValidator, Severity, ValidationRequest
-from agents.assertions.security import luhn_valid
+from dspyrt.agents.assertions import AssertionResult, SecurityValidator, Severity, ValidationRequest
+from dspyrt.agents.assertions.security import luhn_valid
 
 pytestmark = pytest.mark.timeout(30)
 

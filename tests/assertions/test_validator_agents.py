@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from agents.assertions import ENTRY_POINT_GROUP, AssertionStats, AssertionType, CustomValidatorRegistry
-from agents.assertions import ValidationReport as Report
-from agents.validators import (
+from dspyrt.agents.assertions import ENTRY_POINT_GROUP, AssertionStats, AssertionType, CustomValidatorRegistry
+from dspyrt.agents.assertions import ValidationReport as Report
+from dspyrt.agents.validators import (
     AssertionsAgent,
     CodeValidatorAgent,
     CustomValidatorAgent,
@@ -18,8 +18,8 @@ from agents.validators import (
     PerformanceValidatorAgent,
     SecurityValidatorAgent,
 )
-from bus import Empty, RemoteError
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Empty, RemoteError
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import serving
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,12 +9,12 @@ from typing import Any, cast
 
 import anyio
 
-from agents.dashboard.agent import DashboardAgent, DashboardSettings
-from agents.dashboard.core import DashboardSnapshot, SnapshotQuery
-from bus import Bus, Event, publish_event
-from bus.events import follow_events
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.agents.dashboard.agent import DashboardAgent, DashboardSettings
+from dspyrt.agents.dashboard.core import DashboardSnapshot, SnapshotQuery
+from dspyrt.bus import Bus, Event, publish_event
+from dspyrt.bus.events import follow_events
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import hosting, wait_until
 
 

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from nats.js import api
 
-from agents.dashboard.agent import RuleList, SetRules
-from agents.deployments import DeployedVersion, DeployRegistry
-from agents.loop.cycle import last_cycle_key
-from agents.loop.deploy import DeployAgent
-from bus import Bus, TaskEnvelope, TaskStatus
-from bus.streams import key_value
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.agents.dashboard.agent import RuleList, SetRules
+from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
+from dspyrt.agents.loop.cycle import last_cycle_key
+from dspyrt.agents.loop.deploy import DeployAgent
+from dspyrt.bus import Bus, TaskEnvelope, TaskStatus
+from dspyrt.bus.streams import key_value
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.dashboard.common import dashboard, emit, snapshot, stream_events, wait_for_events
 from tests.helpers import hosting, wait_until
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from agents.dashboard.agent import DashboardAgent, MetricTypeList, RuleList, SetRules
-from agents.dashboard.core import CustomMetricType
-from bus import Bus, Event, RemoteError, TaskRecord, TaskStatus
-from bus.streams import key_value
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.agents.dashboard.agent import DashboardAgent, MetricTypeList, RuleList, SetRules
+from dspyrt.agents.dashboard.core import CustomMetricType
+from dspyrt.bus import Bus, Event, RemoteError, TaskRecord, TaskStatus
+from dspyrt.bus.streams import key_value
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.dashboard.common import dashboard, emit, quick_settings, snapshot, stream_events, wait_for_events
 from tests.helpers import wait_until
 

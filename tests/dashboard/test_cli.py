@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from bus import Bus
-from runtime.cli_dashboard import dashboard_command, render_snapshot, sparkline
-from runtime.config import IntegrationConfig
+from dspyrt.bus import Bus
+from dspyrt.runtime.cli_dashboard import dashboard_command, render_snapshot, sparkline
+from dspyrt.runtime.config import IntegrationConfig
 from tests.dashboard.common import dashboard, emit, quick_settings, wait_for_events
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,7 +32,7 @@ above = 100
 
 
 def cli() -> typer.Typer:
-    """The command as ``runtime.cli`` registers it."""
+    """The command as ``dspyrt.runtime.cli`` registers it."""
     app = typer.Typer()
     app.callback()(lambda: None)
     app.command("dashboard")(dashboard_command)
@@ -100,6 +100,9 @@ async def test_the_command_reads_the_agents_snapshot_over_the_bus(
 
 
 def test_the_command_module_stays_out_of_agents_and_dspy() -> None:
-    code = "import sys, runtime.cli_dashboard; print([m for m in sys.modules if m.startswith(('agents', 'dspy'))])"
+    code = (
+        "import sys, dspyrt.runtime.cli_dashboard; "
+        "print([m for m in sys.modules if m.startswith(('dspyrt.agents', 'dspy.'))])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-import agents.dashboard as dashboard_pkg
-from agents.dashboard import (
+import dspyrt.agents.dashboard as dashboard_pkg
+from dspyrt.agents.dashboard import (
     CustomMetricType,
     ErrorRateRule,
     MetricsDashboard,
@@ -20,7 +20,7 @@ from agents.dashboard import (
     ThresholdRule,
     alert_id,
 )
-from bus import Event
+from dspyrt.bus import Event
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from agents.dashboard.agent import DashboardAgent, RuleList, SetRules
-from agents.loop.models import PredictReply, PredictRequest
-from bus import TaskStatus
-from runtime.config import IntegrationConfig
-from runtime.registry import available_agents
+from dspyrt.agents.dashboard.agent import DashboardAgent, RuleList, SetRules
+from dspyrt.agents.loop.models import PredictReply, PredictRequest
+from dspyrt.bus import TaskStatus
+from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.registry import available_agents
 from tests.dashboard.common import emit, snapshot, wait_for_events
 from tests.helpers import serving, wait_until
 

@@ -13,9 +13,9 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricReader
 
-from agents.dashboard import Alert, MetricsDashboard
-from agents.dashboard.otel import DashboardInstruments
-from bus import Event
+from dspyrt.agents.dashboard import Alert, MetricsDashboard
+from dspyrt.agents.dashboard.otel import DashboardInstruments
+from dspyrt.bus import Event
 
 pytestmark = pytest.mark.timeout(20)
 

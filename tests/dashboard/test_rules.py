@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from agents.dashboard import AlertRuleError, ErrorRateRule, RegressionRule, ThresholdRule, load_rules_file, parse_rules
-from agents.dashboard.core import BUILTIN_TYPES
-from bus import ConfigurationError
+from dspyrt.agents.dashboard import (
+    AlertRuleError,
+    ErrorRateRule,
+    RegressionRule,
+    ThresholdRule,
+    load_rules_file,
+    parse_rules,
+)
+from dspyrt.agents.dashboard.core import BUILTIN_TYPES
+from dspyrt.bus import ConfigurationError
 
 pytestmark = pytest.mark.timeout(10)
 

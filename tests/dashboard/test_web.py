@@ -16,11 +16,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from agents.dashboard.agent import DashboardSettings
-from agents.dashboard.web import SESSION_COOKIE
-from bus import Bus
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.agents.dashboard.agent import DashboardSettings
+from dspyrt.agents.dashboard.web import SESSION_COOKIE
+from dspyrt.bus import Bus
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.dashboard.common import dashboard, emit, quick_settings, snapshot, wait_for_events
 
 pytestmark = pytest.mark.timeout(45)

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from agents.dashboard.agent import DashboardSettings
-from agents.dashboard.web import PORT_SETTING, listen
-from bus import ConfigurationError
-from runtime.client import Client
-from runtime.config import IntegrationConfig
+from dspyrt.agents.dashboard.agent import DashboardSettings
+from dspyrt.agents.dashboard.web import PORT_SETTING, listen
+from dspyrt.bus import ConfigurationError
+from dspyrt.runtime.client import Client
+from dspyrt.runtime.config import IntegrationConfig
 from tests.dashboard.common import dashboard, snapshot
 
 pytestmark = pytest.mark.timeout(45)

@@ -13,7 +13,7 @@ import anyio
 import pytest
 from typer.testing import CliRunner
 
-from agents.roles import (
+from dspyrt.agents.roles import (
     CheckReply,
     RefineRequest,
     RoleDefinition,
@@ -25,11 +25,11 @@ from agents.roles import (
     RoleStore,
     check_role,
 )
-from agents.switcher import SwitcherAgent, SwitcherStats
-from agents.switcher_core import Selection, SelectRequest
-from bus import Bus, Empty, RemoteError, TaskStatus
-from runtime.cli_roles import roles_app
-from runtime.config import IntegrationConfig
+from dspyrt.agents.switcher import SwitcherAgent, SwitcherStats
+from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.bus import Bus, Empty, RemoteError, TaskStatus
+from dspyrt.runtime.cli_roles import roles_app
+from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,8 +227,8 @@ async def test_a_save_cut_short_after_its_version_is_finished_by_the_next_delive
 
 def test_the_cli_module_imports_neither_agents_nor_dspy() -> None:
     code = (
-        "import sys, runtime.cli_roles, runtime.cli; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'dspy')); "
+        "import sys, dspyrt.runtime.cli_roles, dspyrt.runtime.cli; "
+        "bad = sorted(m for m in sys.modules if m.startswith(('dspyrt.agents', 'dspy.')) or m == 'dspy'); "
         "assert not bad, bad"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)

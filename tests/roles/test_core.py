@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import agents.roles
-from agents.roles import (
+import dspyrt.agents.roles as roles_package
+from dspyrt.agents.roles import (
     PATTERN_NAMES,
     Proposal,
     RoleDefinition,
@@ -23,7 +23,7 @@ from agents.roles import (
     proposal_score,
     scrub,
 )
-from agents.roles.core import normalize
+from dspyrt.agents.roles.core import normalize
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -62,9 +62,9 @@ PUBLIC_API = [
 
 
 def test_public_api_is_pinned() -> None:
-    assert agents.roles.__all__ == PUBLIC_API
+    assert roles_package.__all__ == PUBLIC_API
     for name in PUBLIC_API:
-        assert getattr(agents.roles, name) is not None
+        assert getattr(roles_package, name) is not None
 
 
 def test_the_guides_role_definition_validates_and_names_itself() -> None:

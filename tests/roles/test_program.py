@@ -12,9 +12,9 @@ import dspy
 import pytest
 from dspy.lm15 import Message, Request, Response, Usage
 
-from agents.lm import demo_lm
-from agents.optimizers import OptimizationRequest
-from agents.programs import (
+from dspyrt.agents.lm import demo_lm
+from dspyrt.agents.optimizers import OptimizationRequest
+from dspyrt.agents.programs import (
     ENTRY_POINT_GROUP,
     ProgramRegistry,
     ProgramSpec,
@@ -22,7 +22,7 @@ from agents.programs import (
     dump_program_state,
     load_program_state,
 )
-from agents.roles import (
+from dspyrt.agents.roles import (
     BUNDLED_DEMOS,
     Proposal,
     RoleDefinition,
@@ -33,7 +33,7 @@ from agents.roles import (
     patterns_in,
     role_refinement_metric,
 )
-from agents.roles.program import INPUT_FIELDS, OUTPUT_FIELDS, refiner_inputs
+from dspyrt.agents.roles.program import INPUT_FIELDS, OUTPUT_FIELDS, refiner_inputs
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -116,7 +116,7 @@ def test_an_unparseable_answer_leaves_the_checks_to_decide_with_a_warning() -> N
 
 
 def registry() -> ProgramRegistry:
-    entry = EntryPoint(name="role_refiner", value="agents.roles.program:RoleRefiner", group=ENTRY_POINT_GROUP)
+    entry = EntryPoint(name="role_refiner", value="dspyrt.agents.roles.program:RoleRefiner", group=ENTRY_POINT_GROUP)
     return ProgramRegistry([entry])
 
 

@@ -1,0 +1,108 @@
+"""dspyrt: DSPy program optimization as a service, on a NATS bus.
+
+The public API is re-exported here; import it as ``from dspyrt import Agent, Client, DSPyOptimizerManager``.
+The layers live in ``dspyrt.bus`` (NATS only), ``dspyrt.runtime`` (the agent runtime, no DSPy) and
+``dspyrt.agents`` (the guide's components, all DSPy).
+
+Names resolve on first use (PEP 562): ``import dspyrt`` stays as cheap as the CLI needs it to be
+(``dspyrt --help`` must not pay for DSPy, NATS or OpenTelemetry imports).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# name -> the module that owns it. tests/test_packaging.py imports every one.
+_EXPORTS: dict[str, str] = {
+    "Agent": "dspyrt.runtime.agent",
+    "AssertionResult": "dspyrt.agents.assertions.core",
+    "Client": "dspyrt.runtime.client",
+    "CodeQualityValidator": "dspyrt.agents.assertions.code_quality",
+    "DSPyAssertionFramework": "dspyrt.agents.assertions.core",
+    "DSPyOptimizerManager": "dspyrt.agents.optimizers",
+    "DspyrtError": "dspyrt.bus.errors",
+    "Event": "dspyrt.bus.events",
+    "FourPartOptimizationLoop": "dspyrt.agents.loop.cycle",
+    "HasForward": "dspyrt.agents.programs",
+    "IntegrationConfig": "dspyrt.runtime.config",
+    "IntegrationMode": "dspyrt.runtime.config",
+    "LabeledFewShotOptimizer": "dspyrt.agents.optimizers",
+    "LogicValidator": "dspyrt.agents.assertions.logic",
+    "Message": "dspyrt.bus.messages",
+    "MetricsDashboard": "dspyrt.agents.dashboard.core",
+    "ModelSwitcher": "dspyrt.agents.switcher_core",
+    "OptimizationResult": "dspyrt.agents.optimizers",
+    "PerformanceValidator": "dspyrt.agents.assertions.performance",
+    "RoleRefinementResult": "dspyrt.agents.roles.core",
+    "RoleRefiner": "dspyrt.agents.roles.program",
+    "SecurityValidator": "dspyrt.agents.assertions.security",
+    "TaskContext": "dspyrt.runtime.agent",
+    "connect_client": "dspyrt.runtime.client",
+    "endpoint": "dspyrt.runtime.agent",
+    "on_event": "dspyrt.runtime.agent",
+    "task": "dspyrt.runtime.agent",
+}
+
+__all__ = [
+    "Agent",
+    "AssertionResult",
+    "Client",
+    "CodeQualityValidator",
+    "DSPyAssertionFramework",
+    "DSPyOptimizerManager",
+    "DspyrtError",
+    "Event",
+    "FourPartOptimizationLoop",
+    "HasForward",
+    "IntegrationConfig",
+    "IntegrationMode",
+    "LabeledFewShotOptimizer",
+    "LogicValidator",
+    "Message",
+    "MetricsDashboard",
+    "ModelSwitcher",
+    "OptimizationResult",
+    "PerformanceValidator",
+    "RoleRefinementResult",
+    "RoleRefiner",
+    "SecurityValidator",
+    "TaskContext",
+    "connect_client",
+    "endpoint",
+    "on_event",
+    "task",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dspyrt' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # resolve once
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from dspyrt.agents.assertions.code_quality import CodeQualityValidator
+    from dspyrt.agents.assertions.core import AssertionResult, DSPyAssertionFramework
+    from dspyrt.agents.assertions.logic import LogicValidator
+    from dspyrt.agents.assertions.performance import PerformanceValidator
+    from dspyrt.agents.assertions.security import SecurityValidator
+    from dspyrt.agents.dashboard.core import MetricsDashboard
+    from dspyrt.agents.loop.cycle import FourPartOptimizationLoop
+    from dspyrt.agents.optimizers import DSPyOptimizerManager, LabeledFewShotOptimizer, OptimizationResult
+    from dspyrt.agents.programs import HasForward
+    from dspyrt.agents.roles.core import RoleRefinementResult
+    from dspyrt.agents.roles.program import RoleRefiner
+    from dspyrt.agents.switcher_core import ModelSwitcher
+    from dspyrt.bus.errors import DspyrtError
+    from dspyrt.bus.events import Event
+    from dspyrt.bus.messages import Message
+    from dspyrt.runtime.agent import Agent, TaskContext, endpoint, on_event, task
+    from dspyrt.runtime.client import Client, connect_client
