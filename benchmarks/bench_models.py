@@ -59,12 +59,12 @@ from _common import load_average, proc_cpu, versions
 from dspy import lm15
 
 from dspyrt.agents.lm.bus_engine import Routing, bus_lm, to_completion_request, to_response
-from dspyrt.agents.lm.models import ModelRegistry, build_lm
+from dspyrt.agents.lm.registry import ModelRegistry, build_lm
 from dspyrt.agents.metrics import MetricRegistry
-from dspyrt.agents.optimizer import OptimizerAgent
+from dspyrt.agents.optimizers.agent import OptimizerAgent
 from dspyrt.agents.programs import build_program, parse_program_spec
-from dspyrt.agents.switcher import SwitcherAgent
-from dspyrt.agents.switcher_core import CompletionReply, CompletionRequest
+from dspyrt.agents.switcher.agent import SwitcherAgent
+from dspyrt.agents.switcher.core import CompletionReply, CompletionRequest
 from dspyrt.bus import EmbeddedServer, tracing
 from dspyrt.bus.messages import decode, encode
 from dspyrt.runtime.config import IntegrationConfig

@@ -20,19 +20,19 @@ _EXPORTS: dict[str, str] = {
     "Client": "dspyrt.runtime.client",
     "CodeQualityValidator": "dspyrt.agents.assertions.code_quality",
     "DSPyAssertionFramework": "dspyrt.agents.assertions.core",
-    "DSPyOptimizerManager": "dspyrt.agents.optimizers",
+    "DSPyOptimizerManager": "dspyrt.agents.optimizers.core",
     "DspyrtError": "dspyrt.bus.errors",
     "Event": "dspyrt.bus.events",
     "FourPartOptimizationLoop": "dspyrt.agents.loop.cycle",
     "HasForward": "dspyrt.agents.programs",
     "IntegrationConfig": "dspyrt.runtime.config",
     "IntegrationMode": "dspyrt.runtime.config",
-    "LabeledFewShotOptimizer": "dspyrt.agents.optimizers",
+    "LabeledFewShotOptimizer": "dspyrt.agents.optimizers.core",
     "LogicValidator": "dspyrt.agents.assertions.logic",
     "Message": "dspyrt.bus.messages",
     "MetricsDashboard": "dspyrt.agents.dashboard.core",
-    "ModelSwitcher": "dspyrt.agents.switcher_core",
-    "OptimizationResult": "dspyrt.agents.optimizers",
+    "ModelSwitcher": "dspyrt.agents.switcher.core",
+    "OptimizationResult": "dspyrt.agents.optimizers.core",
     "PerformanceValidator": "dspyrt.agents.assertions.performance",
     "RoleRefinementResult": "dspyrt.agents.roles.core",
     "RoleRefiner": "dspyrt.agents.roles.program",
@@ -96,11 +96,11 @@ if TYPE_CHECKING:
     from dspyrt.agents.assertions.security import SecurityValidator
     from dspyrt.agents.dashboard.core import MetricsDashboard
     from dspyrt.agents.loop.cycle import FourPartOptimizationLoop
-    from dspyrt.agents.optimizers import DSPyOptimizerManager, LabeledFewShotOptimizer, OptimizationResult
+    from dspyrt.agents.optimizers.core import DSPyOptimizerManager, LabeledFewShotOptimizer, OptimizationResult
     from dspyrt.agents.programs import HasForward
     from dspyrt.agents.roles.core import RoleRefinementResult
     from dspyrt.agents.roles.program import RoleRefiner
-    from dspyrt.agents.switcher_core import ModelSwitcher
+    from dspyrt.agents.switcher.core import ModelSwitcher
     from dspyrt.bus.errors import DspyrtError
     from dspyrt.bus.events import Event
     from dspyrt.bus.messages import Message

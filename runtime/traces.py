@@ -21,7 +21,7 @@ from dspyrt.bus import DspyrtError, NotFoundError
 
 TASK_ATTRIBUTES = ("dspyrt.task.id", "messaging.message.id")
 ERROR_STATUS = "ERROR"
-# The switcher's ``complete`` endpoint answers every LM call of the agents (agents/switcher.py); its process span
+# The switcher's ``complete`` endpoint answers every LM call of the agents (agents/switcher/agent.py); its process span
 # carries the model, the tokens, the cost and ``dspyrt.lm.source`` (``cache`` or ``provider``).
 LM_CALL_SUBJECT_SUFFIX = ".switcher.complete"
 CYCLE_KIND = "cycle"

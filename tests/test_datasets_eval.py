@@ -34,10 +34,10 @@ from dspyrt.agents.loop.models import (
     ShardRequest,
     ShardResult,
 )
-from dspyrt.agents.optimizers import OptimizationRequest, OptimizationResult
+from dspyrt.agents.optimizers.core import OptimizationRequest, OptimizationResult
 from dspyrt.agents.programs import build_program, dump_program_state, parse_program_spec
 from dspyrt.agents.scoring import ExampleResult, summarize
-from dspyrt.agents.switcher import SwitcherStats
+from dspyrt.agents.switcher.agent import SwitcherStats
 from dspyrt.bus import Bus, Empty, PayloadTooLargeError, TaskEnvelope, TaskStatus
 from dspyrt.bus.claims import ClaimStore, ObjectRef
 from dspyrt.bus.streams import key_value

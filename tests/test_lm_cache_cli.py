@@ -14,7 +14,7 @@ import anyio
 import pytest
 from pydantic import SecretStr
 
-from dspyrt.agents.switcher import SwitcherAgent
+from dspyrt.agents.switcher.agent import SwitcherAgent
 from dspyrt.bus import Bus, EmbeddedServer, ensure_streams, free_port
 from dspyrt.bus.audit import read_audit
 from dspyrt.bus.streams import cache_bucket

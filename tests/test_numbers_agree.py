@@ -16,9 +16,9 @@ from dspyrt.agents.dashboard.core import MetricsDashboard, MetricType
 from dspyrt.agents.deployments import DeployedVersion
 from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
 from dspyrt.agents.loop.models import DeployRequest, DeployVerdict, PredictReply, PredictRequest
-from dspyrt.agents.optimizers import ArtifactRef, ProgramInputs, improvement_points, program_inputs, state_sha256
+from dspyrt.agents.optimizers.core import ArtifactRef, ProgramInputs, improvement_points, program_inputs, state_sha256
 from dspyrt.agents.programs import build_program, parse_program_spec
-from dspyrt.agents.switcher import SwitcherStats
+from dspyrt.agents.switcher.agent import SwitcherStats
 from dspyrt.bus import Empty, Event, MessageValidationError, RemoteError, TaskStatus
 from dspyrt.bus.audit import read_audit
 from dspyrt.runtime.config import IntegrationConfig

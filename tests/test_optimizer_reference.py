@@ -11,9 +11,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-import dspyrt.agents.optimizer_reference as reference_module
-from dspyrt.agents.optimizer_reference import OptimizerDoc, optimizer_reference, params_model_of, reference_markdown
-from dspyrt.agents.optimizers import (
+import dspyrt.agents.optimizers.reference as reference_module
+from dspyrt.agents.optimizers.core import (
     BUILTIN_OPTIMIZERS,
     BootstrapParams,
     CoproParams,
@@ -23,6 +22,7 @@ from dspyrt.agents.optimizers import (
     RandomSearchParams,
     SimbaParams,
 )
+from dspyrt.agents.optimizers.reference import OptimizerDoc, optimizer_reference, params_model_of, reference_markdown
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,7 +77,7 @@ def test_every_built_in_optimizer_has_every_field_of_its_params_model() -> None:
         model = PARAMS_MODELS[name]
         assert params_model_of(factory) is model
         doc = docs[name]
-        assert doc.params_model == f"dspyrt.agents.optimizers.{model.__name__}"
+        assert doc.params_model == f"dspyrt.agents.optimizers.core.{model.__name__}"
         assert doc.wraps == WRAPS[name]
         assert doc.description.startswith(WRAPS[name])
         assert doc.parameters is not None

@@ -32,7 +32,7 @@ import anyio
 import pytest
 from nats.aio.msg import Msg
 
-from dspyrt.agents.lm.models import ModelRegistry, ModelSpec, build_lm
+from dspyrt.agents.lm.registry import ModelRegistry, ModelSpec, build_lm
 from dspyrt.bus import Bus, TaskStatus
 from dspyrt.bus.tasks import new_task_id
 from dspyrt.runtime.agent import Agent

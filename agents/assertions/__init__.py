@@ -10,7 +10,7 @@
 
 Built-in validators: :class:`CodeQualityValidator`, :class:`LogicValidator`, :class:`PerformanceValidator`,
 :class:`SecurityValidator`; plugins come from the entry-point group ``dspyrt.validators``
-(:class:`CustomValidatorRegistry`). ``dspyrt.agents.validators`` puts them on the bus.
+(:class:`CustomValidatorRegistry`). ``dspyrt.agents.assertions.agent`` puts them on the bus.
 """
 
 from dspyrt.agents.assertions.code_quality import CodeQualityValidator

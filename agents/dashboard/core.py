@@ -455,8 +455,8 @@ def _flat_cycle(cycle: Mapping[str, Any] | BaseModel) -> dict[str, Any]:
 
 def _improvement(data: Mapping[str, Any]) -> float | None:
     """A cycle's improvement: its optimized minus its baseline score, in percentage points, as
-    ``dspyrt.agents.optimizers.improvement_points`` defines it (not imported: the dashboard stays free of DSPy). Derived
-    from the two scores it records beside it, whatever figure the payload carries (an older coordinator sent the
+    ``dspyrt.agents.optimizers.core.improvement_points`` defines it (not imported: the dashboard stays free of DSPy).
+    Derived from the two scores it records beside it, whatever figure the payload carries (an older coordinator sent the
     optimizer's, measured on its validation set); ``None`` without both scores."""
     baseline, optimized = _num(data, "baseline_score"), _num(data, "optimized_score")
     return None if baseline is None or optimized is None else round(optimized - baseline, 4)

@@ -15,7 +15,7 @@ from dspyrt.agents.lm.faults import (
     RateLimitedError,
     UniformLatency,
 )
-from dspyrt.agents.lm.models import ModelRegistry, ModelSpec, build_lm
+from dspyrt.agents.lm.registry import ModelRegistry, ModelSpec, build_lm
 
 __all__ = [
     "DEMO_MODEL",

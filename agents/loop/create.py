@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dspyrt.agents.loop.models import CreateRequest, CreateResult
-from dspyrt.agents.optimizers import program_inputs
+from dspyrt.agents.optimizers.core import program_inputs
 from dspyrt.agents.programs import ProgramSpec, build_program, program_hash
 from dspyrt.runtime.agent import Agent, endpoint
 

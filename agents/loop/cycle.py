@@ -42,7 +42,7 @@ from dspyrt.agents.loop.models import (
     ProgramRef,
     feedback_dataset,
 )
-from dspyrt.agents.optimizers import OptimizationRequest, OptimizationResult, improvement_points
+from dspyrt.agents.optimizers.core import OptimizationRequest, OptimizationResult, improvement_points
 from dspyrt.agents.scoring import ExampleResult
 from dspyrt.bus import PayloadTooLargeError, PermanentError, RetryableError, TaskStatus
 from dspyrt.bus.claims import ClaimStore

@@ -30,10 +30,10 @@ from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
 from dspyrt.agents.loop.evaluation import EvaluationAccumulator, store_results, to_examples
 from dspyrt.agents.loop.models import EvaluateRequest, EvaluationResult, ProgramRef, ShardRequest, ShardResult
 from dspyrt.agents.metrics import MetricRegistry
-from dspyrt.agents.optimizers import program_inputs
+from dspyrt.agents.optimizers.core import program_inputs
 from dspyrt.agents.programs import build_program, load_program_state
 from dspyrt.agents.scoring import evaluate_examples
-from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.agents.switcher.core import Selection, SelectRequest
 from dspyrt.bus import DspyrtError, MessageValidationError, PermanentError, TaskStatus
 from dspyrt.bus.claims import ClaimStore
 from dspyrt.runtime.agent import Agent, TaskContext, task

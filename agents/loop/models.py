@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dspyrt.agents.optimizers import ArtifactRef, Budget, OptimizationResult
+from dspyrt.agents.optimizers.core import ArtifactRef, Budget, OptimizationResult
 from dspyrt.agents.programs import ProgramSpec, parse_program_spec
 from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE, ExampleResult
 from dspyrt.bus import Message, MessageValidationError

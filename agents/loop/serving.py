@@ -35,10 +35,10 @@ from dspyrt.agents.loop.feedback_models import (
     RecordSettings,
 )
 from dspyrt.agents.loop.models import PredictReply, PredictRequest
-from dspyrt.agents.optimizers import ArtifactRef, ProgramInputs, program_inputs
+from dspyrt.agents.optimizers.core import ArtifactRef, ProgramInputs, program_inputs
 from dspyrt.agents.programs import load_program_state, parse_program_spec
 from dspyrt.agents.scoring import jsonable
-from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.agents.switcher.core import Selection, SelectRequest
 from dspyrt.bus import MessageValidationError, NotFoundError
 from dspyrt.bus.tracing import current_trace_id
 from dspyrt.runtime.agent import Agent, CheckResult, endpoint

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from dspyrt.agents.lm.cache import CachedResponse, ResponseCache
-from dspyrt.agents.switcher_core import (
+from dspyrt.agents.switcher.core import (
     ChatMessage,
     CompletionReply,
     CompletionRequest,

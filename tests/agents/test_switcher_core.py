@@ -11,12 +11,12 @@ import pytest
 from dspy import lm15
 from dspy.utils.exceptions import LMRateLimitError
 
-from dspyrt.agents import switcher_core
 from dspyrt.agents.lm.errors import AllModelsFailedError, ProviderError, RateLimitedError
 from dspyrt.agents.lm.faults import FaultProfile
-from dspyrt.agents.lm.models import ModelRegistry, ModelSpec
-from dspyrt.agents.switcher import DspyModelCaller
-from dspyrt.agents.switcher_core import (
+from dspyrt.agents.lm.registry import ModelRegistry, ModelSpec
+from dspyrt.agents.switcher import core as switcher_core
+from dspyrt.agents.switcher.agent import DspyModelCaller
+from dspyrt.agents.switcher.core import (
     ChatMessage,
     CompletionReply,
     CompletionRequest,

@@ -1,1 +1,1 @@
-"""Tests of the assertion framework (``dspyrt.agents.assertions``) and its agents (``dspyrt.agents.validators``)."""
+"""Tests of the assertion framework (``dspyrt.agents.assertions``) and its agents (``assertions.agent``)."""

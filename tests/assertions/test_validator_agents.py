@@ -10,7 +10,7 @@ import pytest
 
 from dspyrt.agents.assertions import ENTRY_POINT_GROUP, AssertionStats, AssertionType, CustomValidatorRegistry
 from dspyrt.agents.assertions import ValidationReport as Report
-from dspyrt.agents.validators import (
+from dspyrt.agents.assertions.agent import (
     AssertionsAgent,
     CodeValidatorAgent,
     CustomValidatorAgent,

@@ -25,8 +25,8 @@ from dspyrt.agents.roles import (
     RoleStore,
     check_role,
 )
-from dspyrt.agents.switcher import SwitcherAgent, SwitcherStats
-from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.agents.switcher.agent import SwitcherAgent, SwitcherStats
+from dspyrt.agents.switcher.core import Selection, SelectRequest
 from dspyrt.bus import Bus, Empty, RemoteError, TaskStatus
 from dspyrt.runtime.cli_roles import roles_app
 from dspyrt.runtime.config import IntegrationConfig

@@ -1,5 +1,5 @@
 """The guide's ModelSwitcher, in plain Python: model selection, the LM call with limits, retries and fallback,
-and per-model performance figures. ``dspyrt.agents.switcher`` puts it on the bus.
+and per-model performance figures. ``dspyrt.agents.switcher.agent`` puts it on the bus.
 
 Selection is a UCB1 bandit over the eligible models. A call's reward is its success, discounted by its latency
 and cost relative to the other candidates; a model never tried yet gets the exploration bonus first, so every
@@ -39,7 +39,7 @@ MAX_RETRY_AFTER = 30.0
 
 
 class ModelLike(Protocol):
-    """What the switcher needs to know about a model (``dspyrt.agents.lm.models.ModelSpec`` satisfies it)."""
+    """What the switcher needs to know about a model (``dspyrt.agents.lm.registry.ModelSpec`` satisfies it)."""
 
     @property
     def model(self) -> str: ...

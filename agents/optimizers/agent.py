@@ -24,7 +24,7 @@ from pydantic import Field
 
 from dspyrt.agents.artifacts import ArtifactStore
 from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
-from dspyrt.agents.optimizers import (
+from dspyrt.agents.optimizers.core import (
     ArtifactRef,
     DSPyOptimizerManager,
     OptimizationRequest,
@@ -32,7 +32,7 @@ from dspyrt.agents.optimizers import (
     RunOutcome,
     state_sha256,
 )
-from dspyrt.agents.switcher_core import Selection, SelectRequest
+from dspyrt.agents.switcher.core import Selection, SelectRequest
 from dspyrt.bus import Empty, Message
 from dspyrt.bus.streams import key_value
 from dspyrt.runtime.agent import Agent, CheckResult, TaskContext, endpoint, task

@@ -1,5 +1,5 @@
 """The guide's optimizers in plain Python: ``DSPyOptimizerManager``, ``LabeledFewShotOptimizer``,
-``OptimizationResult``. ``dspyrt.agents.optimizer`` puts the manager on the bus as the durable ``optimize`` task.
+``OptimizationResult``. ``dspyrt.agents.optimizers.agent`` puts the manager on the bus as the durable ``optimize`` task.
 
 Every optimizer is DSPy's own (LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2,
 COPRO, SIMBA, GEPA); third-party ones come from the entry-point group ``dspyrt.optimizers``. Parameters are

@@ -30,8 +30,8 @@ from dspyrt.agents.lm.errors import (
     classify,
     provider_message,
 )
-from dspyrt.agents.lm.models import ModelRegistry, ModelSpec, build_lm
-from dspyrt.agents.switcher_core import (
+from dspyrt.agents.lm.registry import ModelRegistry, ModelSpec, build_lm
+from dspyrt.agents.switcher.core import (
     CompletionReply,
     CompletionRequest,
     ModelFigures,

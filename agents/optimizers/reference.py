@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from dspyrt.agents.optimizers import OptimizerFactory
+from dspyrt.agents.optimizers.core import OptimizerFactory
 
 __all__ = ["OptimizerDoc", "ParameterDoc", "optimizer_reference", "params_model_of", "reference_markdown"]
 
@@ -69,7 +69,7 @@ def optimizer_reference(optimizers: Mapping[str, OptimizerFactory] | None = None
     """Every optimizer of ``optimizers`` (default: the installed ones, as the optimizer agent sees them)."""
     if optimizers is None:
         from dspyrt.agents.metrics import MetricRegistry
-        from dspyrt.agents.optimizers import DSPyOptimizerManager
+        from dspyrt.agents.optimizers.core import DSPyOptimizerManager
 
         # The manager's own list (built-ins, then entry points it does not shadow); an empty metric registry so
         # that listing optimizers does not also load every metric plugin.
