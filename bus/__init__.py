@@ -19,7 +19,7 @@ from dspyrt.bus.errors import (
     TaskError,
     UnknownKindError,
 )
-from dspyrt.bus.events import Event, EventConsumer, publish_event
+from dspyrt.bus.events import Event, EventConsumer, EventData, publish_event
 from dspyrt.bus.messages import Empty, Message, decode, encode
 from dspyrt.bus.server import EmbeddedServer, free_port
 from dspyrt.bus.streams import StreamLayout, StreamOutcome, ensure_streams
@@ -49,6 +49,7 @@ __all__ = [
     "ErrorBody",
     "Event",
     "EventConsumer",
+    "EventData",
     "FieldError",
     "Message",
     "MessageValidationError",

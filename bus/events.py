@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from nats.js import api
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dspyrt.bus import tracing
 from dspyrt.bus.connection import Bus
@@ -33,6 +33,16 @@ async def publish_event(bus: Bus, topic: str, data: dict[str, Any] | BaseModel, 
     """Publish an event. Core publish: the event stream captures it without a round trip per event."""
     payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
     await bus.publish(bus.subjects.event(topic), Event(topic=topic, source=source, data=payload))
+
+
+class EventData(BaseModel):
+    """The typed payload of one event type; subclasses set ``topic`` (``cycle.completed``; ``*`` stands for a token
+    the publisher fills in, as in ``alert.*``). Unknown fields are kept, so a reader built against an older model
+    accepts a newer publisher's events (forward compatibility)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    topic: ClassVar[str] = ""
 
 
 EventHandler = Callable[[Event], Awaitable[None]]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_type_hint
 from pydantic import BaseModel
 
 from dspyrt.bus import Bus, TaskRun, publish_event
+from dspyrt.bus.events import EventData
 from dspyrt.bus.subjects import check_dotted, check_token
 
 if TYPE_CHECKING:
@@ -179,6 +180,8 @@ class Agent:
     version: ClassVar[str] = "0.1.0"
     description: ClassVar[str] = ""
     group: ClassVar[AgentGroup] = "example"
+    # The event types this agent publishes (the AsyncAPI document and the dashboard read them).
+    publishes: ClassVar[tuple[type[EventData], ...]] = ()
 
     def __init__(self, config: IntegrationConfig) -> None:
         if not self.name:
