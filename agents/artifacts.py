@@ -9,7 +9,7 @@ from typing import Any
 from nats.js.errors import ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from dspyrt.agents.optimizers.core import ArtifactRef
+from dspyrt.agents.optimizers.models import ArtifactRef
 from dspyrt.bus import Bus, DspyrtError, NotFoundError, StreamLayout
 from dspyrt.bus.streams import object_store
 

@@ -17,12 +17,12 @@ import re
 import time
 from collections.abc import Callable
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import Field
 
-from dspyrt.bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
-from dspyrt.bus.streams import key_value, kv_keys
+from dspyrt.bus import Bus, Message, NotFoundError, StreamLayout
+from dspyrt.bus.streams import key_value, kv_keys, kv_update
 
 
 class DeployedVersion(Message):
@@ -63,6 +63,8 @@ class ProgramPointer(Message):
 
 
 _KV_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+# Compare-and-swap attempts before a pointer or version update gives up (``conflict``): many replicas may deploy.
+_ATTEMPTS = 50
 
 
 def pointer_key(program: str, model: str | None = None) -> str:
@@ -94,12 +96,6 @@ class DeployRegistry:
         except KeyNotFoundError:
             return None, 0
         return entry.value, int(entry.revision or 0)
-
-    async def _put_cas(self, key: str, data: bytes, revision: int) -> None:
-        if revision:
-            await self.kv.update(key, data, last=revision)
-        else:
-            await self.kv.create(key, data)
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -138,16 +134,10 @@ class DeployRegistry:
     # --- writing -------------------------------------------------------------------------------------
 
     async def next_version(self, program: str) -> int:
-        key = f"{program}.latest"
-        for _ in range(50):
-            raw, revision = await self._raw(key)
-            number = int(raw or b"0") + 1
-            try:
-                await self._put_cas(key, str(number).encode(), revision)
-                return number
-            except KeyWrongLastSequenceError:
-                continue
-        raise DspyrtError(f"could not allocate a version of {program}: too much contention", code="conflict")
+        stored = await kv_update(
+            self.kv, f"{program}.latest", lambda raw: str(int(raw or b"0") + 1).encode(), attempts=_ATTEMPTS
+        )
+        return int(stored.value or b"0")
 
     async def deploy(self, deployed: DeployedVersion, *, canary_fraction: float | None = None) -> ProgramPointer:
         """Record the version and make it active (or the canary, taking ``canary_fraction`` of the traffic)."""
@@ -219,18 +209,19 @@ class DeployRegistry:
             await self.kv.put(pointer_key(deployed.program, deployed.model), deployed.model_dump_json().encode())
 
     async def _update_pointer(self, program: str, change: Callable[[ProgramPointer], ProgramPointer]) -> ProgramPointer:
-        key = pointer_key(program)
-        for _ in range(50):
-            raw, revision = await self._raw(key)
+        """Apply ``change`` to the pointer with compare-and-swap; an error it raises (no canary to promote)
+        leaves the pointer as it is."""
+        made: list[ProgramPointer] = []  # one per attempt: the last is the one written
+
+        def apply(raw: bytes | None) -> bytes:
             current = ProgramPointer.model_validate_json(raw) if raw else ProgramPointer(program=program)
             new = change(current)
             new.updated_at = time.time()
-            try:
-                await self._put_cas(key, new.model_dump_json().encode(), revision)
-                return new
-            except KeyWrongLastSequenceError:
-                continue
-        raise DspyrtError(f"could not update the pointer of {program}: too much contention", code="conflict")
+            made.append(new)
+            return new.model_dump_json().encode()
+
+        await kv_update(self.kv, pointer_key(program), apply, attempts=_ATTEMPTS)
+        return made[-1]
 
     # Kept for the switcher's lookup: a pointer written directly (tests, tools).
     async def point(self, deployed: DeployedVersion) -> None:

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from dspyrt.bus import Message
 from dspyrt.runtime.agent import Agent, TaskContext, endpoint, task
+from dspyrt.runtime.config import IntegrationMode
 
 
 class EchoRequest(Message):
@@ -37,6 +38,7 @@ class WordCountResult(Message):
 class ExampleAgent(Agent):
     name = "example"
     group = "example"
+    modes = frozenset({IntegrationMode.FULL})
     description = "example agent: echo endpoint and wordcount task"
 
     @endpoint("echo")

@@ -25,13 +25,14 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from dspy.evaluate.metrics import f1_score, normalize_text
 
-from dspyrt.bus.errors import ConfigurationError, NotFoundError
+from dspyrt.bus.errors import ConfigurationError
+from dspyrt.runtime.plugins import EntryPointRegistry
 
 ENTRY_POINT_GROUP = "dspyrt.metrics"
 
@@ -141,29 +142,24 @@ def field_metric(compare: Callable[..., Score], name: str | None = None, *, miss
 class MetricRegistry:
     """Built-in metrics plus plugin factories from entry points; plugins may not shadow a built-in."""
 
-    def __init__(self, entries: Iterable[EntryPoint] = ()) -> None:
-        plugins: dict[str, EntryPoint] = {}
-        for entry in entries:
-            if entry.name in BUILTIN_METRICS:
-                raise ConfigurationError(f"metric plugin {entry.value} may not replace the built-in {entry.name!r}")
-            known = plugins.get(entry.name)
-            if known is not None and known.value != entry.value:
-                raise ConfigurationError(f"metric {entry.name!r} is registered twice: {known.value} and {entry.value}")
-            plugins[entry.name] = entry
-        self._plugins = plugins
+    def __init__(self, entries: Iterable[EntryPoint] | None = ()) -> None:
+        """``entries``: the plugins' entry points (``None``: those installed; by default none, built-ins only)."""
+        self._factories = EntryPointRegistry(
+            ENTRY_POINT_GROUP, "metric", _metric_factory, entries=entries, builtins=BUILTIN_METRICS
+        )
 
     @classmethod
     def installed(cls) -> MetricRegistry:
         """Built-ins plus everything installed under ``dspyrt.metrics``."""
-        return cls(entry_points(group=ENTRY_POINT_GROUP))
+        return cls(None)
 
     def names(self) -> list[str]:
         """Every metric name, sorted."""
-        return sorted({*BUILTIN_METRICS, *self._plugins})
+        return self._factories.names()
 
     def get(self, name: str, field: str | None = None, **params: Any) -> Metric:
         """The metric ``name`` for ``field`` with ``params``; unknown names and parameters are errors."""
-        factory = BUILTIN_METRICS.get(name) or self._load(name)
+        factory = self._factories.get(name)
         try:
             inspect.signature(factory).bind(field, **params)
         except TypeError:
@@ -173,18 +169,12 @@ class MetricRegistry:
             ) from None
         return factory(field, **params)
 
-    def _load(self, name: str) -> MetricFactory:
-        entry = self._plugins.get(name)
-        if entry is None:
-            raise NotFoundError(f"unknown metric {name!r}; known: {', '.join(self.names())}")
-        try:
-            factory = entry.load()
-        except Exception as exc:  # an installed plugin that fails to import is a deployment problem
-            raise ConfigurationError(f"metric {name!r} ({entry.value}) cannot be loaded: {exc}") from exc
-        if not callable(factory):
-            raise ConfigurationError(f"metric {name!r} ({entry.value}) is not a metric factory")
-        result: MetricFactory = factory
-        return result
+
+def _metric_factory(loaded: Any) -> MetricFactory:
+    if not callable(loaded):
+        raise TypeError("is not a metric factory")
+    factory: MetricFactory = loaded
+    return factory
 
 
 def get_metric(name: str, field: str | None = None, **params: Any) -> Metric:

@@ -22,14 +22,15 @@ import copy
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dspyrt.bus.errors import ConfigurationError, FieldError, MessageValidationError, NotFoundError
+from dspyrt.bus.errors import ConfigurationError, FieldError, MessageValidationError
+from dspyrt.runtime.plugins import EntryPointRegistry
 
 ENTRY_POINT_GROUP = "dspyrt.programs"
 
@@ -125,46 +126,39 @@ def program_hash(spec: ProgramSpec) -> str:
 class ProgramRegistry:
     """Program classes by name, from entry points (``dspyrt.programs`` unless given others)."""
 
-    def __init__(self, entries: Iterable[EntryPoint]) -> None:
-        by_name: dict[str, EntryPoint] = {}
-        for entry in entries:
-            known = by_name.get(entry.name)
-            if known is not None and known.value != entry.value:
-                raise ConfigurationError(f"program {entry.name!r} is registered twice: {known.value} and {entry.value}")
-            by_name[entry.name] = entry
-        self._entries = by_name
+    def __init__(self, entries: Iterable[EntryPoint] | None) -> None:
+        """``entries``: the programs' entry points (``None``: those installed)."""
+        self._targets = EntryPointRegistry(ENTRY_POINT_GROUP, "registered program", _program_target, entries=entries)
 
     @classmethod
     def installed(cls) -> ProgramRegistry:
         """Every program installed under the ``dspyrt.programs`` entry-point group."""
-        return cls(entry_points(group=ENTRY_POINT_GROUP))
+        return cls(None)
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
-        return sorted(self._entries)
+        return self._targets.names()
 
     def create(self, name: str) -> Any:
         """A fresh program for ``name``: the entry point's class or factory called with no arguments."""
-        entry = self._entries.get(name)
-        if entry is None:
-            known = ", ".join(self.names()) or "none installed"
-            raise NotFoundError(f"unknown registered program {name!r}; known: {known}")
-        try:
-            target = entry.load()
-        except Exception as exc:  # an installed plugin that fails to import is a deployment problem
-            raise ConfigurationError(f"program {name!r} ({entry.value}) cannot be loaded: {exc}") from exc
+        target = self._targets.get(name)
         if isinstance(target, HasForward) and not isinstance(target, type):
             program: Any = copy.deepcopy(target)  # a registered instance: never share its demos between builds
-        elif callable(target):
+        else:
             try:
                 program = target()  # a class or a factory, called with no arguments
             except Exception as exc:
-                raise ConfigurationError(f"program {name!r} ({entry.value}) cannot be created: {exc}") from exc
-        else:
-            raise ConfigurationError(f"program {name!r} ({entry.value}) is neither a class, a factory nor a program")
+                raise ConfigurationError(f"{self._targets.label(name)} cannot be created: {exc}") from exc
         if not isinstance(program, HasForward):
-            raise ConfigurationError(f"program {name!r} ({entry.value}) has no forward method")
+            raise ConfigurationError(f"{self._targets.label(name)} has no forward method")
         return program if isinstance(program, dspy.Module) else _ForwardModule(program)
+
+
+def _program_target(loaded: Any) -> Any:
+    """What a program entry point may name: a class, a factory, or a program instance (copied for each build)."""
+    if (isinstance(loaded, HasForward) and not isinstance(loaded, type)) or callable(loaded):
+        return loaded
+    raise TypeError("is neither a class, a factory nor a program")
 
 
 class _ForwardModule(dspy.Module):  # type: ignore[misc]

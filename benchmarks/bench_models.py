@@ -64,7 +64,7 @@ from dspyrt.agents.metrics import MetricRegistry
 from dspyrt.agents.optimizers.agent import OptimizerAgent
 from dspyrt.agents.programs import build_program, parse_program_spec
 from dspyrt.agents.switcher.agent import SwitcherAgent
-from dspyrt.agents.switcher.core import CompletionReply, CompletionRequest
+from dspyrt.agents.switcher.models import CompletionReply, CompletionRequest
 from dspyrt.bus import EmbeddedServer, tracing
 from dspyrt.bus.messages import decode, encode
 from dspyrt.runtime.config import IntegrationConfig

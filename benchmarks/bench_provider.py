@@ -64,8 +64,8 @@ from _common import load_average, machine_busy, proc_cpu, versions
 from dspyrt.agents.assertions.performance import percentile
 from dspyrt.agents.lm.demo_provider import DemoProviderProcess, run_demo_provider
 from dspyrt.agents.optimizers.agent import OptimizerAgent
-from dspyrt.agents.switcher.agent import ModelList, SwitcherAgent
-from dspyrt.agents.switcher.core import ChatMessage, CompletionReply, CompletionRequest
+from dspyrt.agents.switcher.agent import SwitcherAgent
+from dspyrt.agents.switcher.models import ChatMessage, CompletionReply, CompletionRequest, ModelList
 from dspyrt.bus import EmbeddedServer, Empty
 from dspyrt.bus.server import nats_server_binary
 from dspyrt.runtime.client import Client, connect_client

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, ClassVar
 
 import anyio
@@ -30,7 +30,12 @@ class Event(BaseModel):
 
 
 async def publish_event(bus: Bus, topic: str, data: dict[str, Any] | BaseModel, *, source: str = "") -> None:
-    """Publish an event. Core publish: the event stream captures it without a round trip per event."""
+    """Publish an event. Core publish: the event stream captures it without a round trip per event.
+
+    An :class:`EventData` is published only on a topic its type declares (``ValueError`` otherwise), so a reader
+    that picks the model by topic reads what was written."""
+    if isinstance(data, EventData) and not data.matches(topic):
+        raise ValueError(f"a {type(data).__name__} event is published on {data.topic!r}, not on {topic!r}")
     payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
     await bus.publish(bus.subjects.event(topic), Event(topic=topic, source=source, data=payload))
 
@@ -38,11 +43,27 @@ async def publish_event(bus: Bus, topic: str, data: dict[str, Any] | BaseModel, 
 class EventData(BaseModel):
     """The typed payload of one event type; subclasses set ``topic`` (``cycle.completed``; ``*`` stands for a token
     the publisher fills in, as in ``alert.*``). Unknown fields are kept, so a reader built against an older model
-    accepts a newer publisher's events (forward compatibility)."""
+    accepts a newer publisher's events (forward compatibility). Values are checked strictly (no ``"12"`` for a
+    number, no ``true`` for a count): an event is read from whatever published it, and a reader must not guess."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     topic: ClassVar[str] = ""
+
+    @classmethod
+    def matches(cls, topic: str) -> bool:
+        """Whether ``topic`` (a concrete one, as published) is one of this type's: token by token, ``*`` any one."""
+        mine, theirs = cls.topic.split("."), topic.split(".")
+        if not cls.topic or len(mine) != len(theirs):
+            return False
+        return all(m in ("*", t) for m, t in zip(mine, theirs, strict=True))
+
+
+def event_type_of(topic: str, types: Iterable[type[EventData]]) -> type[EventData] | None:
+    """The type among ``types`` whose topic ``topic`` is: an exact topic before a pattern (``alert.action``
+    before ``alert.*``), then the pattern with the fewest wildcards; ``None`` when no type has it."""
+    found = [t for t in types if t.matches(topic)]
+    return min(found, key=lambda t: t.topic.count("*"), default=None)
 
 
 EventHandler = Callable[[Event], Awaitable[None]]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from dspyrt.bus.connection import Bus
+from dspyrt.bus.errors import DspyrtError
 
 DAY = 24 * 3600.0
 log = logging.getLogger("dspyrt.bus")
@@ -199,30 +200,58 @@ async def object_store(bus: Bus, name: str, layout: StreamLayout | None = None) 
         )
 
 
+KvChange = Callable[[bytes | None], bytes | Awaitable[bytes | None] | None]
+"""What :func:`kv_update` applies: the current value (``None``: none) to the new one (``None``: write nothing)."""
+
+
+@dataclass(frozen=True)
+class KvUpdate:
+    """What :func:`kv_update` left in the key: the stored value (``None``: none), its revision (0: the key was
+    never written or is deleted), and whether this call wrote it (``False``: ``change`` returned ``None``)."""
+
+    value: bytes | None
+    revision: int
+    written: bool
+
+
 async def kv_update(
-    kv: KeyValue, key: str, change: Callable[[bytes | None], bytes | None], *, attempts: int = 20
-) -> bytes | None:
-    """Read ``key``, apply ``change`` to its value (``None``: no value) and write the result with compare-and-swap,
-    reading again when another writer got there first. ``change`` returning ``None`` writes nothing. Returns what
-    is stored afterwards."""
-    for _ in range(attempts):
-        try:
-            entry = await kv.get(key)
-            current, revision = entry.value or None, int(entry.revision or 0)
-        except (KeyNotFoundError, KeyDeletedError):  # never written, or deleted
-            current, revision = None, 0
-        new = change(current)
+    kv: KeyValue,
+    key: str,
+    change: KvChange,
+    *,
+    attempts: int = 20,
+    known: tuple[bytes | None, int] | None = None,
+) -> KvUpdate:
+    """Read ``key``, apply ``change`` to its value and write the result with compare-and-swap, reading again and
+    applying ``change`` again when another writer got there first: no update is lost, and none is applied to a
+    value that is not the stored one. The one read-modify-write of the project's KV buckets.
+
+    ``change`` may be a coroutine function (it may read or write elsewhere; it runs again after a lost race).
+    It returns ``None`` to write nothing, or raises to refuse: the exception reaches the caller and nothing is
+    written. ``known``: a value and revision the caller already holds, used for the first attempt instead of a
+    read (a stale one costs one lost compare-and-swap). After ``attempts`` lost races, ``DspyrtError`` with code
+    ``conflict``.
+    """
+    for attempt in range(attempts):
+        if attempt == 0 and known is not None:
+            current, revision = known
+        else:
+            try:
+                entry = await kv.get(key)
+                current, revision = entry.value or None, int(entry.revision or 0)
+            except (KeyNotFoundError, KeyDeletedError):  # never written, or deleted
+                current, revision = None, 0
+        changed = change(current)
+        new = await changed if isinstance(changed, Awaitable) else changed
         if new is None:
-            return current
+            return KvUpdate(current, revision, written=False)
         try:
-            if revision == 0:
-                await kv.create(key, new)
-            else:
-                await kv.update(key, new, last=revision)
-            return new
+            # create() also takes over a deleted key (its delete marker is the revision nats-py updates).
+            written = await kv.create(key, new) if revision == 0 else await kv.update(key, new, last=revision)
         except KeyWrongLastSequenceError:
             continue
-    raise RuntimeError(f"{key}: too many concurrent updates")
+        return KvUpdate(new, int(written), written=True)
+    raise DspyrtError(f"{key}: changed by other writers {attempts} times in a row; try again", code="conflict")
 
 
 # nats-py's default object chunk; a server with a smaller max_payload gets smaller chunks (see put_object).

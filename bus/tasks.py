@@ -13,11 +13,13 @@ task (the record names its message), and a worker acknowledges any other copy wi
 Work: replicas share one durable pull consumer per task kind. For each message the worker marks the record
 ``running`` (owned by that message), runs the handler while sending ``in_progress()`` heartbeats, stores the
 outcome with a compare-and-swap (``succeeded`` / ``failed`` / ``dead``), and only then acks. A retryable failure
-naks with a backoff delay; a permanent one, or the last delivery failing, goes to the dead-letter stream with its
-reason and delivery count. A crash before the ack means redelivery, never loss; a redelivered task whose result
-is already stored is acked without running again, so no task ends with two different results. A message that is
-not a task envelope of the consumer's own kind (garbage, or an envelope whose ``kind`` disagrees with its
-subject) is dead-lettered as ``invalid-<stream sequence>`` and never run; it touches no other task's record.
+naks with the kind's backoff delay; a permanent one, or the last delivery failing, goes to the dead-letter stream
+with its reason and delivery count. A handler running past the kind's timeout is cancelled, its heartbeat stops,
+and the task fails (``timeout``) without a retry. A crash before the ack means redelivery, never loss; a redelivered
+task whose result is already stored is acked without running again, so no task ends with two different results.
+A message that is not a task envelope of the consumer's own kind (garbage, an envelope whose ``kind`` disagrees
+with its subject, or whose ``id`` is not its ``Nats-Msg-Id``) is dead-lettered as ``invalid-<stream sequence>``
+with the reason and never run; it touches no other task's record.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from nats.errors import NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import NotFoundError as JetStreamNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, field_validator
 
@@ -55,6 +58,7 @@ from dspyrt.bus.errors import (
     DspyrtError,
     ErrorBody,
     MessageValidationError,
+    PermanentError,
     RetryableError,
     UnknownKindError,
     is_permanent,
@@ -73,7 +77,7 @@ from dspyrt.bus.messages import (
     decode,
     error_body,
 )
-from dspyrt.bus.streams import key_value, kv_keys, kv_keys_matching
+from dspyrt.bus.streams import key_value, kv_keys, kv_keys_matching, kv_update
 
 log = logging.getLogger("dspyrt.tasks")
 
@@ -94,6 +98,8 @@ MAX_RESULT_BYTES = 256 * 1024 * 1024
 FORGET_TIMEOUT = 2.0
 # JetStream's error code for "stream not found".
 STREAM_NOT_FOUND = 10059
+# A replayed task's Nats-Msg-Id is <task id><REPLAY_MARK><milliseconds>.
+REPLAY_MARK = "-replay-"
 
 
 class TaskStatus(StrEnum):
@@ -302,24 +308,22 @@ class TaskStore:
         """``transition`` that may start from a record and revision the caller already knows (saving a read;
         a stale guess costs one failed compare-and-swap, then the record is read). Returns the record and
         its revision."""
-        key = task_key(kind, task_id)
-        current: tuple[TaskRecord, int] | None = known
-        for attempt in range(20):
-            if attempt or current is None:
-                current = await self._read(key)
-            record, revision = current if current else (None, 0)
+        outcome: TaskRecord | None = None  # what the last application of change left: the new or the kept record
+
+        def apply(raw: bytes | None) -> bytes | None:
+            nonlocal outcome
+            record = TaskRecord.model_validate_json(raw) if raw else None
             new = change(record)
             if new is None:
-                return record, revision
+                outcome = record
+                return None
             new.updated_at = time.time()
-            data = new.model_dump_json().encode()
-            try:
-                if current is None:
-                    return new, int(await self.kv.create(key, data))
-                return new, int(await self.kv.update(key, data, last=revision))
-            except KeyWrongLastSequenceError:
-                continue
-        raise DspyrtError(f"task {task_id}: too many concurrent updates", code="conflict")
+            outcome = new
+            return new.model_dump_json().encode()
+
+        start = (known[0].model_dump_json().encode(), known[1]) if known is not None else None
+        stored = await kv_update(self.kv, task_key(kind, task_id), apply, known=start)
+        return outcome, stored.revision
 
     async def delete(self, task_id: str, *, kind: str, last: int | None = None) -> None:
         """Delete the record; with ``last``, only if it is still at that revision (else the server refuses)."""
@@ -600,13 +604,63 @@ class TaskRun:
 TaskHandler = Callable[[TaskEnvelope, TaskRun], Awaitable[Any]]
 
 
+def replay_message_id(task_id: str) -> str:
+    """The ``Nats-Msg-Id`` of a replayed task: fresh (the original id may still be inside the duplicate window)
+    and still naming its task, as the worker checks (:func:`message_id_names`)."""
+    return f"{task_id}{REPLAY_MARK}{math.floor(time.time() * 1000)}"
+
+
+def message_id_names(msg_id: str | None, task_id: str) -> bool:
+    """Whether a task message's ``Nats-Msg-Id`` is its task's own: the task id, or a replay's (``<id>-replay-<ms>``)."""
+    if msg_id == task_id:
+        return True
+    if msg_id is None:
+        return False
+    head, mark, stamp = msg_id.rpartition(REPLAY_MARK)
+    return bool(mark) and head == task_id and stamp.isascii() and stamp.isdigit()
+
+
+def refusal(envelope: TaskEnvelope, kind: str, subject: str, msg_id: str | None) -> ErrorBody | None:
+    """Why a task message that parsed must not run as the task it claims to be (None: it may).
+
+    - its ``kind`` is not its subject's: run as the subject's kind it would feed one kind's input to another's
+      handler;
+    - its ``id`` is not its ``Nats-Msg-Id``: the stream drops a second copy of a task only by that header, so a
+      message under another message id (or none) would slip past the duplicate window.
+    """
+    if envelope.kind != kind:
+        return ErrorBody(
+            code="kind_mismatch",
+            message=clip(
+                f"task {envelope.id!r} says kind {envelope.kind!r} but came on {subject} (kind {kind!r}); "
+                f"not run. Submit it as {envelope.kind!r}."
+            ),
+        )
+    if not message_id_names(msg_id, envelope.id):
+        header = "no Nats-Msg-Id header" if msg_id is None else f"Nats-Msg-Id {clip(msg_id, 160)!r}"
+        return ErrorBody(
+            code="id_mismatch",
+            message=clip(
+                f"task {envelope.id!r} came on {subject} with {header}; not run: a task message's Nats-Msg-Id "
+                "is its task id (submit it with Client.submit or 'dspyrt submit')."
+            ),
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How one task kind is consumed. ``backoff`` is the nak delay per attempt (the last value repeats)."""
+    """How one task kind is consumed. ``backoff`` is the nak delay per attempt (the last value repeats).
+
+    Retries are ``nak(delay)`` per failure, and ``max_deliver`` is the consumer's: JetStream's consumer ``backoff``
+    list is not used, because it would also replace ``ack_wait`` as the time a delivery may go without a heartbeat.
+    ``timeout``: the run-time limit of one attempt (None: none); past it the handler is cancelled, its heartbeat
+    stops and the task fails with code ``timeout``, not retried."""
 
     ack_wait: float = 30.0
     max_deliver: int = 5
     backoff: tuple[float, ...] = (1.0, 5.0, 15.0, 60.0)
+    timeout: float | None = None
     concurrency: int = 8
     fetch_timeout: float = 1.0
     # Messages pulled per fetch (at most the free slots). More than one lets a burst land on one busy replica
@@ -653,17 +707,31 @@ class TaskWorker:
 
     async def _subscribe(self) -> Any:
         s = self.bus.subjects
-        config = api.ConsumerConfig(
-            durable_name=s.task_consumer(self.kind),
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.options.ack_wait,
-            max_deliver=self.options.max_deliver,
-            filter_subject=s.task(self.kind),
-            max_ack_pending=-1,
-        )
-        return await self.bus.js.pull_subscribe(
-            s.task(self.kind), durable=s.task_consumer(self.kind), stream=s.task_stream, config=config
-        )
+        durable = s.task_consumer(self.kind)
+        try:
+            current: api.ConsumerConfig | None = (await self.bus.js.consumer_info(s.task_stream, durable)).config
+        except JetStreamNotFoundError:
+            current = None
+        if current is None:
+            config = api.ConsumerConfig(
+                name=durable,
+                durable_name=durable,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self.options.ack_wait,
+                max_deliver=self.options.max_deliver,
+                filter_subject=s.task(self.kind),
+                max_ack_pending=-1,
+            )
+            await self.bus.js.add_consumer(s.task_stream, config)
+        elif current.max_deliver != self.options.max_deliver or not math.isclose(
+            current.ack_wait or 0.0, self.options.ack_wait, rel_tol=1e-6
+        ):
+            # The consumer outlives its workers: the policy the code declares now wins over the one it was created
+            # with. A server stopping at an older, lower max_deliver would leave the task in the queue for good (the
+            # exhausted-task watcher trusts no advisory short of this worker's max_deliver).
+            update = current.evolve(max_deliver=self.options.max_deliver, ack_wait=self.options.ack_wait)
+            await self.bus.js.add_consumer(s.task_stream, update)
+        return await self.bus.js.pull_subscribe_bind(durable=durable, stream=s.task_stream)
 
     async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         psub = await self._subscribe()
@@ -768,16 +836,9 @@ class TaskWorker:
                 await self._dead_letter(msg, f"invalid-{seq}", error_body(exc), attempt, TaskStatus.FAILED)
                 tracing.mark_error(span, exc.code, exc.message)
                 return
-            if envelope.kind != self.kind:
-                # Run as this subject's kind it would feed one kind's input to another's handler. Its claimed id is
-                # not vouched for either: dead-lettered like garbage, under the message's own sequence.
-                reason = ErrorBody(
-                    code="kind_mismatch",
-                    message=clip(
-                        f"task {envelope.id!r} says kind {envelope.kind!r} but came on {subject} (kind "
-                        f"{self.kind!r}); not run. Submit it as {envelope.kind!r}."
-                    ),
-                )
+            reason = refusal(envelope, self.kind, subject, headers.get(MSG_ID_HEADER))
+            if reason is not None:
+                # Its claimed id is not vouched for: dead-lettered like garbage, under the message's own sequence.
                 await self._dead_letter(msg, f"invalid-{seq}", reason, attempt, TaskStatus.FAILED)
                 tracing.mark_error(span, reason.code, reason.message)
                 return
@@ -843,28 +904,42 @@ class TaskWorker:
             await self._succeed(msg, envelope.id, result, (record, revision) if record is not None else None)
 
     async def _run_with_heartbeat(self, envelope: TaskEnvelope, run: TaskRun) -> Any:
+        """The handler's result, with ``in_progress()`` heartbeats while it runs, within ``options.timeout``."""
         interval = max(self.options.ack_wait / 3, 0.05)
+        limit = self.options.timeout
+        deadline = anyio.current_time() + (limit if limit is not None else math.inf)
         outcome: list[Any] = []
         failure: Exception | None = None
         async with anyio.create_task_group() as tg:
 
             async def beat() -> None:
-                while True:
-                    await anyio.sleep(interval)
-                    try:
-                        await run.heartbeat()
-                    except Exception:
-                        pass
+                # Bounded by the deadline itself, not only by the handler's end: a handler that cannot be
+                # cancelled (stuck in a thread) must not be kept alive by its heartbeat either.
+                with anyio.CancelScope(deadline=deadline):
+                    while True:
+                        await anyio.sleep(interval)
+                        try:
+                            await run.heartbeat()
+                        except Exception:
+                            pass
 
             tg.start_soon(beat)
-            try:
-                outcome.append(await self.handler(envelope, run))
-            except Exception as exc:
-                # Re-raised outside the task group, which would wrap it in an ExceptionGroup and so hide
-                # whether it is a PermanentError, a RetryableError (with its delay) or a validation error.
-                failure = exc
-            finally:
-                tg.cancel_scope.cancel()
+            with anyio.CancelScope(deadline=deadline) as run_scope:
+                try:
+                    outcome.append(await self.handler(envelope, run))
+                except Exception as exc:
+                    # Re-raised outside the task group, which would wrap it in an ExceptionGroup and so hide
+                    # whether it is a PermanentError, a RetryableError (with its delay) or a validation error.
+                    failure = exc
+                finally:
+                    tg.cancel_scope.cancel()
+        if run_scope.cancel_called:
+            # Whatever the handler did once cancelled (an error, even a result) came after its limit.
+            raise PermanentError(
+                f"task {self.kind} {envelope.id} ran longer than its timeout of {limit:g}s on attempt {run.attempt}; "
+                "cancelled and not retried (a handler that hung once would hang again)",
+                code="timeout",
+            )
         if failure is not None:
             raise failure
         return outcome[0]
@@ -1033,8 +1108,6 @@ async def replay_dead_letter(bus: Bus, store: TaskStore, letter: DeadLetter) -> 
         )
 
     await store.transition(envelope.id, reset, kind=envelope.kind)
-    # A fresh message id: the original one may still be inside the duplicate window.
-    msg_id = f"{envelope.id}-replay-{math.floor(time.time() * 1000)}"
-    headers = tracing.inject({MSG_ID_HEADER: msg_id, TASK_ID_HEADER: envelope.id})
+    headers = tracing.inject({MSG_ID_HEADER: replay_message_id(envelope.id), TASK_ID_HEADER: envelope.id})
     await bus.js.publish(bus.subjects.task(envelope.kind), letter.envelope.encode(), headers=headers)
     return envelope.id

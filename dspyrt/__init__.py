@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 # name -> the module that owns it. tests/test_packaging.py imports every one.
 _EXPORTS: dict[str, str] = {
     "Agent": "dspyrt.runtime.agent",
-    "AssertionResult": "dspyrt.agents.assertions.core",
+    "AssertionResult": "dspyrt.agents.assertions.models",
     "Client": "dspyrt.runtime.client",
     "CodeQualityValidator": "dspyrt.agents.assertions.code_quality",
     "DSPyAssertionFramework": "dspyrt.agents.assertions.core",
@@ -27,14 +27,15 @@ _EXPORTS: dict[str, str] = {
     "HasForward": "dspyrt.agents.programs",
     "IntegrationConfig": "dspyrt.runtime.config",
     "IntegrationMode": "dspyrt.runtime.config",
-    "LabeledFewShotOptimizer": "dspyrt.agents.optimizers.core",
+    "LabeledFewShotOptimizer": "dspyrt.agents.optimizers.builtin",
     "LogicValidator": "dspyrt.agents.assertions.logic",
     "Message": "dspyrt.bus.messages",
     "MetricsDashboard": "dspyrt.agents.dashboard.core",
     "ModelSwitcher": "dspyrt.agents.switcher.core",
-    "OptimizationResult": "dspyrt.agents.optimizers.core",
+    "OptimizationResult": "dspyrt.agents.optimizers.models",
     "PerformanceValidator": "dspyrt.agents.assertions.performance",
-    "RoleRefinementResult": "dspyrt.agents.roles.core",
+    "RetryPolicy": "dspyrt.runtime.agent",
+    "RoleRefinementResult": "dspyrt.agents.roles.models",
     "RoleRefiner": "dspyrt.agents.roles.program",
     "SecurityValidator": "dspyrt.agents.assertions.security",
     "TaskContext": "dspyrt.runtime.agent",
@@ -64,6 +65,7 @@ __all__ = [
     "ModelSwitcher",
     "OptimizationResult",
     "PerformanceValidator",
+    "RetryPolicy",
     "RoleRefinementResult",
     "RoleRefiner",
     "SecurityValidator",
@@ -90,19 +92,22 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from dspyrt.agents.assertions.code_quality import CodeQualityValidator
-    from dspyrt.agents.assertions.core import AssertionResult, DSPyAssertionFramework
+    from dspyrt.agents.assertions.core import DSPyAssertionFramework
     from dspyrt.agents.assertions.logic import LogicValidator
+    from dspyrt.agents.assertions.models import AssertionResult
     from dspyrt.agents.assertions.performance import PerformanceValidator
     from dspyrt.agents.assertions.security import SecurityValidator
     from dspyrt.agents.dashboard.core import MetricsDashboard
     from dspyrt.agents.loop.cycle import FourPartOptimizationLoop
-    from dspyrt.agents.optimizers.core import DSPyOptimizerManager, LabeledFewShotOptimizer, OptimizationResult
+    from dspyrt.agents.optimizers.builtin import LabeledFewShotOptimizer
+    from dspyrt.agents.optimizers.core import DSPyOptimizerManager
+    from dspyrt.agents.optimizers.models import OptimizationResult
     from dspyrt.agents.programs import HasForward
-    from dspyrt.agents.roles.core import RoleRefinementResult
+    from dspyrt.agents.roles.models import RoleRefinementResult
     from dspyrt.agents.roles.program import RoleRefiner
     from dspyrt.agents.switcher.core import ModelSwitcher
     from dspyrt.bus.errors import DspyrtError
     from dspyrt.bus.events import Event
     from dspyrt.bus.messages import Message
-    from dspyrt.runtime.agent import Agent, TaskContext, endpoint, on_event, task
+    from dspyrt.runtime.agent import Agent, RetryPolicy, TaskContext, endpoint, on_event, task
     from dspyrt.runtime.client import Client, connect_client

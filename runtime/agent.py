@@ -6,7 +6,7 @@
         @endpoint("greet")
         async def greet(self, request: GreetRequest) -> GreetReply: ...
 
-        @task("greet-all")
+        @task("greet-all", retry=RetryPolicy(max_attempts=3, initial_delay=2.0), timeout=600)
         async def greet_all(self, job: GreetAll, ctx: TaskContext) -> GreetAllResult: ...
 
         @on_event("cycle.completed")
@@ -19,26 +19,27 @@ state; ``AgentHost`` (``dspyrt.runtime.host``) puts it on the bus.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, get_type_hints
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dspyrt.bus import Bus, TaskRun, publish_event
 from dspyrt.bus.events import EventData
 from dspyrt.bus.subjects import check_dotted, check_token
+from dspyrt.runtime.config import IntegrationMode
+from dspyrt.runtime.events import TaskProgress
 
 if TYPE_CHECKING:
     from dspyrt.runtime.client import Client
     from dspyrt.runtime.config import IntegrationConfig
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-AgentGroup = Literal["system", "models", "optimizers", "validators", "loop", "monitoring", "roles", "example"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,35 @@ class EndpointSpec:
     per_user: bool = False
 
 
+class RetryPolicy(BaseModel):
+    """How often a task kind is tried, and how long a retryable failure waits before the next try.
+
+    Attempt ``n`` that fails with a retryable error is delivered again after ``initial_delay * multiplier**(n-1)``
+    seconds, at most ``max_delay`` (a ``RetryableError(delay=...)`` names its own wait); after ``max_attempts``
+    deliveries the task is dead-lettered (``exhausted``, with the last error). A permanent error is never retried.
+    ``max_attempts=None``: the deployment's ``task_max_deliver``. The default waits 1, 4, 16, 60, 60, ... s."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    initial_delay: float = Field(default=1.0, ge=0, le=86_400)
+    multiplier: float = Field(default=4.0, ge=1, le=100)
+    max_delay: float = Field(default=60.0, ge=0, le=86_400)
+
+    @model_validator(mode="after")
+    def _max_covers_initial(self) -> RetryPolicy:
+        if self.max_delay < self.initial_delay:
+            raise ValueError(f"max_delay {self.max_delay:g}s is shorter than initial_delay {self.initial_delay:g}s")
+        return self
+
+    def delays(self, attempts: int) -> tuple[float, ...]:
+        """The wait after each failed attempt of ``attempts`` (the last one's is never used: it is dead-lettered)."""
+        waits = [self.initial_delay]
+        for _ in range(attempts - 1):
+            waits.append(min(waits[-1] * self.multiplier, self.max_delay))  # capped as it grows: never overflows
+        return tuple(waits)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     kind: str
@@ -59,7 +89,8 @@ class TaskSpec:
     input: type[BaseModel]
     output: type[BaseModel] | None
     ack_wait: float | None
-    max_deliver: int | None
+    retry: RetryPolicy
+    timeout: float | None
     concurrency: int | None
 
 
@@ -101,15 +132,35 @@ def endpoint(name: str, *, description: str = "", per_user: bool = False) -> Cal
 
 
 def task(
-    kind: str, *, ack_wait: float | None = None, max_deliver: int | None = None, concurrency: int | None = None
+    kind: str,
+    *,
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+    ack_wait: float | None = None,
+    concurrency: int | None = None,
 ) -> Callable[[F], F]:
-    """A durable task handler for ``<prefix>.task.<kind>``: ``async def h(self, input: Model, ctx: TaskContext)``."""
+    """A durable task handler for ``<prefix>.task.<kind>``: ``async def h(self, input: Model, ctx: TaskContext)``.
+
+    The kind's policy is declared here, as Temporal activities and Celery tasks do:
+
+    - ``retry``: how often it is tried and the backoff between tries (:class:`RetryPolicy`; default: the
+      deployment's ``task_max_deliver`` attempts, waits of 1, 4, 16, 60 s).
+    - ``timeout``: the run-time limit of one attempt, in seconds. A handler still running then is cancelled, its
+      automatic heartbeat stops, and the task fails with code ``timeout`` at once, not retried: a handler that hung
+      once hangs again. Default: no limit (the heartbeat keeps a long handler alive).
+    - ``ack_wait``: how long a delivery may go without a heartbeat before JetStream hands it to another worker.
+    - ``concurrency``: tasks of this kind one agent instance runs at once (default: ``agent_concurrency``).
+    """
     check_token(kind, "task kind")
+    if timeout is not None and not (0 < timeout < math.inf):
+        raise ValueError(f"task {kind!r}: timeout must be a positive number of seconds, not {timeout!r}")
+    policy = retry or RetryPolicy()
 
     def mark(fn: F) -> F:
         model, output = _signature_types(fn)
         out = output if inspect.isclass(output) and issubclass(output, BaseModel) else None
-        fn.__dspyrt_task__ = TaskSpec(kind, fn.__name__, model, out, ack_wait, max_deliver, concurrency)  # type: ignore[attr-defined]
+        spec = TaskSpec(kind, fn.__name__, model, out, ack_wait, policy, timeout, concurrency)
+        fn.__dspyrt_task__ = spec  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -166,20 +217,27 @@ class TaskContext:
         await self.run.heartbeat()
 
     async def progress(self, phase: str, *, step: int | None = None, total: int | None = None, **data: Any) -> None:
-        """Publish a progress event for this task (``dspyrt submit --wait`` shows them) and keep it alive."""
-        payload = {"task_id": self.task_id, "phase": phase, "step": step, "total": total, **data}
+        """Publish a progress event for this task (:class:`TaskProgress`; ``dspyrt submit --wait`` shows them) and
+        keep it alive. ``data``: figures of the handler's own, published beside ``phase``, ``step`` and ``total``."""
+        event = TaskProgress(task_id=self.task_id, phase=phase, step=step, total=total, **data)
         topic = self.agent.bus.subjects.task_progress_topic(self.run.envelope.kind, self.task_id)
-        await self.agent.publish_event(topic, payload)
+        await self.agent.publish_event(topic, event)
         await self.run.heartbeat()
 
 
 class Agent:
-    """Base class of every agent. Subclasses set ``name`` (and ``group``, ``version``, ``description``)."""
+    """Base class of every agent. Subclasses set ``name`` (and ``group``, ``modes``, ``switch``, ``version``,
+    ``description``)."""
 
     name: ClassVar[str] = ""
     version: ClassVar[str] = "0.1.0"
     description: ClassVar[str] = ""
-    group: ClassVar[AgentGroup] = "example"
+    # A label for the agents of one area ("loop", "validators"), shown by ``dspyrt status``.
+    group: ClassVar[str] = ""
+    # The modes whose processes run this agent (``dspyrt.runtime.registry.agents_for``), and the name of the
+    # IntegrationConfig on/off setting that turns it off there (``"enable_metrics"``; None: nothing does).
+    modes: ClassVar[frozenset[IntegrationMode]] = frozenset({IntegrationMode.FULL})
+    switch: ClassVar[str | None] = None
     # The event types this agent publishes (the AsyncAPI document and the dashboard read them).
     publishes: ClassVar[tuple[type[EventData], ...]] = ()
 

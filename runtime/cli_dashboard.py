@@ -2,7 +2,7 @@
 
 It reads the dashboard agent's ``snapshot`` endpoint (``<prefix>.dashboard.snapshot``) over the bus: the same
 data the agent's web page shows. The runtime knows nothing of the agent's types, so the reply is read as JSON.
-Register it in ``dspyrt.runtime.cli`` with ``app.command("dashboard")(dashboard_command)``.
+``dspyrt.runtime.cli`` registers it: ``app.command("dashboard")(dashboard_command)``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Group, RenderableType
 from rich.table import Column, Table
 from rich.text import Text
+
+from dspyrt.runtime.cli_common import ConfigOption, command_config, one_line_errors, with_client
+from dspyrt.runtime.cli_output import console, print_table
 
 if TYPE_CHECKING:  # the bus and the client are imported by the command (runtime.cli starts without them)
     from dspyrt.runtime.client import Client
@@ -158,16 +160,13 @@ def render_snapshot(data: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
-]
-
-
 def dashboard_command(
     config_file: ConfigOption = None,
     program: Annotated[str | None, typer.Option(help="only this program")] = None,
     model: Annotated[str | None, typer.Option(help="only this model")] = None,
-    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")] = 2.0,
+    interval: Annotated[
+        float | None, typer.Option(min=0.2, help="seconds between refreshes (default: dashboard_poll, as the page)")
+    ] = None,
     once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the snapshot as JSON and exit")] = False,
 ) -> None:
@@ -177,23 +176,26 @@ def dashboard_command(
     from rich.panel import Panel
 
     from dspyrt.bus import DspyrtError
-    from dspyrt.runtime import cli  # this command is registered by runtime.cli; use its console and client helpers
+
+    with one_line_errors():
+        config = command_config(config_file)
+    every = interval if interval is not None else config.dashboard_poll  # the web page's refresh, by default
 
     async def body(client: Client) -> None:
         data = await fetch_snapshot(client, program=program, model=model)
         if as_json:
-            cli.console.print_json(json.dumps(data))
+            console.print_json(json.dumps(data))
             return
         if once:
-            cli.print_table(render_snapshot(data))
+            print_table(render_snapshot(data))
             return
-        with Live(render_snapshot(data), console=cli.console, refresh_per_second=4) as live:
+        with Live(render_snapshot(data), console=console, refresh_per_second=4) as live:
             while True:
-                await anyio.sleep(interval)
+                await anyio.sleep(every)
                 try:
                     data = await fetch_snapshot(client, program=program, model=model)
                     live.update(render_snapshot(data))
                 except DspyrtError as exc:  # the agent restarting, say: keep the last frame, say why
                     live.update(Group(render_snapshot(data), Panel(str(exc), title="not updated", style="red")))
 
-    cli._with_client(config_file, body)
+    with_client(config_file, body, config=config)

@@ -9,29 +9,25 @@ Exit codes: 0 done, 1 the command failed (one line on stderr: a bad file or row,
 ``rm``), 2 a usage error or no NATS reachable. The datasets live in JetStream: run these as a user with JetStream
 access (the deploy's ``admin``), not through the client gateway.
 
-``dspyrt.runtime.cli`` is imported inside the commands, not at module level, so ``dspyrt.runtime.cli`` can import this
-module
-(``app.add_typer(datasets_app, name="datasets")``).
+``dspyrt.runtime.cli`` registers ``datasets_app``: ``app.add_typer(datasets_app, name="datasets")``.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from dspyrt.runtime.cli_lm_cache import _size
+from dspyrt.runtime.cli_common import ConfigOption, JsonOption, fail, with_client
+from dspyrt.runtime.cli_output import cell, console, err, plural, print_table, size, when
 
 if TYPE_CHECKING:  # imported by the commands: runtime.cli starts without the bus (NATS)
-    from dspyrt.bus import DspyrtError
     from dspyrt.runtime.client import Client
     from dspyrt.runtime.datasets import DatasetIndex, DatasetManifest, DatasetRef
 
@@ -39,75 +35,11 @@ DEPLOY_AGENT = "loop-deploy"
 # How long rm waits for each answer of the deploy agent.
 DEPLOY_TIMEOUT = 5.0
 REMOVE_ACTION = "dataset.remove"
-# Cells of `show`'s rows are clipped to this many characters (--json has them whole).
-CELL_CHARS = 60
 MAX_HEAD = 1000
-
-T = TypeVar("T")
 
 datasets_app = typer.Typer(
     help="Datasets: versioned example sets in the object store (put, list, show, rm).", no_args_is_help=True
 )
-
-# The same options as runtime.cli's (kept here so this module imports nothing from it at import time).
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-
-
-# ------------------------------------------------------------------------------------ shared helpers
-
-
-def fail(error: DspyrtError, code: int = 1) -> NoReturn:
-    """``error <code>: <message>`` on stderr, with every field error, in one line; then exit with ``code``."""
-    from dspyrt.runtime.cli import report
-
-    report(error)
-    raise typer.Exit(code)
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: DspyrtError
-
-
-def run_with_client(config_file: Path | None, body: Callable[[Client], Awaitable[T]]) -> T:
-    """``dspyrt.runtime.cli._with_client``, where an error of the command itself (raised by ``body``) is one line and
-    exit code 1; a configuration error or an unreachable NATS stays exit code 2, as for every command."""
-    from dspyrt.bus import DspyrtError
-    from dspyrt.runtime.cli import _with_client
-
-    async def guarded(client: Client) -> T | _Failed:
-        try:
-            return await body(client)
-        except DspyrtError as exc:
-            return _Failed(exc)
-
-    outcome = _with_client(config_file, guarded)
-    if isinstance(outcome, _Failed):
-        fail(outcome.error)
-    return outcome
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-
-
-def clip(text: str, limit: int = CELL_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def cell(value: Any) -> Text:
-    """A JSON value as a table cell: strings as they are, the rest as JSON; clipped; never read as markup."""
-    if value is None:
-        return Text("")
-    return Text(clip(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)))
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -192,14 +124,13 @@ def put_command(
 ) -> None:
     """Store FILE's rows as a version of NAME and print NAME@VERSION (the same content again: the same version)."""
     from dspyrt.bus import DspyrtError, MessageValidationError
-    from dspyrt.runtime.cli import console
     from dspyrt.runtime.dataset_files import STDIN, read_rows
 
     source = "<stdin>" if str(file) == STDIN else str(file)
     try:
         rows = read_rows(file)
     except DspyrtError as exc:
-        fail(exc)
+        raise fail(exc) from None
 
     async def body(client: Client) -> DatasetManifest:
         try:
@@ -207,7 +138,7 @@ def put_command(
         except MessageValidationError as exc:  # bad rows: say which file they are in
             raise MessageValidationError(f"{source}: {exc.message}", exc.field_errors) from exc
 
-    manifest = run_with_client(config_file, body)
+    manifest = with_client(config_file, body, failure_exit=1)
     if as_json:
         console.print_json(json.dumps(manifest_summary(manifest)))
     else:
@@ -217,12 +148,11 @@ def put_command(
 @datasets_app.command("list")
 def list_command(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """Every dataset: its newest version, how many versions, rows, size and when it was stored."""
-    from dspyrt.runtime.cli import console, print_table
 
     async def body(client: Client) -> list[DatasetIndex]:
         return await (await client.datasets()).indexes()
 
-    indexes = run_with_client(config_file, body)
+    indexes = with_client(config_file, body, failure_exit=1)
     if as_json:
         console.print_json(json.dumps([_index_summary(index) for index in indexes]))
         return
@@ -233,8 +163,8 @@ def list_command(as_json: JsonOption = False, config_file: ConfigOption = None) 
                   Column("created", no_wrap=True))  # fmt: skip
     for index in indexes:
         latest = index.versions[-1]
-        table.add_row(index.name, latest.version, str(len(index.versions)), str(latest.rows), _size(latest.bytes),
-                      _when(latest.created_at))  # fmt: skip
+        table.add_row(index.name, latest.version, str(len(index.versions)), str(latest.rows), size(latest.bytes),
+                      when(latest.created_at))  # fmt: skip
     print_table(table)
 
 
@@ -248,7 +178,6 @@ def show_command(
     config_file: ConfigOption = None,
 ) -> None:
     """One dataset version: rows, size, fields, where it came from, the name's other versions, and its first rows."""
-    from dspyrt.runtime.cli import console
 
     ref = _reference(reference)  # parsed here: the signature's types must not need runtime.datasets (NATS) at start
 
@@ -258,7 +187,7 @@ def show_command(
         index = next((i for i in await store.indexes() if i.name == manifest.name), None)
         return manifest, index, await store.rows(manifest.ref, 0, head)
 
-    manifest, index, rows = run_with_client(config_file, body)
+    manifest, index, rows = with_client(config_file, body, failure_exit=1)
     versions = [v.version for v in reversed(index.versions)] if index else []  # newest first
     if as_json:
         console.print_json(json.dumps(manifest_summary(manifest) | {"versions": versions, "head": rows}))
@@ -266,9 +195,9 @@ def show_command(
     console.print(Text.assemble((str(manifest.ref), "bold")))
     facts = Table.grid(padding=(0, 2))
     facts.add_row("  rows", str(manifest.rows))
-    facts.add_row("  size", f"{_size(manifest.bytes)} in {plural(len(manifest.parts), 'part')}")
+    facts.add_row("  size", f"{size(manifest.bytes)} in {plural(len(manifest.parts), 'part')}")
     facts.add_row("  fields", Text(", ".join(manifest.fields)))
-    facts.add_row("  created", _when(manifest.created_at))
+    facts.add_row("  created", when(manifest.created_at))
     if manifest.source:
         facts.add_row("  source", Text(manifest.source))
     facts.add_row("  versions", _versions_line(manifest.version, versions))
@@ -355,7 +284,6 @@ def rm_command(
     Tasks already submitted with it (pinned at submit) fail when they read it afterwards."""
     from dspyrt.bus import DspyrtError
     from dspyrt.bus.audit import record_audit
-    from dspyrt.runtime.cli import console, err
 
     ref = _pinned_reference(reference)
 
@@ -394,7 +322,7 @@ def rm_command(
             ) from exc
         return removed, uses
 
-    removed, uses = run_with_client(config_file, body)
+    removed, uses = with_client(config_file, body, failure_exit=1)
     if as_json:
         outcome = {"removed": True, "checked": uses is not None, "earlier_versions": uses.earlier if uses else []}
         console.print_json(json.dumps(manifest_summary(removed) | outcome))

@@ -7,8 +7,8 @@
 
 Each command is one request to ``<prefix>.serving.record | predictions | feedback``; payloads are plain JSON,
 checked by the serving agent, whose error is printed as one line (exit code 1). Nothing here knows about DSPy or the
-agents' code. Register the commands in ``dspyrt.runtime.cli`` with ``app.command("predictions")(predictions_command)``
-and ``app.command("feedback")(feedback_command)``; ``dspyrt.runtime.cli`` is imported inside them, not at module level.
+agents' code. ``dspyrt.runtime.cli`` registers the commands: ``app.command("predictions")(predictions_command)`` and
+``app.command("feedback")(feedback_command)``.
 """
 
 from __future__ import annotations
@@ -24,50 +24,30 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-if TYPE_CHECKING:  # imported when a command runs: runtime.cli starts without the bus (NATS)
-    from dspyrt.bus import DspyrtError
+from dspyrt.runtime.cli_common import ConfigOption, JsonOption, print_error, with_client
+from dspyrt.runtime.cli_output import clipped_json, console, print_table
+
+if TYPE_CHECKING:
+    from dspyrt.runtime.client import Client
 
 SERVING_AGENT = "serving"
-_CLIP = 60
-
-# The same options as runtime.cli's (kept here so this module imports nothing from it at import time).
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+# A correction is shown in this many characters beside its ✓ or ✗ (--json has it whole).
+CORRECTION_CHARS = 40
 
 
 def _fail(message: str, code: str = "invalid_input") -> typer.Exit:
     """``error <code>: <message>`` on stderr, in one line; the Exit (code 1) to raise."""
-    from dspyrt.runtime.cli import print_error
-
     print_error(code, message)
     return typer.Exit(1)
 
 
 def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """One request to the serving agent; its error (or a missing agent) is one line and exit code 1."""
-    from dspyrt.bus import DspyrtError
-    from dspyrt.runtime.cli import _with_client, report
-    from dspyrt.runtime.client import Client
 
-    async def body(client: Client) -> dict[str, Any] | DspyrtError:
-        try:
-            return await client.call(SERVING_AGENT, endpoint, payload, timeout=timeout)
-        except DspyrtError as exc:
-            return exc
+    async def body(client: Client) -> dict[str, Any]:
+        return await client.call(SERVING_AGENT, endpoint, payload, timeout=timeout)
 
-    result = _with_client(config_file, body)
-    if isinstance(result, DspyrtError):
-        report(result)
-        raise typer.Exit(1)
-    return result
-
-
-def _clip(value: Any, width: int = _CLIP) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return with_client(config_file, body, failure_exit=1)
 
 
 def _rate(rate: float) -> str:
@@ -85,8 +65,6 @@ def predictions_command(
     config_file: ConfigOption = None,
 ) -> None:
     """A program's newest recorded predictions; with --record RATE, set the share of its predictions recorded."""
-    from dspyrt.runtime.cli import console, print_table
-
     if record is not None:
         settings = _call(config_file, "record", {"program": program, "sample_rate": record})
         if as_json:
@@ -108,15 +86,16 @@ def predictions_command(
                   "inputs", "outputs", "corrected")  # fmt: skip
     for p in data["predictions"]:
         corrections = p.get("corrections")
-        corrected = "-" if corrections is None else ("✓ " if p.get("agreed") else "✗ ") + _clip(corrections, 40)
+        mark = "✓ " if p.get("agreed") else "✗ "
+        corrected = "-" if corrections is None else mark + clipped_json(corrections, CORRECTION_CHARS)
         # Text cells: recorded values are user data, never rich markup.
         table.add_row(
             p["prediction_id"],
             time.strftime("%m-%d %H:%M:%S", time.localtime(p["time"])),
             f"v{p['version']}" + (" canary" if p.get("canary") else ""),
             Text(str(p["model"])),
-            Text(_clip(p["inputs"])),
-            Text(_clip(p["outputs"])),
+            Text(clipped_json(p["inputs"])),
+            Text(clipped_json(p["outputs"])),
             Text(corrected),
         )
     print_table(table)
@@ -171,8 +150,6 @@ def feedback_command(
     config_file: ConfigOption = None,
 ) -> None:
     """Correct recorded predictions: one batch, one new version of the program's feedback dataset (printed)."""
-    from dspyrt.runtime.cli import console
-
     items = _read_items(pairs or [], file)
     data = _call(config_file, "feedback", {"items": items}, timeout=60.0)
     if as_json:

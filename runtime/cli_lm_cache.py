@@ -8,27 +8,24 @@ an LRU in its own memory in front of the bucket; only a restart empties it, and 
 
 Under the deploy's permissions (``deploy/nats``) run it as ``admin``: the ``client`` user may not look at the
 bucket, and no agent's user may purge it. A refused permission is one line and exit code 2, as any other error.
-Register it in ``dspyrt.runtime.cli`` with ``app.command("lm-cache")(lm_cache_command)``; the work is in
+``dspyrt.runtime.cli`` registers it: ``app.command("lm-cache")(lm_cache_command)``; the work is in
 ``dspyrt.runtime.cli_lm_cache_report``, imported when the command runs.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from dspyrt.runtime.cli_common import ConfigOption, JsonOption, command_config, one_line_errors, with_client
+from dspyrt.runtime.cli_output import console
 
 if TYPE_CHECKING:  # the report's models, NATS and the bus are imported by the command: runtime.cli starts without
     from dspyrt.runtime.cli_lm_cache_report import LmCacheReport
     from dspyrt.runtime.client import Client
 
-# The same options as runtime.cli's (kept here so this module imports nothing from it at import time).
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ClearOption = Annotated[
     bool,
     typer.Option(
@@ -38,30 +35,12 @@ ClearOption = Annotated[
 ]
 
 
-def _size(n: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB")
-    i = 0
-    while n >= 1024 and i < len(units) - 1:
-        n /= 1024
-        i += 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:g} h"
-    if seconds >= 60:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
-
-
 def lm_cache_command(clear: ClearOption = False, as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """The switcher's LM response cache: its bucket, entries, size, TTL and size limit; --clear empties it."""
-    from dspyrt.runtime import cli  # this command is registered by runtime.cli; use its console and client helpers
     from dspyrt.runtime.cli_lm_cache_report import LmCacheSettings, clear_lm_cache, read_lm_cache, render_report
 
-    with cli.one_line_errors():
-        config = cli._config(config_file)
+    with one_line_errors():
+        config = command_config(config_file)
     settings = LmCacheSettings.of(config)
 
     async def body(client: Client) -> LmCacheReport:
@@ -69,8 +48,8 @@ def lm_cache_command(clear: ClearOption = False, as_json: JsonOption = False, co
             return await clear_lm_cache(client.bus, settings, identity=client.identity)
         return await read_lm_cache(client.bus, settings)
 
-    report = cli._with_client(config_file, body, config=config)
+    report = with_client(config_file, body, config=config)
     if as_json:
-        cli.console.print_json(json.dumps(report.model_dump(mode="json")))
+        console.print_json(json.dumps(report.model_dump(mode="json")))
         return
-    cli.console.print(render_report(report))
+    console.print(render_report(report))

@@ -1,7 +1,7 @@
 """What ``dspyrt lm-cache`` reads and does (``dspyrt.runtime.cli_lm_cache`` is the command): the LM cache bucket's facts
 from its stream, ``--clear``'s audited purge, and the human view of both.
 
-Imported by the command when it runs, so that ``dspyrt.runtime.cli`` starts without pydantic models or NATS.
+Imported by the command when it runs, so that ``dspyrt`` starts without pydantic models or NATS.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from dspyrt.runtime.cli_lm_cache import _duration, _size
+from dspyrt.runtime.cli_output import duration, size
 
 if TYPE_CHECKING:
     from dspyrt.bus import Bus
@@ -71,10 +71,10 @@ def _differences(report: LmCacheReport) -> list[str]:
     notes: list[str] = []
     configured_ttl = report.settings.lm_cache_ttl_hours * 3600
     if report.ttl_seconds is not None and abs(report.ttl_seconds - configured_ttl) > 1:
-        notes.append(f"the bucket's TTL is {_duration(report.ttl_seconds)}, the configured {_duration(configured_ttl)}")
+        notes.append(f"the bucket's TTL is {duration(report.ttl_seconds)}, the configured {duration(configured_ttl)}")
     configured_bytes = report.settings.lm_cache_max_mb * 1024 * 1024
     if report.max_bytes is not None and report.max_bytes != configured_bytes:
-        notes.append(f"the bucket's size limit is {_size(report.max_bytes)}, the configured {_size(configured_bytes)}")
+        notes.append(f"the bucket's size limit is {size(report.max_bytes)}, the configured {size(configured_bytes)}")
     if notes:
         notes.append("a bucket keeps the limits it was created with: the configured ones apply to a new bucket")
     return notes
@@ -166,9 +166,9 @@ def render_report(report: LmCacheReport) -> RenderableType:
     if report.exists:
         facts = Table.grid(padding=(0, 2))
         facts.add_row("  entries", str(report.entries))
-        limit = f" of {_size(report.max_bytes)}" if report.max_bytes is not None else " (no size limit)"
-        facts.add_row("  size", f"{_size(report.size_bytes)}{limit}")
-        facts.add_row("  ttl", _duration(report.ttl_seconds) if report.ttl_seconds is not None else "none")
+        limit = f" of {size(report.max_bytes)}" if report.max_bytes is not None else " (no size limit)"
+        facts.add_row("  size", f"{size(report.size_bytes)}{limit}")
+        facts.add_row("  ttl", duration(report.ttl_seconds) if report.ttl_seconds is not None else "none")
         parts.append(facts)
     else:
         parts.append(Text(f"  {NO_CACHE}", style="yellow"))

@@ -3,53 +3,48 @@
 Nothing here knows about DSPy or the agents' code: payloads are plain JSON, validated by the roles agent, whose
 structured errors (code, message, field errors) are printed as they come.
 
-``dspyrt.runtime.cli`` is imported inside the commands, not at module level, so ``dspyrt.runtime.cli`` can import this
-module
-wherever it likes (``app.add_typer(roles_app, name="roles")``).
+``dspyrt.runtime.cli`` registers ``roles_app``: ``app.add_typer(roles_app, name="roles")``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Column, Table
+
+from dspyrt.runtime.cli_common import ConfigOption, JsonOption, one_line_errors, print_error, with_client
+from dspyrt.runtime.cli_input import json_type, parse_json, read_text
+from dspyrt.runtime.cli_output import console, print_table, when
+
+if TYPE_CHECKING:
+    from dspyrt.runtime.client import Client
 
 ROLES_AGENT = "roles"
 REFINE_TASK = "refine-role"
 
 roles_app = typer.Typer(help="Agent roles: list, show and refine them (through the roles agent).", no_args_is_help=True)
 
-# The same options as runtime.cli's (kept here so this module imports nothing from it at import time).
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-
 
 def _call(config_file: Path | None, endpoint: str, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """One request to the roles agent; its error reply is one line with every field error (exit code 2)."""
-    from dspyrt.runtime.cli import _with_client
-    from dspyrt.runtime.client import Client
 
     async def body(client: Client) -> dict[str, Any]:
         return await client.call(ROLES_AGENT, endpoint, payload, timeout=timeout)
 
-    return _with_client(config_file, body)
+    return with_client(config_file, body)
 
 
 def _read_role_file(source: str) -> dict[str, Any]:
     """A role definition (JSON object), or ``{"role": {...}, "target_context": ...}``; ``-`` reads stdin."""
     from dspyrt.bus import DspyrtError
-    from dspyrt.runtime.cli import _json_type, _parse_json, _read_text
 
     where = "stdin" if source == "-" else source
-    data = _parse_json(_read_text(source, "role file"), where)
+    data = parse_json(read_text(source, "role file"), where)
     if not isinstance(data, dict):
-        raise DspyrtError(f"{where}: a role file holds a JSON object, not {_json_type(data)}", code="invalid_input")
+        raise DspyrtError(f"{where}: a role file holds a JSON object, not {json_type(data)}", code="invalid_input")
     return data if isinstance(data.get("role"), dict) else {"role": data}
 
 
@@ -60,8 +55,6 @@ def _label(pointer: dict[str, Any]) -> str:
 @roles_app.command("list")
 def roles_list(as_json: JsonOption = False, config_file: ConfigOption = None) -> None:
     """Every stored role with its latest version and score."""
-    from dspyrt.runtime.cli import console, print_table
-
     data = _call(config_file, "list", {})
     if as_json:
         console.print_json(json.dumps(data))
@@ -69,8 +62,8 @@ def roles_list(as_json: JsonOption = False, config_file: ConfigOption = None) ->
     table = Table(Column("role", no_wrap=True), "latest", "type", "target context", "score",
                   Column("updated", no_wrap=True))  # fmt: skip
     for p in data["roles"]:
-        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["updated_at"]))
-        table.add_row(p["name"], _label(p), p["role_type"], p["target_context"], f"{p['score']:.2f}", updated)
+        score = f"{p['score']:.2f}"
+        table.add_row(p["name"], _label(p), p["role_type"], p["target_context"], score, when(p["updated_at"]))
     print_table(table)
     if not data["roles"]:
         console.print("[yellow]no roles stored yet[/yellow] (dspyrt roles refine FILE)")
@@ -84,8 +77,6 @@ def roles_show(
     config_file: ConfigOption = None,
 ) -> None:
     """One stored role: the refined definition, and how it was refined."""
-    from dspyrt.runtime.cli import console
-
     payload: dict[str, Any] = {"name": name} | ({"version": version} if version is not None else {})
     data = _call(config_file, "get", payload)
     if as_json:
@@ -113,9 +104,6 @@ def roles_refine(
     config_file: ConfigOption = None,
 ) -> None:
     """Refine a role for a target context, as a durable refine-role task; store it as the role's next version."""
-    from dspyrt.runtime.cli import _with_client, console, one_line_errors, print_error
-    from dspyrt.runtime.client import Client
-
     with one_line_errors():
         payload = _read_role_file(file)
     if context is not None:
@@ -128,7 +116,7 @@ def roles_refine(
         record = await client.run(REFINE_TASK, payload, timeout=timeout)
         return record.model_dump(mode="json")
 
-    record = _with_client(config_file, body)
+    record = with_client(config_file, body)
     if record["status"] != "succeeded":
         error = record.get("error") or {}
         print_error(
@@ -148,8 +136,6 @@ def roles_refine(
 
 
 def _print_role(role: dict[str, Any]) -> None:
-    from dspyrt.runtime.cli import console
-
     console.print(f"  type    {role.get('custom_name') or role['role_type']}")
     console.print(f"  focus   {role['focus']}")
     console.print(f"  context {role['context']}")
@@ -159,8 +145,6 @@ def _print_role(role: dict[str, Any]) -> None:
 
 
 def _print_refinement(result: dict[str, Any]) -> None:
-    from dspyrt.runtime.cli import console
-
     found = ", ".join(result["patterns_found"]) or "none"
     remaining = ", ".join(result["patterns_remaining"]) or "none"
     lm = (

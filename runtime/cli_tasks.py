@@ -8,7 +8,7 @@ claim-checked (``results_ref``, an :class:`~bus.claims.ObjectRef` to a JSON Line
 one ``ExampleResult`` per line in index order), read here with :class:`~bus.claims.ClaimStore`.
 
 Exit codes as for ``dspyrt datasets``: 1 the command failed (an unknown task, no such results), 2 a usage error
-or no NATS reachable. ``dspyrt.runtime.cli`` registers ``tasks_app`` and is imported here inside the commands only.
+or no NATS reachable. ``dspyrt.runtime.cli`` registers ``tasks_app``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from dspyrt.runtime.cli_datasets import cell, clip, plural, run_with_client
-from dspyrt.runtime.cli_lm_cache import _size
+from dspyrt.runtime.cli_common import ConfigOption, JsonOption, error_line, with_client
+from dspyrt.runtime.cli_output import cell, clip, console, listing, plural, print_table, size, when
+from dspyrt.runtime.cli_results import coverage, is_cycle, print_cycle
 
 if TYPE_CHECKING:  # the bus is imported by the commands: runtime.cli starts without it (NATS)
     from dspyrt.bus import TaskRecord
@@ -39,11 +40,6 @@ DEFAULT_EXAMPLES = 20
 SUMMARY_LIST_ITEMS = 10
 SUMMARY_STRING_CHARS = 200
 
-# The same options as runtime.cli's (kept here so this module imports nothing from it at import time).
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 WideOption = Annotated[bool, typer.Option("--wide", help="the table at its full width: one line per task")]
 
 
@@ -77,7 +73,6 @@ def tasks_command(
     if ctx.invoked_subcommand is not None:
         ctx.obj = _GroupOptions(config_file, as_json)
         return
-    from dspyrt.runtime.cli import _with_client, console, listing, print_table
 
     async def body(client: Client) -> None:
         records = await client.tasks(limit)
@@ -96,7 +91,7 @@ def tasks_command(
             table.add_row(r.id, r.kind, r.status.value, str(r.attempts), updated, r.error.code if r.error else "")
         print_table(table, wide=wide)
 
-    _with_client(config_file, body)
+    with_client(config_file, body)
 
 
 # ------------------------------------------------------------------------------------------------ show
@@ -143,10 +138,8 @@ def show_command(
     if examples:
         _show_examples(task_id, offset, limit, phase, as_json, config_file)
         return
-    record = run_with_client(config_file, lambda client: stored_record(client, task_id))
+    record = with_client(config_file, lambda client: stored_record(client, task_id), failure_exit=1)
     if as_json:
-        from dspyrt.runtime.cli import console
-
         console.print_json(record.model_dump_json())
         return
     _print_record(record)
@@ -154,7 +147,6 @@ def show_command(
 
 def _print_record(record: TaskRecord) -> None:
     from dspyrt.bus import TaskStatus
-    from dspyrt.runtime.cli import console, error_line
 
     colour = {"succeeded": "green", "failed": "red", "dead": "red"}.get(record.status.value, "yellow")
     console.print(
@@ -164,8 +156,8 @@ def _print_record(record: TaskRecord) -> None:
     )
     facts = Table.grid(padding=(0, 2))
     by = f" by {record.submitted_by}" if record.submitted_by else ""
-    facts.add_row("  submitted", Text(_when(record.submitted_at) + by))
-    facts.add_row("  updated", _when(record.updated_at))
+    facts.add_row("  submitted", Text(when(record.submitted_at) + by))
+    facts.add_row("  updated", when(record.updated_at))
     if record.worker:
         facts.add_row("  worker", Text(record.worker))
     if record.trace_id:
@@ -176,14 +168,14 @@ def _print_record(record: TaskRecord) -> None:
     if record.result_ref is not None:
         ref = record.result_ref
         kept = "its summary below" if record.result is not None else "no summary kept in the record"
-        where = f"claim-checked: {ref.name} in object store {ref.store}, {_size(ref.size)}"
+        where = f"claim-checked: {ref.name} in object store {ref.store}, {size(ref.size)}"
         facts.add_row("  result", Text(f"{where} ({kept})"))
     elif record.result is None and record.status is TaskStatus.SUCCEEDED:
         facts.add_row("  result", "none")
     console.print(facts)
     result = record.result
     claim_checked = record.result_ref is not None
-    if isinstance(result, dict) and _is_cycle(result):
+    if isinstance(result, dict) and is_cycle(result):
         if not _print_cycle(result):
             _print_summary(result)
         used = result.get("datasets")
@@ -204,22 +196,12 @@ def _print_record(record: TaskRecord) -> None:
         console.print(f"per-example results: dspyrt tasks show {record.id} --examples", highlight=False, soft_wrap=True)
 
 
-def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-
-
-def _is_cycle(result: dict[str, Any]) -> bool:
-    return "verdict" in result and "baseline" in result
-
-
 def _is_evaluation(result: dict[str, Any]) -> bool:
     return "results" in result or "results_ref" in result
 
 
 def _print_cycle(result: dict[str, Any]) -> bool:
-    """dspyrt.runtime.cli's table of a cycle; False when the result (a summary) lacks what it needs."""
-    from dspyrt.runtime.cli import _print_cycle as print_cycle
-
+    """A cycle's table (``cli_results.print_cycle``); False when the result (a summary) lacks what it needs."""
     try:
         print_cycle(result)
     except (KeyError, TypeError, AttributeError):
@@ -228,17 +210,15 @@ def _print_cycle(result: dict[str, Any]) -> bool:
 
 
 def _evaluation_line(evaluation: dict[str, Any]) -> str:
-    errors = evaluation.get("errors") or 0
-    coverage = f", {errors} errors (coverage {evaluation.get('coverage', 1.0):.1%})" if errors else ""
     model = f" with {evaluation['model']}" if evaluation.get("model") else ""
-    return f"score {evaluation.get('score')} on {evaluation.get('examples')} examples{model}{coverage}"
+    return f"score {evaluation.get('score')} on {evaluation.get('examples')} examples{model}{coverage(evaluation)}"
 
 
 def _where(evaluation: dict[str, Any], claim_checked: bool) -> str:
     """Where an evaluation's per-example results are (``claim_checked``: the record keeps a summary of the result)."""
     ref = evaluation.get("results_ref")
     if isinstance(ref, dict) and ref.get("name"):
-        return f"claim-checked: {ref['name']} in object store {ref.get('store')}, {_size(int(ref.get('size') or 0))}"
+        return f"claim-checked: {ref['name']} in object store {ref.get('store')}, {size(int(ref.get('size') or 0))}"
     results = evaluation.get("results")
     if isinstance(results, list):
         return f"{len(results)} inline"
@@ -246,8 +226,6 @@ def _where(evaluation: dict[str, Any], claim_checked: bool) -> str:
 
 
 def _print_summary(result: Any) -> None:
-    from dspyrt.runtime.cli import console
-
     console.print_json(json.dumps(_collapsed(result), default=str))
 
 
@@ -284,7 +262,7 @@ def evaluation_of(record: TaskRecord, result: Any, phase: Phase | None) -> tuple
     if record.status is not TaskStatus.SUCCEEDED:
         error = f" ({record.error.code}: {record.error.message})" if record.error else ""
         raise DspyrtError(f"task {record.id} is {record.status.value}{error}: it has no results", code="no_results")
-    if isinstance(result, dict) and (record.kind == "cycle" or _is_cycle(result)):
+    if isinstance(result, dict) and (record.kind == "cycle" or is_cycle(result)):
         chosen = phase or Phase.OPTIMIZED
         evaluation = result.get(chosen.value)
         if not isinstance(evaluation, dict):
@@ -329,7 +307,7 @@ async def examples_page(client: Client, evaluation: dict[str, Any], offset: int,
             path = Path(tmp) / "results.jsonl"
             await claims.download(ref, path)  # checked against its sha256
             rows, total = await anyio.to_thread.run_sync(_page_of_file, path, ref, offset, limit)
-        return ExamplesPage(rows, total, f"{ref.name} in object store {ref.store}, {_size(ref.size)}", what)
+        return ExamplesPage(rows, total, f"{ref.name} in object store {ref.store}, {size(ref.size)}", what)
     results = evaluation.get("results")
     if not isinstance(results, list):
         raise DspyrtError(f"the {what} has no per-example results", code="no_results")
@@ -359,14 +337,12 @@ def _page_of_file(path: Path, ref: ObjectRef, offset: int, limit: int) -> tuple[
 def _show_examples(
     task_id: str, offset: int, limit: int, phase: Phase | None, as_json: bool, config_file: Path | None
 ) -> None:
-    from dspyrt.runtime.cli import console
-
     async def body(client: Client) -> tuple[ExamplesPage, str]:
         record = await stored_record(client, task_id)
         evaluation, what = evaluation_of(record, await client.full_result(record), phase)
         return await examples_page(client, evaluation, offset, limit, what), record.id
 
-    page, full_id = run_with_client(config_file, body)
+    page, full_id = with_client(config_file, body, failure_exit=1)
     if as_json:
         console.print_json(json.dumps(page.rows))
         return

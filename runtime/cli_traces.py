@@ -9,15 +9,15 @@ shortened, then its leading subject tokens, then its middle; figures stay right-
 
 TASK_ID may be a unique prefix of a task id found in the span files (``dspyrt.runtime.traces.resolve_task_id``).
 Exit codes: 0 shown, 1 no single task matches (none, or an ambiguous prefix), 2 a configuration error.
-Register it in ``dspyrt.runtime.cli`` with ``app.command("traces")(traces_command)``; ``up`` prints its example task's
-trace with ``print_trace(cfg, task_id, console=console)``.
+``dspyrt.runtime.cli`` registers a command that imports this module and calls ``traces_command`` (this module reads
+span files and imports the bus: ``dspyrt --help`` does not load it); ``up`` prints its example task's trace with
+``print_trace(cfg, task_id, console=console)``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -25,7 +25,11 @@ from rich.console import Console
 from rich.text import Text
 
 from dspyrt.bus import DspyrtError, NotFoundError
+from dspyrt.runtime.cli_common import ConfigOption, command_config
+from dspyrt.runtime.cli_output import console as cli_console
+from dspyrt.runtime.cli_output import err
 from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.stats import percentile
 from dspyrt.runtime.traces import (
     AmbiguousTaskIdError,
     Figures,
@@ -33,17 +37,12 @@ from dspyrt.runtime.traces import (
     TaskSummary,
     collapse,
     expand,
-    percentile,
     read_spans,
     resolve_task_id,
     summarize,
     task_trees,
 )
 
-# The same option as runtime.cli's (kept here so this module imports nothing from it at import time).
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="TOML configuration file (else dspyrt.toml if present)")
-]
 FullOption = Annotated[bool, typer.Option("--full", help="every span on a line of its own (no collapsing)")]
 
 # Wider than this, durations far from their names are harder to read than they are useful.
@@ -230,21 +229,19 @@ def traces_command(
 ) -> None:
     """One task's span tree from the local span files (when no OTLP collector is configured): a summary per phase,
     repeated spans collapsed (--full: every span)."""
-    from dspyrt.runtime import cli  # this command is registered by runtime.cli; use its console and configuration
-
     try:
-        cfg = cli._config(config_file)
+        cfg = command_config(config_file)
     except DspyrtError as exc:
-        cli.err.print(Text.assemble(("error", "red"), f" {exc}"), soft_wrap=True)
+        err.print(Text.assemble(("error", "red"), f" {exc}"), soft_wrap=True)
         raise typer.Exit(2) from None
     where = cfg.state_dir / "traces"
     spans = read_spans(cfg.state_dir)
     try:
         resolved = resolve_task_id(spans, task_id)
     except NotFoundError:
-        cli.err.print(Text(f"no spans for task {task_id} under {where}"), soft_wrap=True)
+        err.print(Text(f"no spans for task {task_id} under {where}"), soft_wrap=True)
         raise typer.Exit(1) from None
     except AmbiguousTaskIdError as exc:
-        cli.err.print(Text(f"task id {task_id} is ambiguous: {', '.join(exc.candidates)}"), soft_wrap=True)
+        err.print(Text(f"task id {task_id} is ambiguous: {', '.join(exc.candidates)}"), soft_wrap=True)
         raise typer.Exit(1) from None
-    _print(cli.console, trace_lines(spans, resolved, full=full, width=cli.console.width))
+    _print(cli_console, trace_lines(spans, resolved, full=full, width=cli_console.width))

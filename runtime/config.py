@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +24,36 @@ from dspyrt.bus.subjects import check_dotted, check_token, inbox_prefix
 
 CONFIG_FILE_ENV = "DSPYRT_CONFIG"
 DEFAULT_CONFIG_FILE = "dspyrt.toml"
+DEFAULT_DASHBOARD_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OFF = frozenset({"off", "none", "disabled", ""})
+
+
+def host_pattern(value: str) -> str:
+    """One allowed host, normalized: a name (``dashboard.example.com``), ``*.example.com`` (its subdomains), an
+    IPv4 address, an IPv6 address in brackets (``[::1]``; the brackets may be left out here) or ``*`` (any:
+    only behind a proxy that checks ``Host`` itself). No scheme, no port. ``ValueError`` says what is wrong."""
+    text = value.strip().lower().rstrip(".")
+    if text == "*":
+        return text
+    bracketed = text.startswith("[") and text.endswith("]")
+    if bracketed or ":" in text:
+        try:
+            return f"[{ipaddress.IPv6Address(text[1:-1] if bracketed else text).compressed}]"
+        except ValueError:
+            raise ValueError(f"{value!r}: name a host without a scheme or a port, e.g. dashboard.example.com") from None
+    if not _HOST_NAME.fullmatch(text):
+        raise ValueError(f"{value!r} is not a host name, an IP address or *.<domain>")
+    return text
+
+
+def env_name(value: str) -> str:
+    """The name of an environment variable (letters, digits, ``_``; not starting with a digit)."""
+    if not _ENV_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not an environment variable name (the NAME of the variable, not the token)")
+    return value
 
 
 class IntegrationMode(StrEnum):
@@ -100,6 +132,23 @@ class IntegrationConfig(BaseSettings):
     # name). "dspy" is openinference's DSPy instrumentation (the [phoenix] extra): LM, Predict, Module spans.
     instrumentations: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["dspy"])
 
+    # The dashboard agent. Its alert rules: a TOML file of [[rules]] (dspyrt.agents.dashboard.alerts).
+    alerts_file: Path | None = None
+    # Where the web view listens; beyond loopback only with a token (else no page, and the health check says why).
+    dashboard_host: str = "127.0.0.1"
+    # Unset: 8765, or a free port when 8765 is taken. Set: that port or no page. 0: any free port. "off": no page.
+    dashboard_port: int | None = Field(default=8765, ge=0, le=65535)
+    # Names the page answers to in Host (DNS rebinding); the listening address is added.
+    dashboard_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_DASHBOARD_HOSTS), min_length=1
+    )
+    # The NAME of the environment variable holding the page's bearer token, never the token (as api_key_env).
+    dashboard_token_env: str | None = None
+    dashboard_poll: float = Field(default=2.0, gt=0)  # seconds between the page's refreshes
+    dashboard_eval_interval: float = Field(default=1.0, gt=0)  # seconds between alert evaluations
+    dashboard_queue_interval: float = Field(default=5.0, gt=0)  # seconds between queue-depth readings
+    dashboard_max_points: int = Field(default=2000, ge=10, le=1_000_000)  # points kept per series
+
     @field_validator("nats_inbox_prefix")
     @classmethod
     def _inbox(cls, value: str | None) -> str | None:
@@ -110,11 +159,28 @@ class IntegrationConfig(BaseSettings):
     def _prefix(cls, value: str) -> str:
         return check_token(value, "subject prefix")
 
-    @field_validator("nats_urls", "agents", "instrumentations", "gateway_kinds", mode="before")
+    @field_validator("nats_urls", "agents", "instrumentations", "gateway_kinds", "dashboard_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):  # DSPYRT_NATS_URLS=nats://a:4222,nats://b:4222
             return [u.strip() for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("dashboard_port", mode="before")
+    @classmethod
+    def _port_off(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() in _OFF else value
+
+    @field_validator("dashboard_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        return [host_pattern(h) for h in value]
+
+    @field_validator("dashboard_token_env", mode="before")
+    @classmethod
+    def _token_env(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return env_name(value.strip()) if value.strip() else None
         return value
 
     @field_validator("nats_urls")

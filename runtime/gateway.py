@@ -34,6 +34,7 @@ from dspyrt.bus.messages import encode
 from dspyrt.bus.subjects import check_token
 from dspyrt.bus.tasks import Submission, TaskKinds, check_task_id
 from dspyrt.runtime.agent import Agent, current_requester, endpoint
+from dspyrt.runtime.config import IntegrationMode
 from dspyrt.runtime.datasets import DatasetStore, has_references, pin_references
 
 R = TypeVar("R", bound=BaseModel)
@@ -80,6 +81,7 @@ class GatewayAgent(Agent):
 
     name = GATEWAY
     group = "system"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.MONITORING_ONLY})
     description = "client gateway: submit, read and wait for one's own tasks (per-user subjects)"
 
     store: TaskStore

@@ -2,7 +2,8 @@
 
 - endpoints become a NATS micro service (``$SRV.PING|INFO|STATS`` discovery, queue group per agent so replicas
   share requests); each request runs in its own task under the agent's concurrency limit;
-- each ``@task`` kind gets a ``TaskWorker`` on the shared durable consumer;
+- each ``@task`` kind gets a ``TaskWorker`` on the shared durable consumer, with the retry policy and run-time
+  limit the kind declares;
 - each ``@on_event`` gets an ``EventConsumer`` shared by the agent's replicas;
 - a built-in ``health`` endpoint answers with the agent's checks, and the same figures ride in ``$SRV.STATS``.
 
@@ -265,6 +266,7 @@ class AgentHost:
                 ) from exc
             return await method(job, TaskContext(agent, run))
 
+        attempts = spec.retry.max_attempts or config.task_max_deliver
         return TaskWorker(
             self.bus,
             self.store,
@@ -272,7 +274,9 @@ class AgentHost:
             handle,
             WorkerOptions(
                 ack_wait=spec.ack_wait or config.task_ack_wait,
-                max_deliver=spec.max_deliver or config.task_max_deliver,
+                max_deliver=attempts,
+                backoff=spec.retry.delays(attempts),
+                timeout=spec.timeout,
                 concurrency=spec.concurrency or config.agent_concurrency,
                 drain_grace=config.shutdown_grace,
             ),

@@ -130,6 +130,7 @@ class SystemAgent(Agent):
 
     name = "system"
     group = "system"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.MONITORING_ONLY})
     description = "system status and health of every agent instance"
 
     @endpoint("status")

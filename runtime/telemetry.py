@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -30,6 +30,9 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricReader,
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from dspyrt.bus.errors import ConfigurationError
+from dspyrt.runtime.plugins import EntryPointRegistry
 
 DEFAULT_SPAN_QUEUE = 65536
 DROP_METRIC = "otel.sdk.processor.span.processed"
@@ -148,21 +151,34 @@ def propagate_context_to_thread_pools() -> None:
 def instrument(names: Iterable[str], tracer_provider: TracerProvider) -> list[str]:
     """Turn on the named installed instrumentors; return the names turned on (a missing one is skipped)."""
     wanted = set(names)
+    if not wanted:
+        return []
+    try:
+        installed = EntryPointRegistry(INSTRUMENTOR_GROUP, "instrumentation", _instrumentor_class)
+    except ConfigurationError as exc:  # two distributions claim one name: which one is meant is unknown
+        log.warning("instrumentation not turned on: %s", exc.message)
+        return []
     turned_on = []
-    for ep in entry_points(group=INSTRUMENTOR_GROUP):
-        if ep.name not in wanted or ep.name in turned_on:
+    for name in sorted(wanted):
+        if name not in installed:
+            log.debug("instrumentation %s is not installed", name)
             continue
         try:
-            instrumentor = ep.load()()
+            instrumentor = installed.get(name)()
             if not instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.instrument(tracer_provider=tracer_provider)
         except Exception as exc:  # a broken optional instrumentor must not stop the process
-            log.warning("instrumentation %s not turned on: %s", ep.name, exc)
+            log.warning("instrumentation %s not turned on: %s", name, exc)
             continue
-        turned_on.append(ep.name)
-    for name in sorted(wanted - set(turned_on)):
-        log.debug("instrumentation %s is not installed", name)
+        turned_on.append(name)
     return turned_on
+
+
+def _instrumentor_class(loaded: Any) -> Callable[[], Any]:
+    if not callable(loaded):
+        raise TypeError("is not an instrumentor class")
+    instrumentor: Callable[[], Any] = loaded
+    return instrumentor
 
 
 def setup_telemetry(state_dir: Path, service_name: str = "dspyrt", instrumentations: Iterable[str] = ()) -> Telemetry:

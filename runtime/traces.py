@@ -11,7 +11,6 @@ Besides the tree itself (``task_trees``), what ``dspyrt traces`` shows is derive
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,13 +147,6 @@ def resolve_task_id(spans: Iterable[dict[str, Any]], prefix: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ collapsing
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 @dataclass

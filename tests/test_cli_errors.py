@@ -22,8 +22,10 @@ from rich.table import Column
 from dspyrt.bus import Bus, ErrorBody, FieldError, Message, NotFoundError, TaskRecord, TaskStatus, TaskStore
 from dspyrt.bus.errors import DspyrtError, RemoteError
 from dspyrt.bus.tasks import pick_task_id
-from dspyrt.runtime import cli
 from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.cli_common import MAX_LISTED_FIELD_ERRORS, error_line
+from dspyrt.runtime.cli_output import listing, print_table
+from dspyrt.runtime.cli_results import print_cycle
 from dspyrt.runtime.client import resolve_task_id
 from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import ROOT, hosting
@@ -202,15 +204,15 @@ async def test_a_task_that_failed_validation_lists_every_field_error(
 
 def test_error_line_lists_every_field_error_once() -> None:
     errors = [FieldError(loc=f"f{i}", message="Field required") for i in range(3)]
-    line = cli.error_line("invalid_message", "Fields payload is invalid: 3 error(s) (f0: Field required)", errors)
+    line = error_line("invalid_message", "Fields payload is invalid: 3 error(s) (f0: Field required)", errors)
     assert line == (
         "invalid_message: Fields payload is invalid: 3 error(s): f0: Field required; f1: Field required; "
         "f2: Field required"
     )
-    many = [FieldError(loc=f"f{i}", message="bad") for i in range(cli.MAX_LISTED_FIELD_ERRORS + 5)]
-    assert cli.error_line("invalid_message", "invalid", many).endswith("; and 5 more")
+    many = [FieldError(loc=f"f{i}", message="bad") for i in range(MAX_LISTED_FIELD_ERRORS + 5)]
+    assert error_line("invalid_message", "invalid", many).endswith("; and 5 more")
     remote = RemoteError(ErrorBody(code="invalid_message", message="inputs do not fit", field_errors=errors[:2]))
-    assert cli.error_line(remote.code, remote.message, remote.field_errors) == (
+    assert error_line(remote.code, remote.message, remote.field_errors) == (
         "invalid_message: inputs do not fit: f0: Field required; f1: Field required"
     )
 
@@ -281,20 +283,19 @@ def capture(width: int = 80) -> tuple[Console, io.StringIO]:
 
 def test_a_table_never_cuts_an_id_or_a_name() -> None:
     console, out = capture(60)
-    table = cli.listing(Column("id", no_wrap=True), Column("agent", no_wrap=True), "health", "detail")
+    table = listing(Column("id", no_wrap=True), Column("agent", no_wrap=True), "health", "detail")
     ids = ["c8bb0b53244b486a9b1c2d3e4f5a6b7c", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"]
     for task_id in ids:
         table.add_row(task_id, "validator-performance", "unhealthy web", "a long explanation " * 4)
-    cli.print_table(table, to=console)
+    print_table(table, to=console)
     text = out.getvalue()
     assert "…" not in text
     words = text.split()
     assert all(task_id in words for task_id in ids) and "validator-performance" in words
 
 
-def test_the_cycle_table_says_cached_unchanged_and_the_improvement(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cycle_table_says_cached_unchanged_and_the_improvement() -> None:
     console, out = capture(120)
-    monkeypatch.setattr(cli, "console", console)
     result = {
         "phase_runs": {"create": 1, "evaluate_baseline": 1, "optimize": 1, "evaluate_optimized": 1, "deploy": 1},
         "create": {"program_hash": "a2e685583e6584c2"},
@@ -305,11 +306,11 @@ def test_the_cycle_table_says_cached_unchanged_and_the_improvement(monkeypatch: 
         "improvement_score": 60.0,
         "verdict": {"deployed": True, "unchanged": True, "version": 3, "reasons": []},
     }  # fmt: skip
-    cli._print_cycle(result)
+    print_cycle(result, to=console)
     text = out.getvalue()
     assert "completed, cached, 0 LM calls" in text
     assert "score 60.0 (+60 points over the baseline)" in text
     assert "unchanged: already deployed as v3" in text
     out.truncate(0)
-    cli._print_cycle(result | {"verdict": {"deployed": True, "version": 4}, "optimization": {"lm_calls": 24}})
+    print_cycle(result | {"verdict": {"deployed": True, "version": 4}, "optimization": {"lm_calls": 24}}, to=console)
     assert "deployed v4" in out.getvalue() and "24 LM calls" in out.getvalue() and "cached" not in out.getvalue()

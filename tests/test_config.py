@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import product
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from pydantic import ValidationError
 
 from dspyrt.agents.example import ExampleAgent
 from dspyrt.bus import ConfigurationError
-from dspyrt.runtime.agent import Agent, AgentGroup
+from dspyrt.runtime.agent import Agent
 from dspyrt.runtime.config import IntegrationConfig, IntegrationMode, load_config
 from dspyrt.runtime.registry import agents_for, available_agents
 from dspyrt.runtime.system import SystemAgent
@@ -92,50 +93,83 @@ def test_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         load_config()
 
 
-def _agent(name: str, group: AgentGroup) -> type[Agent]:
-    return type(f"Agent_{name}", (Agent,), {"name": name, "group": group})
-
-
-AVAILABLE = {
-    cls.name: cls
-    for cls in [
-        _agent("system", "system"),
-        _agent("switcher", "models"),
-        _agent("optimizer", "optimizers"),
-        _agent("validator", "validators"),
-        _agent("loop", "loop"),
-        _agent("dashboard", "monitoring"),
-        _agent("roles", "roles"),
-        _agent("example", "example"),
-    ]
-}
-
-
-@pytest.mark.parametrize(
-    ("settings", "expected"),
-    [
-        ({}, ["dashboard", "example", "loop", "optimizer", "roles", "switcher", "system", "validator"]),
-        ({"mode": "optimization_only"}, ["loop", "optimizer", "switcher", "validator"]),
-        ({"mode": "monitoring_only"}, ["dashboard", "system"]),
-        ({"mode": "optimization_only", "enable_optimizers": False}, ["loop", "switcher", "validator"]),
-        (
-            {"enable_assertions": False, "enable_metrics": False},
-            ["example", "loop", "optimizer", "roles", "switcher", "system"],
-        ),
-        ({"mode": "monitoring_only", "enable_metrics": False}, ["system"]),
-        ({"agents": ["validator", "system"]}, ["validator", "system"]),
-    ],
+FULL, OPTIMIZATION, MONITORING = (
+    IntegrationMode.FULL,
+    IntegrationMode.OPTIMIZATION_ONLY,
+    IntegrationMode.MONITORING_ONLY,
 )
-def test_agents_for_mode_and_flags(settings: dict[str, object], expected: list[str]) -> None:
-    config = IntegrationConfig(**settings)  # type: ignore[arg-type]
-    assert [cls.name for cls in agents_for(config, AVAILABLE)] == expected
+LOOP = {"loop-create", "loop-evaluate", "evaluator", "loop-deploy", "cycle", "serving"}
+VALIDATORS = {"assertions", *(f"validator-{kind}" for kind in ("code", "logic", "performance", "security", "custom"))}
+# The installed agents each mode runs, and those each enable flag turns off: written down, not read from the agents.
+MODE_AGENTS = {
+    FULL: {"system", "gateway", "example", "switcher", "optimizer", "roles", "dashboard", *LOOP, *VALIDATORS},
+    OPTIMIZATION: {"switcher", "optimizer", *LOOP, *VALIDATORS},
+    MONITORING: {"system", "gateway", "dashboard"},
+}
+TURNED_OFF_BY = {"enable_optimizers": {"optimizer"}, "enable_assertions": VALIDATORS, "enable_metrics": {"dashboard"}}
+FLAG_SETTINGS = [dict(zip(TURNED_OFF_BY, values, strict=True)) for values in product((True, False), repeat=3)]
 
 
-def test_unknown_agent_is_a_configuration_error() -> None:
+@pytest.mark.parametrize("flags", FLAG_SETTINGS, ids=lambda f: ",".join(k for k, on in f.items() if not on) or "all")
+@pytest.mark.parametrize("mode", list(IntegrationMode))
+def test_the_installed_agents_each_mode_and_flag_runs(mode: IntegrationMode, flags: dict[str, bool]) -> None:
+    installed = available_agents()
+    assert MODE_AGENTS[FULL] <= set(installed)
+    turned_off = set().union(*(TURNED_OFF_BY[flag] for flag, on in flags.items() if not on))
+    config = IntegrationConfig(mode=mode, **flags)  # type: ignore[arg-type]
+    selected = [cls.name for cls in agents_for(config, installed)]
+    assert [name for name in selected if name in MODE_AGENTS[FULL]] == sorted(MODE_AGENTS[mode] - turned_off)
+
+
+class NightlyReport(Agent):
+    """A third party's agent: it runs beside the optimizers and in monitoring processes, unless metrics are off."""
+
+    name = "nightly-report"
+    modes = frozenset({OPTIMIZATION, MONITORING})
+    switch = "enable_metrics"
+
+
+class Plain(Agent):
+    """An agent that declares nothing: the full system runs it, and no flag turns it off."""
+
+    name = "plain"
+
+
+def runs(cls: type[Agent], **settings: object) -> bool:
+    installed = available_agents() | {cls.name: cls}
+    return cls in agents_for(IntegrationConfig(**settings), installed)  # type: ignore[arg-type]
+
+
+def test_a_third_party_agent_runs_where_it_declares() -> None:
+    assert runs(NightlyReport, mode="optimization_only") and runs(NightlyReport, mode="monitoring_only")
+    assert not runs(NightlyReport)  # the full system: not among its modes
+    assert not runs(NightlyReport, mode="monitoring_only", enable_metrics=False)
+    assert runs(NightlyReport, mode="monitoring_only", enable_optimizers=False, enable_assertions=False)
+
+
+def test_an_agent_that_declares_nothing_runs_in_the_full_system_only() -> None:
+    assert runs(Plain) and runs(Plain, enable_optimizers=False, enable_assertions=False, enable_metrics=False)
+    assert not runs(Plain, mode="optimization_only") and not runs(Plain, mode="monitoring_only")
+
+
+@pytest.mark.parametrize("switch", ["enable_everything", "nats_urls"])
+def test_a_switch_that_is_no_on_off_setting_is_a_configuration_error(switch: str) -> None:
+    """Whatever the mode (the agent would not even run in this one): a typo is found at the first start."""
+    odd = type("Odd", (Agent,), {"name": "odd", "modes": frozenset({MONITORING}), "switch": switch})
     with pytest.raises(ConfigurationError) as caught:
-        agents_for(IntegrationConfig(agents=["system", "nosuch"]), AVAILABLE)
+        agents_for(IntegrationConfig(), {"odd": odd, "plain": Plain})
+    assert f"agent 'odd' ({__name__}.Odd) is switched by {switch!r}" in caught.value.message
+    assert "enable_metrics" in caught.value.message
+
+
+def test_named_agents_run_whatever_their_modes() -> None:
+    installed = {"nightly-report": NightlyReport, "plain": Plain}
+    config = IntegrationConfig(agents=["plain", "nightly-report"])
+    assert agents_for(config, installed) == [Plain, NightlyReport]  # in the order named
+    with pytest.raises(ConfigurationError) as caught:
+        agents_for(IntegrationConfig(agents=["plain", "nosuch"]), installed)
     assert "nosuch" in caught.value.message
-    assert "known: dashboard, example" in caught.value.message
+    assert "known: nightly-report, plain" in caught.value.message
 
 
 def test_installed_agents_come_from_entry_points() -> None:

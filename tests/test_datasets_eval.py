@@ -20,7 +20,6 @@ from dspyrt.agents.loop.evaluation import (
     INLINE_RESULTS,
     EvaluationAccumulator,
     merge_shards,
-    percentile,
     read_example_results,
 )
 from dspyrt.agents.loop.models import (
@@ -34,16 +33,17 @@ from dspyrt.agents.loop.models import (
     ShardRequest,
     ShardResult,
 )
-from dspyrt.agents.optimizers.core import OptimizationRequest, OptimizationResult
+from dspyrt.agents.optimizers.models import OptimizationRequest, OptimizationResult
 from dspyrt.agents.programs import build_program, dump_program_state, parse_program_spec
 from dspyrt.agents.scoring import ExampleResult, summarize
-from dspyrt.agents.switcher.agent import SwitcherStats
+from dspyrt.agents.switcher.models import SwitcherStats
 from dspyrt.bus import Bus, Empty, PayloadTooLargeError, TaskEnvelope, TaskStatus
 from dspyrt.bus.claims import ClaimStore, ObjectRef
 from dspyrt.bus.streams import key_value
 from dspyrt.runtime.config import IntegrationConfig
 from dspyrt.runtime.datasets import DatasetStore
 from dspyrt.runtime.registry import available_agents
+from dspyrt.runtime.stats import percentile
 from tests.helpers import cycle, serving
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,6 @@ import nats
 import pytest
 import yaml
 
-from dspyrt.agents.dashboard.agent import DashboardSettings
 from dspyrt.agents.dashboard.web import is_loopback, is_wildcard, web_access
 from dspyrt.bus import Bus, BusUnavailableError, EmbeddedServer, Subjects, TaskStatus
 from dspyrt.bus.audit import read_audit
@@ -893,7 +892,7 @@ def _dashboard_guard(env: dict[str, str], secrets_of: dict[str, str]) -> None:
     """A dashboard's environment: beyond loopback only with a token (from a secret, never a value here) and its
     allowed hosts; the settings model and the web view's guard accept it."""
     dashboard = {k.removeprefix("DSPYRT_").lower(): v for k, v in env.items() if k.startswith("DSPYRT_DASHBOARD")}
-    settings = DashboardSettings.model_validate(dashboard)
+    settings = IntegrationConfig.model_validate(dashboard)
     if is_loopback(settings.dashboard_host):
         return
     assert settings.dashboard_token_env, "a dashboard beyond loopback needs DSPYRT_DASHBOARD_TOKEN_ENV"
@@ -931,7 +930,7 @@ def test_compose_publishes_on_loopback_only_and_the_dashboard_needs_its_token() 
     env = dashboard["environment"]
     assert is_wildcard(env["DSPYRT_DASHBOARD_HOST"]) and dashboard["ports"] == ["127.0.0.1:8765:8765"]
     assert env["DASHBOARD_TOKEN"].startswith("${DASHBOARD_TOKEN:?")
-    assert "dashboard" in DashboardSettings(dashboard_hosts=env["DSPYRT_DASHBOARD_HOSTS"]).dashboard_hosts
+    assert "dashboard" in IntegrationConfig(dashboard_hosts=env["DSPYRT_DASHBOARD_HOSTS"]).dashboard_hosts
     assert not any("8222" in str(p) for s in compose["services"].values() for p in s.get("ports", []))
 
 
@@ -953,7 +952,7 @@ def test_k8s_exposes_nothing_outside_the_cluster_and_the_dashboard_needs_its_tok
     env = {e["name"]: e for e in dashboard["env"]}
     assert is_wildcard(env["DSPYRT_DASHBOARD_HOST"]["value"])
     assert env["DASHBOARD_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dspyrt-dashboard", "key": "token"}
-    hosts = DashboardSettings(dashboard_hosts=env["DSPYRT_DASHBOARD_HOSTS"]["value"]).dashboard_hosts
+    hosts = IntegrationConfig(dashboard_hosts=env["DSPYRT_DASHBOARD_HOSTS"]["value"]).dashboard_hosts
     [service] = [d for d in documents if d.get("kind") == "Service" and d["metadata"]["name"] == "dspyrt-dashboard"]
     assert service["metadata"]["name"] in hosts and "dspyrt-dashboard.dspyrt.svc.cluster.local" in hosts
     # every other container leaves the dashboard settings alone (the shared ConfigMap sets none)
@@ -987,7 +986,7 @@ def test_systemd_and_the_toml_example_keep_the_dashboard_on_loopback() -> None:
         assert "DSPYRT_DASHBOARD_HOST" not in settings, unit.name  # default 127.0.0.1; see the unit's comment
     example = tomllib.loads((DEPLOY / "dspyrt.example.toml").read_text())
     assert not [key for key in example if key.startswith("dashboard")]
-    assert DashboardSettings().dashboard_host == "127.0.0.1" and DashboardSettings().dashboard_token_env is None
+    assert IntegrationConfig().dashboard_host == "127.0.0.1" and IntegrationConfig().dashboard_token_env is None
 
 
 # ------------------------------------------------------------ the server version, TLS routes, lame duck, hosts

@@ -16,7 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dspyrt.agents.artifacts import ArtifactStore
-from dspyrt.agents.dashboard.core import DashboardSnapshot, MetricsDashboard, MetricType
+from dspyrt.agents.dashboard.core import MetricsDashboard
+from dspyrt.agents.dashboard.models import DashboardSnapshot, MetricType
 from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
 from dspyrt.agents.loop.feedback import (
     FeedbackStore,

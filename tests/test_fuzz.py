@@ -893,7 +893,8 @@ async def publish_tasks(fuzz: FuzzSystem, batch: list[tuple[TaskKind, bytes, dic
     sent = []
     for kind, drawn, forged in batch:
         body, expect, envelope_id = plan_task(kind, drawn)
-        headers = {**(fit(forged, 48_000) or {}), MSG_ID_HEADER: uuid.uuid4().hex}
+        # A valid envelope's message id is its task id (else the worker refuses it, id_mismatch).
+        headers = {**(fit(forged, 48_000) or {}), MSG_ID_HEADER: envelope_id or uuid.uuid4().hex}
         ack = await fuzz.bus.js.publish(kind.subject, body, headers=headers)
         # A message that is no envelope is recorded as invalid-<stream seq>, whatever its Dspyrt-Task-Id claims.
         sent.append(SentTask(kind, body, headers, ack.seq, expect, envelope_id or f"invalid-{ack.seq}"))
@@ -1192,7 +1193,8 @@ async def test_a_non_ascii_digit_revision_header_does_not_break_a_delivery(
     async with serving(config.model_copy(update={"task_ack_wait": 1.0}), _agents("example")) as system:
         task_id = uuid.uuid4().hex
         body = json.dumps({"id": task_id, "kind": "wordcount", "input": {"text": "a b"}}).encode()
-        await system.bus.js.publish(config.subjects.task("wordcount"), body, headers={RECORD_REV_HEADER: "²"})
+        headers = {RECORD_REV_HEADER: "²", MSG_ID_HEADER: task_id}
+        await system.bus.js.publish(config.subjects.task("wordcount"), body, headers=headers)
 
         async def ended() -> bool:
             record = await system.client.store.get(task_id)

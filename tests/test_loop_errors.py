@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dspyrt.agents.switcher.agent import SwitcherStats
+from dspyrt.agents.switcher.models import SwitcherStats
 from dspyrt.bus import Empty, TaskRecord, TaskStatus
 from dspyrt.runtime.config import IntegrationConfig
 from dspyrt.runtime.registry import available_agents

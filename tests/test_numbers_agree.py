@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 
 from dspyrt.agents.dashboard.agent import DashboardAgent
-from dspyrt.agents.dashboard.core import MetricsDashboard, MetricType
+from dspyrt.agents.dashboard.core import MetricsDashboard
+from dspyrt.agents.dashboard.models import MetricType
 from dspyrt.agents.deployments import DeployedVersion
 from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
 from dspyrt.agents.loop.models import DeployRequest, DeployVerdict, PredictReply, PredictRequest
-from dspyrt.agents.optimizers.core import ArtifactRef, ProgramInputs, improvement_points, program_inputs, state_sha256
+from dspyrt.agents.optimizers.core import ProgramInputs, program_inputs
+from dspyrt.agents.optimizers.models import ArtifactRef, improvement_points, state_sha256
 from dspyrt.agents.programs import build_program, parse_program_spec
-from dspyrt.agents.switcher.agent import SwitcherStats
+from dspyrt.agents.switcher.models import SwitcherStats
 from dspyrt.bus import Empty, Event, MessageValidationError, RemoteError, TaskStatus
 from dspyrt.bus.audit import read_audit
 from dspyrt.runtime.config import IntegrationConfig
@@ -46,7 +48,7 @@ def loop_agents(*extra: str) -> list[Any]:
 @pytest.fixture
 def loop_config(config: IntegrationConfig, monkeypatch: pytest.MonkeyPatch) -> IntegrationConfig:
     monkeypatch.setenv("DSPYRT_DASHBOARD_PORT", "off")
-    return config.model_copy(update={"auto_validate": False})
+    return config.model_copy(update={"auto_validate": False, "dashboard_port": None})
 
 
 async def test_two_identical_cycles_agree_on_their_numbers_and_leave_one_version(

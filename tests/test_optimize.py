@@ -9,9 +9,10 @@ from typing import Any
 import anyio
 import pytest
 
-from dspyrt.agents.optimizers.agent import OptimizerAgent, OptimizerList, OptimizerStatsReply
-from dspyrt.agents.switcher.agent import SwitcherAgent, SwitcherStats
-from dspyrt.agents.switcher.core import CompletionReply, CompletionRequest
+from dspyrt.agents.optimizers.agent import OptimizerAgent
+from dspyrt.agents.optimizers.models import OptimizerList, OptimizerStatsReply
+from dspyrt.agents.switcher.agent import SwitcherAgent
+from dspyrt.agents.switcher.models import CompletionReply, CompletionRequest, SwitcherStats
 from dspyrt.bus import Empty, RemoteError, TaskStatus
 from dspyrt.runtime.config import IntegrationConfig
 from dspyrt.runtime.telemetry import Telemetry
@@ -199,7 +200,7 @@ async def test_concurrent_tasks_with_different_models_keep_their_own_lm(models_c
 
 async def test_select_names_the_deployed_version_for_the_chosen_model(models_config: IntegrationConfig) -> None:
     from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
-    from dspyrt.agents.switcher.core import Selection, SelectRequest
+    from dspyrt.agents.switcher.models import Selection, SelectRequest
 
     async with serving(models_config, [SwitcherAgent]) as system:
         registry = await DeployRegistry.open(system.bus)

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 import dspyrt.agents.optimizers.reference as reference_module
-from dspyrt.agents.optimizers.core import (
+from dspyrt.agents.optimizers.builtin import (
     BUILTIN_OPTIMIZERS,
     BootstrapParams,
     CoproParams,
@@ -77,7 +77,7 @@ def test_every_built_in_optimizer_has_every_field_of_its_params_model() -> None:
         model = PARAMS_MODELS[name]
         assert params_model_of(factory) is model
         doc = docs[name]
-        assert doc.params_model == f"dspyrt.agents.optimizers.core.{model.__name__}"
+        assert doc.params_model == f"dspyrt.agents.optimizers.builtin.{model.__name__}"
         assert doc.wraps == WRAPS[name]
         assert doc.description.startswith(WRAPS[name])
         assert doc.parameters is not None

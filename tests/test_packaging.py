@@ -145,7 +145,6 @@ def test_no_module_imports_the_old_top_level_names() -> None:
     assert offenders == []
 
 
-@pytest.mark.xfail(strict=True, reason="until the area layout commits")
 def test_the_module_graph_has_no_cycles() -> None:
     assert cycles(import_graph()) == []
 
@@ -157,7 +156,6 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=True, reason="until the area layout commits")
 def test_layers_never_import_upward() -> None:
     """bus knows nothing of runtime or agents; runtime nothing of agents (it finds them through entry points)."""
     upward = [

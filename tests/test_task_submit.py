@@ -29,7 +29,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 from dspyrt.bus import Bus, EmbeddedServer, Message, TaskStatus, ensure_streams
 from dspyrt.bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
 from dspyrt.bus.tasks import TaskEnvelope, UnknownKindError
-from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.agent import Agent, RetryPolicy, TaskContext, task
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import ROOT, dead_letters_of, hosting, restartable_server, wait_until
@@ -88,7 +88,7 @@ class Parent(Agent):
 
     name = "parent"
 
-    @task("parent", max_deliver=2)
+    @task("parent", retry=RetryPolicy(max_attempts=2))
     async def parent(self, job: Job, ctx: TaskContext) -> Done:
         await self.client.submit("no-such-child", {"n": job.n}, task_id=f"{ctx.task_id}-child")
         return Done(n=job.n, attempt=ctx.attempt)

@@ -27,8 +27,8 @@ from dspyrt.bus.errors import is_permanent
 from dspyrt.bus.events import publish_event
 from dspyrt.bus.messages import MSG_ID_HEADER, TASK_ID_HEADER
 from dspyrt.bus.streams import kv_keys_matching
-from dspyrt.bus.tasks import ExhaustedTaskWatcher, TaskEnvelope
-from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.bus.tasks import ExhaustedTaskWatcher, TaskEnvelope, replay_message_id
+from dspyrt.runtime.agent import Agent, RetryPolicy, TaskContext, task
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import dead_letters_of, hosting, wait_until
@@ -67,7 +67,7 @@ class Worker(Agent):
             raise RuntimeError("transient glitch")
         return Done(n=job.n, attempt=ctx.attempt)
 
-    @task("doomed", max_deliver=3)
+    @task("doomed", retry=RetryPolicy(max_attempts=3))
     async def doomed(self, job: Job, ctx: TaskContext) -> Done:
         self.calls["doomed", ctx.task_id] += 1
         raise RetryableError("upstream still down", delay=0.05)
@@ -216,11 +216,12 @@ async def test_same_task_id_runs_once(config: IntegrationConfig, bus: Bus, clien
         )
         assert ack.duplicate
 
-        # a copy under another message id reaches a worker, which sees the stored result and does not rerun it
+        # a copy under another message id of its own (a replay's) reaches a worker, which sees the stored result
+        # and does not rerun it
         await bus.js.publish(
             config.subjects.task("double"),
             envelope.model_dump_json().encode(),
-            headers={MSG_ID_HEADER: "order-17-copy", TASK_ID_HEADER: "order-17"},
+            headers={MSG_ID_HEADER: replay_message_id("order-17"), TASK_ID_HEADER: "order-17"},
         )
         await wait_until(lambda: host.workers[0].stats.duplicates == 1)
         assert worker.calls["double", "order-17"] == 1

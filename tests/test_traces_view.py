@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 from dspyrt.bus import NotFoundError
 from dspyrt.runtime.cli_traces import print_trace, trace_lines, traces_command
 from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.stats import percentile
 from dspyrt.runtime.traces import (
     AmbiguousTaskIdError,
     SpanNode,
     collapse,
-    percentile,
     read_spans,
     resolve_task_id,
     summarize,

@@ -11,39 +11,43 @@
 Built-in validators: :class:`CodeQualityValidator`, :class:`LogicValidator`, :class:`PerformanceValidator`,
 :class:`SecurityValidator`; plugins come from the entry-point group ``dspyrt.validators``
 (:class:`CustomValidatorRegistry`). ``dspyrt.agents.assertions.agent`` puts them on the bus.
+
+Modules: ``models`` (the request, results, report and stats messages), ``core`` (the framework), ``report``
+(aggregation), ``collector`` (what validators gather results with), ``validator`` (the protocol), ``stats``,
+``reward``, one module per built-in validator, ``custom`` (plugins) and ``agent``.
 """
 
 from dspyrt.agents.assertions.code_quality import CodeQualityValidator
-from dspyrt.agents.assertions.core import (
+from dspyrt.agents.assertions.collector import ResultCollector
+from dspyrt.agents.assertions.core import DSPyAssertionFramework, default_validators
+from dspyrt.agents.assertions.custom import ENTRY_POINT_GROUP, CustomValidatorRegistry
+from dspyrt.agents.assertions.logic import LogicValidator
+from dspyrt.agents.assertions.models import (
     AssertionResult,
     AssertionStats,
-    AssertionStatsRecorder,
     AssertionType,
     Case,
     CheckSummary,
     CodeQualityOptions,
     Comparison,
     ConsistencyOptions,
-    DSPyAssertionFramework,
     FieldSchema,
     Invariant,
     Membership,
     Objectives,
     PassCounts,
-    ResultCollector,
     SecurityOptions,
     Severity,
     TypeCounts,
     ValidationReport,
     ValidationRequest,
-    ValidationReward,
-    Validator,
-    default_validators,
 )
-from dspyrt.agents.assertions.custom import ENTRY_POINT_GROUP, CustomValidatorRegistry
-from dspyrt.agents.assertions.logic import LogicValidator
 from dspyrt.agents.assertions.performance import PerformanceValidator
+from dspyrt.agents.assertions.report import build_report, merge_reports
+from dspyrt.agents.assertions.reward import ValidationReward
 from dspyrt.agents.assertions.security import SecurityValidator
+from dspyrt.agents.assertions.stats import AssertionStatsRecorder
+from dspyrt.agents.assertions.validator import Validator
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -75,5 +79,7 @@ __all__ = [
     "ValidationRequest",
     "ValidationReward",
     "Validator",
+    "build_report",
     "default_validators",
+    "merge_reports",
 ]

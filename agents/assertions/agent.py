@@ -40,9 +40,12 @@ from dspyrt.agents.assertions import (
     ValidationReport,
     ValidationRequest,
     Validator,
+    build_report,
+    merge_reports,
 )
 from dspyrt.bus import DspyrtError, Empty
 from dspyrt.runtime.agent import Agent, CheckResult, endpoint
+from dspyrt.runtime.config import IntegrationMode
 
 AGENT_FOR_TYPE: dict[AssertionType, str] = {
     AssertionType.CODE_QUALITY: "validator-code",
@@ -61,6 +64,8 @@ class ValidatorAgent(Agent):
     """Base of the per-type agents: one :class:`DSPyAssertionFramework` holding that type's validators."""
 
     group = "validators"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
+    switch = "enable_assertions"
     assertion_type: ClassVar[AssertionType]
 
     framework: DSPyAssertionFramework
@@ -155,6 +160,8 @@ class AssertionsAgent(Agent):
 
     name = "assertions"
     group = "validators"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
+    switch = "enable_assertions"
     description = "validation fan-out over the validator-* agents, aggregated report, stats"
 
     recorder: AssertionStatsRecorder
@@ -192,14 +199,12 @@ class AssertionsAgent(Agent):
                     severity=Severity.ERROR,
                     message=f"{agent} did not validate: {exc}",
                 )
-                parts[assertion_type] = ValidationReport.build(
-                    [failure], fail_on=request.fail_on, cases=len(request.cases)
-                )
+                parts[assertion_type] = build_report([failure], fail_on=request.fail_on, cases=len(request.cases))
 
         async with anyio.create_task_group() as tg:
             for assertion_type in types:
                 tg.start_soon(ask, assertion_type)
-        report = ValidationReport.merge(
+        report = merge_reports(
             [parts[t] for t in types],
             fail_on=request.fail_on,
             cases=len(request.cases),

@@ -31,11 +31,11 @@ from typing import Any, ClassVar
 
 from radon.visitors import ComplexityVisitor
 
-from dspyrt.agents.assertions.core import (
+from dspyrt.agents.assertions.collector import ResultCollector
+from dspyrt.agents.assertions.models import (
     AssertionResult,
     AssertionType,
     CodeQualityOptions,
-    ResultCollector,
     Severity,
     ValidationRequest,
     clip,
@@ -136,7 +136,7 @@ class CodeQualityValidator:
     """Syntax, ruff lint findings and cyclomatic complexity of the code fields.
 
     ``ruff``: the executable to run (default: :func:`find_ruff`). Thresholds come from each request's
-    :class:`~agents.assertions.core.CodeQualityOptions`.
+    :class:`~dspyrt.agents.assertions.models.CodeQualityOptions`.
     """
 
     name: ClassVar[str] = "code_quality"

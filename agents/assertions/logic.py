@@ -8,8 +8,9 @@ Checks (``AssertionResult.check``):
 * ``choices``, ``range`` (``min``/``max``), ``length`` (``min_length``/``max_length``), ``pattern`` — the
   field's constraints; a pattern is searched with a time limit and never in values over
   ``MAX_PATTERN_INPUT`` characters, so a catastrophic expression cannot stall the validator;
-* ``invariant`` — each declared :class:`~agents.assertions.core.Comparison` / ``Membership``;
-* ``consistency`` — cases sharing a ``group`` have equal outputs (:class:`~agents.assertions.core.ConsistencyOptions`).
+* ``invariant`` — each declared :class:`~dspyrt.agents.assertions.models.Comparison` / ``Membership``;
+* ``consistency`` — cases sharing a ``group`` have equal outputs
+  (:class:`~dspyrt.agents.assertions.models.ConsistencyOptions`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Any, ClassVar
 
 import regex
 
-from dspyrt.agents.assertions.core import (
-    MAX_PATTERN_INPUT,
-    PATTERN_TIMEOUT,
+from dspyrt.agents.assertions.collector import ResultCollector
+from dspyrt.agents.assertions.models import (
     AssertionResult,
     AssertionType,
     Case,
@@ -31,10 +31,14 @@ from dspyrt.agents.assertions.core import (
     FieldSchema,
     Invariant,
     Membership,
-    ResultCollector,
     ValidationRequest,
     clip,
 )
+
+MAX_PATTERN_INPUT = 10_000
+"""Longest value a pattern is matched against; longer values fail the ``pattern`` check unchecked."""
+PATTERN_TIMEOUT = 0.1
+"""Seconds one pattern match may take before it counts as catastrophic backtracking."""
 
 _ABSENT = object()
 _SUMMARIES = {

@@ -8,25 +8,15 @@ Only objectives the request sets are checked. An objective that no case has data
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import ClassVar
 
-from dspyrt.agents.assertions.core import AssertionResult, AssertionType, ResultCollector, Severity, ValidationRequest
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """The nearest-rank ``pct`` percentile of ``values``: the smallest value with at least ``pct`` percent
-    of the values at or below it."""
-    if not values:
-        raise ValueError("percentile of no values")
-    ordered = sorted(values)
-    rank = max(math.ceil(pct / 100 * len(ordered)), 1)
-    return ordered[rank - 1]
+from dspyrt.agents.assertions.collector import ResultCollector
+from dspyrt.agents.assertions.models import AssertionResult, AssertionType, Severity, ValidationRequest
+from dspyrt.runtime.stats import percentile
 
 
 class PerformanceValidator:
-    """Latency, tokens and cost of the recorded calls against :class:`~dspyrt.agents.assertions.core.Objectives`."""
+    """Latency, tokens and cost of the recorded calls against :class:`~dspyrt.agents.assertions.models.Objectives`."""
 
     name: ClassVar[str] = "performance"
 

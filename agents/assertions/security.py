@@ -21,20 +21,19 @@ import functools
 import re
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from dspyrt.agents.assertions.code_quality import CodeItem, code_items, quiet_parser
-from dspyrt.agents.assertions.core import (
+from dspyrt.agents.assertions.collector import ResultCollector
+from dspyrt.agents.assertions.models import (
     AssertionResult,
     AssertionType,
     Case,
-    ResultCollector,
     SecurityOptions,
     Severity,
     ValidationRequest,
-    text_leaves,
 )
 
 _BANDIT_SEVERITY = {"LOW": Severity.WARNING, "MEDIUM": Severity.ERROR, "HIGH": Severity.CRITICAL}
@@ -56,7 +55,7 @@ _SUMMARIES = {
 class SecurityValidator:
     """Dangerous code, secrets, personal data and prompt-injection echoes in the outputs.
 
-    What is looked for comes from each request's :class:`~dspyrt.agents.assertions.core.SecurityOptions`.
+    What is looked for comes from each request's :class:`~dspyrt.agents.assertions.models.SecurityOptions`.
     """
 
     name: ClassVar[str] = "security"
@@ -78,6 +77,24 @@ class SecurityValidator:
             if injections:
                 _injection_echo(index, case, leaves, injections, options, collector)
         return collector.results()
+
+
+def text_leaves(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """``(path, text)`` for every string (and number) inside ``value``: ``answer``, ``items[0]``, ``a.b``."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int | float):
+        yield path, str(value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from text_leaves(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from text_leaves(item, f"{path}[{index}]")
+    else:
+        yield path, str(value)
 
 
 def _output_leaves(case: Case) -> Iterator[tuple[str, str, str]]:

@@ -24,16 +24,15 @@ from dspyrt.agents.dashboard.alerts import (
     load_rules_file,
     parse_rules,
 )
-from dspyrt.agents.dashboard.core import (
+from dspyrt.agents.dashboard.core import MetricsDashboard
+from dspyrt.agents.dashboard.models import (
     CustomMetricType,
     DashboardSnapshot,
-    MetricPoint,
-    MetricsDashboard,
-    MetricSeries,
     MetricType,
     MetricTypeInfo,
     SnapshotQuery,
 )
+from dspyrt.agents.dashboard.series import MetricPoint, MetricSeries
 
 __all__ = [
     "Alert",

@@ -13,7 +13,8 @@ alert transition is written there with compare-and-swap, so of several replicas 
   firing alert starts one cycle.
 
 Endpoints: ``snapshot`` (what both views show), ``alerts``, ``rules``, ``set_rules``, ``metrics``,
-``register_metric``; the web page is served on ``DSPYRT_DASHBOARD_PORT`` (see :class:`DashboardSettings`).
+``register_metric``; the web page is served on ``DSPYRT_DASHBOARD_PORT``. Its settings are
+``IntegrationConfig``'s ``alerts_file`` and ``dashboard_*`` fields (``DSPYRT_ALERTS_FILE``, ``DSPYRT_DASHBOARD_*``).
 """
 
 from __future__ import annotations
@@ -24,18 +25,15 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.abc import TaskStatus as AnyioTaskStatus
 from nats.js import api
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import metrics
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dspyrt.agents.dashboard.alerts import (
     Alert,
@@ -46,116 +44,38 @@ from dspyrt.agents.dashboard.alerts import (
     load_rules_file,
     parse_rules,
 )
-from dspyrt.agents.dashboard.core import (
+from dspyrt.agents.dashboard.core import MetricsDashboard
+from dspyrt.agents.dashboard.models import (
+    AlertAction,
+    AlertChanged,
+    AlertFiring,
+    AlertList,
+    AlertResolved,
     CustomMetricType,
     DashboardSnapshot,
-    MetricsDashboard,
+    MetricRegistered,
     MetricType,
-    MetricTypeInfo,
+    MetricTypeList,
+    QueueDepth,
+    RuleList,
+    RulesChanged,
+    SetRules,
     SnapshotQuery,
 )
 from dspyrt.agents.dashboard.otel import DashboardInstruments
-from dspyrt.agents.dashboard.web import (
-    DEFAULT_HOSTS,
-    create_app,
-    env_name,
-    host_pattern,
-    listen,
-    running_web,
-    web_access,
-)
+from dspyrt.agents.dashboard.web import create_app, listen, running_web, web_access
 from dspyrt.agents.deployments import DeployRegistry, ProgramPointer
-from dspyrt.bus import DspyrtError, Empty, Event, Message, TaskStatus, decode
-from dspyrt.bus.streams import key_value, kv_keys
+from dspyrt.agents.loop.models import CycleCompleted
+from dspyrt.bus import DspyrtError, Empty, Event, TaskStatus, decode
+from dspyrt.bus.streams import key_value, kv_keys, kv_update
 from dspyrt.runtime.agent import Agent, CheckResult, endpoint
-from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.config import IntegrationConfig, IntegrationMode
 
 log = logging.getLogger("dspyrt.dashboard")
 
 ALERT_KEY = "alert."
 METRIC_KEY = "metric."
 RULES_KEY = "rules"
-
-
-class DashboardSettings(BaseSettings):
-    """The dashboard's own settings (environment ``DSPYRT_*``; not part of ``IntegrationConfig`` yet).
-
-    ``DSPYRT_ALERTS_FILE``             TOML file of ``[[rules]]`` (see ``dspyrt.agents.dashboard.alerts``)
-    ``DSPYRT_DASHBOARD_HOST``          where the web view listens (default 127.0.0.1; beyond loopback only
-                                       with a token)
-    ``DSPYRT_DASHBOARD_PORT``          its port (default 8765, or a free one when 8765 is taken; set, it is
-                                       that port or no page; 0 picks a free one; ``off`` serves no page)
-    ``DSPYRT_DASHBOARD_HOSTS``         comma-separated names the page answers to in ``Host`` (default
-                                       ``localhost,127.0.0.1,[::1]``; the listening address is added)
-    ``DSPYRT_DASHBOARD_TOKEN_ENV``     the NAME of the environment variable holding the page's bearer token
-                                       (unset: no token)
-    ``DSPYRT_DASHBOARD_POLL``          seconds between the page's refreshes (default 2)
-    ``DSPYRT_DASHBOARD_EVAL_INTERVAL`` seconds between alert evaluations (default 1)
-    ``DSPYRT_DASHBOARD_QUEUE_INTERVAL`` seconds between queue-depth readings (default 5)
-    ``DSPYRT_DASHBOARD_MAX_POINTS``    points kept per series (default 2000)
-    """
-
-    model_config = SettingsConfigDict(env_prefix="DSPYRT_", extra="ignore")
-
-    alerts_file: Path | None = None
-    dashboard_host: str = "127.0.0.1"
-    dashboard_port: int | None = Field(default=8765, ge=0, le=65535)
-    dashboard_hosts: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DEFAULT_HOSTS), min_length=1)
-    # The name of the variable, never the token (as the models file's api_key_env).
-    dashboard_token_env: str | None = None
-    dashboard_poll: float = Field(default=2.0, gt=0)
-    dashboard_eval_interval: float = Field(default=1.0, gt=0)
-    dashboard_queue_interval: float = Field(default=5.0, gt=0)
-    dashboard_max_points: int = Field(default=2000, ge=10, le=1_000_000)
-
-    @field_validator("dashboard_port", mode="before")
-    @classmethod
-    def _off(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in {"off", "none", "disabled", ""}:
-            return None
-        return value
-
-    @field_validator("dashboard_hosts", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str):  # DSPYRT_DASHBOARD_HOSTS=dashboard.example.com,localhost
-            return [h.strip() for h in value.split(",") if h.strip()]
-        return value
-
-    @field_validator("dashboard_hosts")
-    @classmethod
-    def _hosts(cls, value: list[str]) -> list[str]:
-        return [host_pattern(h) for h in value]
-
-    @field_validator("dashboard_token_env", mode="before")
-    @classmethod
-    def _token_env(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return env_name(value.strip()) if value.strip() else None
-        return value
-
-
-# --------------------------------------------------------------------------------------------- payloads
-
-
-class AlertList(Message):
-    alerts: list[Alert]
-
-
-class RuleList(Message):
-    rules: list[dict[str, Any]]
-
-
-class SetRules(Message):
-    """Rules to add (same name: replace) or, with ``replace``, the complete set of run-time rules. Rules from
-    the alerts file stay unless a run-time rule takes their name."""
-
-    rules: list[dict[str, Any]] = Field(default_factory=list, max_length=500)
-    replace: bool = False
-
-
-class MetricTypeList(Message):
-    metric_types: list[MetricTypeInfo]
 
 
 # ------------------------------------------------------------------------------------------------ agent
@@ -166,9 +86,11 @@ class DashboardAgent(Agent):
 
     name = "dashboard"
     group = "monitoring"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.MONITORING_ONLY})
+    switch = "enable_metrics"
     description = "metrics dashboard: series from events, alerts and their actions, web and terminal views"
+    publishes = (AlertFiring, AlertResolved, AlertAction, RulesChanged, MetricRegistered, QueueDepth)
 
-    settings: DashboardSettings
     dashboard: MetricsDashboard
     kv: KeyValue
     cycles: KeyValue
@@ -176,9 +98,8 @@ class DashboardAgent(Agent):
     instruments: DashboardInstruments
     replayed: anyio.Event
 
-    def __init__(self, config: IntegrationConfig, settings: DashboardSettings | None = None) -> None:
+    def __init__(self, config: IntegrationConfig) -> None:
         super().__init__(config)
-        self.settings = settings if settings is not None else DashboardSettings()
         self.web_url: str | None = None
         self.web_error: str | None = None
         self.replaying = True
@@ -195,7 +116,7 @@ class DashboardAgent(Agent):
         self.kv = await key_value(self.bus, s.bucket("dashboard"), layout)
         self.cycles = await key_value(self.bus, s.bucket("cycles"), layout)
         self.deployments = await DeployRegistry.open(self.bus, layout)
-        self.dashboard = MetricsDashboard(max_points=self.settings.dashboard_max_points)
+        self.dashboard = MetricsDashboard(max_points=self.config.dashboard_max_points)
         self.replaying, self.web_url, self.web_error = True, None, None
         await self._load_state()
         self.instruments = DashboardInstruments(metrics.get_meter("dspyrt.dashboard"), self.dashboard.metric_types)
@@ -207,7 +128,7 @@ class DashboardAgent(Agent):
             tg.start_soon(self._evaluate_loop)
             tg.start_soon(self._queue_loop)
             try:
-                if self.settings.dashboard_port is None:
+                if self.config.dashboard_port is None:
                     yield
                 else:
                     async with self._web():
@@ -218,7 +139,7 @@ class DashboardAgent(Agent):
 
     @asynccontextmanager
     async def _web(self) -> AsyncIterator[None]:
-        settings = self.settings
+        settings = self.config
         sock: socket.socket | None = None
         try:
             access = web_access(settings.dashboard_host, settings.dashboard_hosts, settings.dashboard_token_env)
@@ -261,9 +182,9 @@ class DashboardAgent(Agent):
                 except ValueError as exc:  # pydantic's ValidationError too: one bad value must not stop start-up
                     log.error("stored custom metric %s ignored: %s", key, exc)
         known, rates = set(self.dashboard.metric_types), self.dashboard.rate_metrics()
-        if self.settings.alerts_file is not None:
+        if self.config.alerts_file is not None:
             self.dashboard.configure_rules(
-                load_rules_file(self.settings.alerts_file, known_metrics=known, rate_metrics=rates)
+                load_rules_file(self.config.alerts_file, known_metrics=known, rate_metrics=rates)
             )
         if RULES_KEY in stored:
             try:
@@ -331,15 +252,14 @@ class DashboardAgent(Agent):
             log.warning("dashboard event %s not recorded", event.topic, exc_info=True)
 
     async def _handle(self, event: Event) -> None:
-        self.dashboard.record_event(event)
-        if event.topic == "cycle.completed" and "validation" not in event.data:
-            await self._cycle_validation(event)
-
-    async def _cycle_validation(self, event: Event) -> None:
-        """``cycle.completed`` does not carry the validation report: read it from the cycle task's record."""
-        cycle_id, program = event.data.get("cycle_id"), event.data.get("program")
-        if not isinstance(cycle_id, str) or not isinstance(program, str):
+        if not self.dashboard.record_event(event) or event.topic != CycleCompleted.topic:
             return
+        cycle = CycleCompleted.model_validate(event.data)
+        if cycle.validation is None:
+            await self._cycle_validation(cycle.cycle_id, cycle.program, event.time)
+
+    async def _cycle_validation(self, cycle_id: str, program: str, at: float) -> None:
+        """``cycle.completed`` does not carry the validation report: read it from the cycle task's record."""
         try:
             record = await self.client.store.get(cycle_id, kind="cycle")
         except Exception as exc:  # not a task id, bucket trouble: the rest of the cycle is recorded
@@ -348,10 +268,10 @@ class DashboardAgent(Agent):
         if record is None:
             return
         if record.status.terminal:
-            self._record_validation(program, record.result, event.time)
+            self._record_validation(program, record.result, at)
         elif self._tg is not None:
             # The coordinator publishes cycle.completed just before it stores the result.
-            self._tg.start_soon(self._await_validation, cycle_id, program, event.time)
+            self._tg.start_soon(self._await_validation, cycle_id, program, at)
 
     async def _await_validation(self, cycle_id: str, program: str, at: float) -> None:
         try:
@@ -379,7 +299,7 @@ class DashboardAgent(Agent):
                 await self.evaluate()
             except Exception:
                 log.exception("alert evaluation failed")
-            await anyio.sleep(self.settings.dashboard_eval_interval)
+            await anyio.sleep(self.config.dashboard_eval_interval)
 
     async def evaluate(self) -> list[AlertTransition]:
         """Evaluate every rule now; persist, publish and act on the transitions this instance wins."""
@@ -388,7 +308,7 @@ class DashboardAgent(Agent):
             if await self._persist(transition):
                 applied.append(transition)
                 alert = transition.alert
-                await self.publish_event(f"alert.{alert.state}", alert)
+                await self.publish_event(f"alert.{alert.state}", AlertChanged.of(alert))
                 if alert.state == "firing":
                     await self._act(alert)
         self.instruments.alerts(self.dashboard.alerts.alerts.values())
@@ -399,32 +319,17 @@ class DashboardAgent(Agent):
         """Write the new state with compare-and-swap against the state this instance knew; ``False`` (and the
         stored state adopted) when another instance got there first."""
         alert, previous = transition.alert, transition.previous
-        key = ALERT_KEY + alert.id
-        try:
-            entry = await self.kv.get(key)
-            stored = Alert.model_validate_json(entry.value) if entry.value else None
-            revision = int(entry.revision or 0)
-        except KeyNotFoundError:
-            stored, revision = None, 0
-        if (stored.key if stored else None) != (previous.key if previous else None):
-            if stored is not None:
-                self.dashboard.alerts.adopt(stored)
-            return False
+        known = previous.key if previous else None
         data = alert.model_dump_json().encode()
-        try:
-            if revision:
-                await self.kv.update(key, data, last=revision)
-            else:
-                await self.kv.create(key, data)
-        except KeyWrongLastSequenceError:
-            try:
-                entry = await self.kv.get(key)
-                if entry.value:
-                    self.dashboard.alerts.adopt(Alert.model_validate_json(entry.value))
-            except KeyNotFoundError:
-                pass
-            return False
-        return True
+
+        def move(raw: bytes | None) -> bytes | None:
+            stored = Alert.model_validate_json(raw) if raw else None
+            return data if (stored.key if stored else None) == known else None  # else it moved on elsewhere
+
+        outcome = await kv_update(self.kv, ALERT_KEY + alert.id, move)
+        if not outcome.written and outcome.value:
+            self.dashboard.alerts.adopt(Alert.model_validate_json(outcome.value))
+        return outcome.written
 
     async def _act(self, alert: Alert) -> None:
         """A firing regression on a program: roll its canary back, or (auto_optimize) start a new cycle."""
@@ -490,18 +395,11 @@ class DashboardAgent(Agent):
         self, alert: Alert, action: Literal["rollback", "cycle", "none"], *, ok: bool, detail: str, task_id: str = ""
     ) -> None:
         (log.info if ok else log.warning)("alert %s (%s): %s", alert.rule, action, detail)
-        payload: dict[str, Any] = {
-            "id": alert.id,
-            "rule": alert.rule,
-            "labels": alert.labels,
-            "episode": alert.episode,
-            "action": action,
-            "ok": ok,
-            "detail": detail,
-        }
-        if task_id:
-            payload["task_id"] = task_id
-        await self.publish_event("alert.action", payload)
+        taken = AlertAction(
+            id=alert.id, rule=alert.rule, labels=alert.labels, episode=alert.episode, action=action, ok=ok,
+            detail=detail, task_id=task_id or None,
+        )  # fmt: skip
+        await self.publish_event(AlertAction.topic, taken)
 
     # --- endpoints ---------------------------------------------------------------------------------
 
@@ -540,7 +438,7 @@ class DashboardAgent(Agent):
         payload = [r.model_dump(mode="json") for r in combined]
         await self.kv.put(RULES_KEY, json.dumps(payload).encode())
         self.dashboard.set_rules(combined, replace=True)
-        await self.publish_event("dashboard.rules", {"rules": payload})
+        await self.publish_event(RulesChanged.topic, RulesChanged(rules=payload))
         return await self.list_rules(Empty())
 
     @endpoint("metrics")
@@ -558,7 +456,7 @@ class DashboardAgent(Agent):
         custom = request.model_copy(update={"registered_at": registered_at})
         await self.kv.put(METRIC_KEY + custom.name, custom.model_dump_json().encode())
         self.dashboard.register_custom_metric(custom)
-        await self.publish_event("dashboard.metric_registered", custom)
+        await self.publish_event(MetricRegistered.topic, MetricRegistered.model_validate(custom.model_dump()))
         return await self.list_metrics(Empty())
 
     # --- queue depth -------------------------------------------------------------------------------
@@ -578,10 +476,10 @@ class DashboardAgent(Agent):
                     known = self.dashboard.series(MetricType.QUEUE_DEPTH, {"kind": kind})
                     latest = known[0].latest() if known else None
                     if kind and (latest is None or latest.value != depth):
-                        await self.publish_event("queue.depth", {"kind": kind, "depth": depth})
+                        await self.publish_event(QueueDepth.topic, QueueDepth(kind=kind, depth=depth))
             except Exception as exc:  # reconnecting; the next reading will do
                 log.debug("queue depth not read: %s", exc)
-            await anyio.sleep(self.settings.dashboard_queue_interval)
+            await anyio.sleep(self.config.dashboard_queue_interval)
 
     # --- health ------------------------------------------------------------------------------------
 
@@ -593,7 +491,7 @@ class DashboardAgent(Agent):
             else f"{stats['events']} events, {stats['series']} series, {stats['alerts_firing']} alerts firing"
         )
         checks = {"history": CheckResult(ok=not self.replaying, detail=history)}
-        if self.settings.dashboard_port is not None:
+        if self.config.dashboard_port is not None:
             checks["web"] = CheckResult(
                 ok=self.web_url is not None, detail=self.web_url or self.web_error or "starting"
             )

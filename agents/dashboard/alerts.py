@@ -60,7 +60,7 @@ class PointLike(Protocol):
 
 
 class SeriesLike(Protocol):
-    """What a rule reads of a series (``dspyrt.agents.dashboard.core.MetricSeries`` is one)."""
+    """What a rule reads of a series (``dspyrt.agents.dashboard.series.MetricSeries`` is one)."""
 
     @property
     def metric_type(self) -> str: ...
@@ -305,19 +305,19 @@ def alert_id(rule: str, labels: Mapping[str, str]) -> str:
 class Alert(BaseModel):
     """One alert: a rule's condition on one series. ``episode`` counts how often it has fired."""
 
-    id: str
-    rule: str
-    kind: str
-    metric: str
-    labels: dict[str, str] = Field(default_factory=dict)
-    severity: AlertSeverity = "warning"
-    state: AlertState
-    value: float | None = None
-    message: str = ""
-    episode: int = 0
-    fired_at: float | None = None
-    resolved_at: float | None = None
-    updated_at: float = Field(default_factory=time.time)
+    id: str = Field(description="the alert's identity: its rule and its series' labels (alert_id)")
+    rule: str = Field(description="the rule's name")
+    kind: str = Field(description="the rule's kind: threshold, regression, staleness or error_rate")
+    metric: str = Field(description="the metric type the rule watches")
+    labels: dict[str, str] = Field(default_factory=dict, description="the labels of the series it is about")
+    severity: AlertSeverity = Field(default="warning", description="the rule's severity")
+    state: AlertState = Field(description="firing while the condition holds, resolved after")
+    value: float | None = Field(default=None, description="the figure the rule last judged")
+    message: str = Field(default="", description="what the rule found, in words")
+    episode: int = Field(default=0, ge=0, description="how often this alert has fired")
+    fired_at: float | None = Field(default=None, description="when it last fired (Unix seconds)")
+    resolved_at: float | None = Field(default=None, description="when it last resolved (Unix seconds)")
+    updated_at: float = Field(default_factory=time.time, description="when its state last changed (Unix seconds)")
 
     @property
     def key(self) -> tuple[str, int]:

@@ -39,7 +39,8 @@ from opentelemetry.metrics import Histogram, Meter
 from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge's public name (in __all__)
 
 from dspyrt.agents.dashboard.alerts import Alert
-from dspyrt.agents.dashboard.core import RATE_WINDOW, MetricPoint, MetricSeries, MetricType, MetricTypeInfo
+from dspyrt.agents.dashboard.models import MetricType, MetricTypeInfo
+from dspyrt.agents.dashboard.series import RATE_WINDOW, MetricPoint, MetricSeries
 
 # metric type -> (instrument name, unit, description)
 GAUGES: dict[str, tuple[str, str, str]] = {

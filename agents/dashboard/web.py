@@ -2,7 +2,7 @@
 
 =========================  ==================================================================================
 ``GET /``                  the page: inline SVG charts drawn by ``static/dashboard.js``; nothing external
-``GET /api/snapshot``      the same :class:`~agents.dashboard.core.DashboardSnapshot` the bus endpoint
+``GET /api/snapshot``      the same :class:`~agents.dashboard.models.DashboardSnapshot` the bus endpoint
                            ``dashboard.snapshot`` returns; query ``program``, ``model``, ``metric``,
                            ``max_points``, ``since``
 ``GET /healthz``           ``{"ok": true}``
@@ -47,9 +47,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dspyrt.agents.dashboard.core import DashboardSnapshot, SnapshotQuery
+from dspyrt.agents.dashboard.models import DashboardSnapshot, SnapshotQuery
 from dspyrt.bus import ConfigurationError
 from dspyrt.bus.messages import field_errors_of
+from dspyrt.runtime.config import DEFAULT_DASHBOARD_HOSTS, env_name, host_pattern
 
 log = logging.getLogger("dspyrt.dashboard.web")
 
@@ -74,43 +75,14 @@ def _asset(name: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- access
 
-DEFAULT_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 MIN_TOKEN_LENGTH = 16
 SESSION_COOKIE = "dspyrt_dashboard_session"
 SESSION_MAX_AGE = 7 * 24 * 3600
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
-_HOST_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
 _PORT = re.compile(r"[0-9]{0,5}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LOGIN_PAGE = (
     '<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url=./">'
     '<title>dspyrt dashboard</title><p><a href="./">Continue to the dashboard</a></p>'
 )
-
-
-def host_pattern(value: str) -> str:
-    """One allowed host, normalized: a name (``dashboard.example.com``), ``*.example.com`` (its subdomains), an
-    IPv4 address, an IPv6 address in brackets (``[::1]``; the brackets may be left out here) or ``*`` (any:
-    only behind a proxy that checks ``Host`` itself). No scheme, no port. ``ValueError`` says what is wrong."""
-    text = value.strip().lower().rstrip(".")
-    if text == "*":
-        return text
-    bracketed = text.startswith("[") and text.endswith("]")
-    if bracketed or ":" in text:
-        try:
-            return f"[{ipaddress.IPv6Address(text[1:-1] if bracketed else text).compressed}]"
-        except ValueError:
-            raise ValueError(f"{value!r}: name a host without a scheme or a port, e.g. dashboard.example.com") from None
-    if not _HOST_NAME.fullmatch(text):
-        raise ValueError(f"{value!r} is not a host name, an IP address or *.<domain>")
-    return text
-
-
-def env_name(value: str) -> str:
-    """The name of an environment variable (letters, digits, ``_``; not starting with a digit)."""
-    if not _ENV_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is not an environment variable name (the NAME of the variable, not the token)")
-    return value
 
 
 def request_host(header: str | None) -> str | None:
@@ -157,7 +129,7 @@ class WebAccess:
     """Who may use the web view: requests whose ``Host`` names one of ``hosts`` (see :func:`host_pattern`) and
     that carry ``token`` when there is one. The default: loopback names, no token."""
 
-    hosts: frozenset[str] = frozenset(DEFAULT_HOSTS)
+    hosts: frozenset[str] = frozenset(DEFAULT_DASHBOARD_HOSTS)
     token: SecretStr | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

@@ -33,7 +33,7 @@ from opentelemetry import trace
 
 from dspyrt.agents.lm.cache import disable_dspy_cache
 from dspyrt.agents.lm.errors import TRANSIENT_CALL_CODES
-from dspyrt.agents.switcher.core import ChatMessage, CompletionReply, CompletionRequest
+from dspyrt.agents.switcher.models import ChatMessage, CompletionReply, CompletionRequest
 from dspyrt.bus import DspyrtError, RemoteError
 from dspyrt.bus.errors import is_permanent
 from dspyrt.runtime.client import Client

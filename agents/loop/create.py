@@ -8,6 +8,7 @@ from dspyrt.agents.loop.models import CreateRequest, CreateResult
 from dspyrt.agents.optimizers.core import program_inputs
 from dspyrt.agents.programs import ProgramSpec, build_program, program_hash
 from dspyrt.runtime.agent import Agent, endpoint
+from dspyrt.runtime.config import IntegrationMode
 
 
 def create_program(spec: ProgramSpec) -> tuple[Any, CreateResult]:
@@ -28,6 +29,7 @@ def create_program(spec: ProgramSpec) -> tuple[Any, CreateResult]:
 class CreateAgent(Agent):
     name = "loop-create"
     group = "loop"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
     description = "loop phase: build, check and hash a program spec"
 
     @endpoint("create")

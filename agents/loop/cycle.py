@@ -31,6 +31,8 @@ from dspyrt.agents.loop.models import (
     EXAMPLE_FIELDS,
     PHASES,
     CreateResult,
+    CycleCompleted,
+    CyclePhase,
     CycleRequest,
     CycleResult,
     CycleState,
@@ -42,12 +44,16 @@ from dspyrt.agents.loop.models import (
     ProgramRef,
     feedback_dataset,
 )
-from dspyrt.agents.optimizers.core import OptimizationRequest, OptimizationResult, improvement_points
+from dspyrt.agents.optimizers.core import program_inputs
+from dspyrt.agents.optimizers.models import OptimizationRequest, OptimizationResult, improvement_points
+from dspyrt.agents.programs import build_program
 from dspyrt.agents.scoring import ExampleResult
-from dspyrt.bus import PayloadTooLargeError, PermanentError, RetryableError, TaskStatus
+from dspyrt.bus import PayloadTooLargeError
 from dspyrt.bus.claims import ClaimStore
 from dspyrt.bus.streams import key_value
 from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.children import submit_child_and_wait
+from dspyrt.runtime.config import IntegrationMode
 from dspyrt.runtime.datasets import DatasetNotFoundError, DatasetRef, DatasetStore, references_in
 
 
@@ -381,22 +387,16 @@ class BusPhases:
             "loop-create", "create", CreateRequest(program=req.program), CreateResult, timeout=30
         )
 
-    async def _task(self, kind: str, payload: Any, task_id: str) -> dict[str, Any]:
-        await self.agent.client.submit(kind, payload, task_id=task_id)
-        record = await self.agent.client.result(task_id, kind=kind)
-        if record.status is TaskStatus.SUCCEEDED:
-            return dict(record.result or {})
-        error = record.error
-        message = f"{kind} task {task_id} ended {record.status.value}: {error.message if error else ''}"
-        if record.status is TaskStatus.FAILED:
-            raise PermanentError(message, code=error.code if error else "permanent")
-        raise RetryableError(message)
-
+    # A phase task that failed fails the cycle; one that died (out of attempts) has the cycle delivered again.
     async def evaluate(self, req: EvaluateRequest, key: str) -> EvaluationResult:
-        return EvaluationResult.model_validate(await self._task("evaluate", req, key))
+        return await submit_child_and_wait(
+            self.agent.client, "evaluate", req, EvaluationResult, task_id=key, on_failure="fail", on_dead="retry"
+        )
 
     async def optimize(self, req: OptimizationRequest, key: str) -> OptimizationResult:
-        return OptimizationResult.model_validate(await self._task("optimize", req, key))
+        return await submit_child_and_wait(
+            self.agent.client, "optimize", req, OptimizationResult, task_id=key, on_failure="fail", on_dead="retry"
+        )
 
     async def validate(self, req: CycleRequest, evaluation: EvaluationResult) -> dict[str, Any] | None:
         payload: dict[str, Any] = {
@@ -427,12 +427,13 @@ class BusPhases:
         else:
             answered = [r for r in evaluation.results if r.error is None][:MAX_VALIDATION_CASES]
         rows = DevsetRows(req.devset, self.datasets)
+        inputs = req.input_fields or program_inputs(build_program(req.program)).names  # not the rows' labels
         cases: list[dict[str, Any]] = []
         size = 0
         for result in answered:
             row = await rows.row(result.index)
             case = {
-                "inputs": {k: v for k, v in row.items() if k in (req.input_fields or row)},
+                "inputs": {k: v for k, v in row.items() if k in inputs},
                 "outputs": result.outputs,
                 "latency_ms": result.latency_ms,
             }
@@ -456,7 +457,9 @@ class CycleAgent(Agent):
 
     name = "cycle"
     group = "loop"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
     description = "optimization loop coordinator: create, evaluate, optimize, validate, deploy"
+    publishes = (CyclePhase, CycleCompleted)
 
     loop: FourPartOptimizationLoop
     states: KeyValue
@@ -478,37 +481,15 @@ class CycleAgent(Agent):
     async def cycle(self, req: CycleRequest, ctx: TaskContext) -> CycleResult:
         async def progress(phase: str, step: int, total: int) -> None:
             await ctx.progress(phase, step=step, total=total)
-            await self.publish_event("cycle.phase", {"cycle_id": ctx.task_id, "program": req.program_name,
-                                                     "phase": phase})  # fmt: skip
+            await self.publish_event(
+                CyclePhase.topic, CyclePhase(cycle_id=ctx.task_id, program=req.program_name, phase=phase)
+            )
 
         create_program(req.program)  # a spec that cannot build fails before anything is spent
         # The program's latest cycle request as it was sent (the cycle pins its data in its own state): what a
         # re-optimization (auto_optimize) runs again.
         await self.states.put(last_cycle_key(req.program_name), req.model_dump_json().encode())
         result = await self.loop.run_cycle(ctx.task_id, req, progress)
-        await self.publish_event("cycle.completed", _cycle_event(result))
+        await self.publish_event(CycleCompleted.topic, CycleCompleted.of(result))
         return result
 
-
-def _cycle_event(result: CycleResult) -> dict[str, Any]:
-    """What the dashboard records of a finished cycle (the guide's record_cycle_metrics input): the cycle's own
-    scores, on the devset, and their difference (not the optimizer's figures on its validation set)."""
-    return {
-        "cycle_id": result.cycle_id,
-        "program": result.program_name,
-        "model": result.optimization.model,
-        "optimizer": result.optimization.optimizer,
-        "baseline_score": result.baseline.score,
-        "optimized_score": result.optimized.score if result.optimized else None,
-        "improvement": result.improvement_score,
-        "scored_on": result.scored_on,
-        "cost": round(result.baseline.cost + result.optimization.cost + (result.optimized.cost if result.optimized
-                                                                          else 0.0), 6),
-        "latency_p95_ms": result.optimized.latency_p95_ms if result.optimized else None,
-        "coverage": min(result.baseline.coverage, result.optimized.coverage if result.optimized else 1.0),
-        "mixed_models": result.mixed_models,
-        "deployed": result.verdict.deployed,
-        "unchanged": result.verdict.unchanged,
-        "version": result.verdict.version,
-        "reasons": result.verdict.reasons,
-    }  # fmt: skip

@@ -16,11 +16,20 @@ from pydantic import Field
 
 from dspyrt.agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
 from dspyrt.agents.loop.gate import check_objectives
-from dspyrt.agents.loop.models import PROGRAM_NAME, DeployRequest, DeployVerdict
+from dspyrt.agents.loop.models import (
+    PROGRAM_NAME,
+    DeployCompleted,
+    DeployRejected,
+    DeployRequest,
+    DeployRollback,
+    DeployUnchanged,
+    DeployVerdict,
+)
 from dspyrt.agents.programs import program_hash
 from dspyrt.bus import Empty, Message, NotFoundError
 from dspyrt.bus.audit import record_audit
 from dspyrt.runtime.agent import Agent, current_caller, endpoint
+from dspyrt.runtime.config import IntegrationMode
 
 
 class ProgramName(Message):
@@ -44,7 +53,9 @@ class ProgramDetail(Message):
 class DeployAgent(Agent):
     name = "loop-deploy"
     group = "loop"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
     description = "loop phase: the deploy gate and the deploy registry (list, show, rollback, promote)"
+    publishes = (DeployCompleted, DeployRejected, DeployUnchanged, DeployRollback)
 
     registry: DeployRegistry
 
@@ -66,9 +77,8 @@ class DeployAgent(Agent):
                     )
         checks, reasons = check_objectives(request)
         if reasons:
-            await self.publish_event(
-                "deploy.rejected", {"program": request.program_name, "reasons": reasons, "cycle_id": request.cycle_id}
-            )
+            rejected = DeployRejected(program=request.program_name, reasons=reasons, cycle_id=request.cycle_id)
+            await self.publish_event(DeployRejected.topic, rejected)
             return DeployVerdict(deployed=False, program_name=request.program_name, reasons=reasons, checks=checks)
         spec_hash = program_hash(request.program)
         unchanged = await self._unchanged(request, spec_hash, checks)
@@ -99,9 +109,9 @@ class DeployAgent(Agent):
         )
         canary = pointer.canary is not None and pointer.canary.version == version
         await self.publish_event(
-            "deploy.completed",
-            {"program": request.program_name, "version": version, "canary": canary, "score": request.optimized_score,
-             "model": request.model, "cycle_id": request.cycle_id},
+            DeployCompleted.topic,
+            DeployCompleted(program=request.program_name, version=version, canary=canary, score=request.optimized_score,
+                            model=request.model, cycle_id=request.cycle_id),
         )  # fmt: skip
         return DeployVerdict(
             deployed=True, program_name=request.program_name, version=version, canary=canary, checks=checks
@@ -130,9 +140,9 @@ class DeployAgent(Agent):
             f"optimized state (sha256 {(state or '')[:12]}) and model; no new version"
         )
         await self.publish_event(
-            "deploy.unchanged",
-            {"program": request.program_name, "version": same.version, "canary": canary, "cycle_id": request.cycle_id,
-             "state_sha256": state},
+            DeployUnchanged.topic,
+            DeployUnchanged(program=request.program_name, version=same.version, canary=canary,
+                            cycle_id=request.cycle_id, state_sha256=state),
         )  # fmt: skip
         return DeployVerdict(
             deployed=True, unchanged=True, program_name=request.program_name, version=same.version, canary=canary,
@@ -164,9 +174,9 @@ class DeployAgent(Agent):
             detail={"requested_version": request.version, "note": pointer.note},
         )
         await self.publish_event(
-            "deploy.rollback",
-            {"program": request.program, "version": pointer.active.version if pointer.active else None,
-             "note": pointer.note},
+            DeployRollback.topic,
+            DeployRollback(program=request.program, version=pointer.active.version if pointer.active else None,
+                           note=pointer.note),
         )  # fmt: skip
         return pointer
 

@@ -33,10 +33,13 @@ from dspyrt.agents.metrics import MetricRegistry
 from dspyrt.agents.optimizers.core import program_inputs
 from dspyrt.agents.programs import build_program, load_program_state
 from dspyrt.agents.scoring import evaluate_examples
-from dspyrt.agents.switcher.core import Selection, SelectRequest
-from dspyrt.bus import DspyrtError, MessageValidationError, PermanentError, TaskStatus
+from dspyrt.agents.switcher.client import ask_switcher
+from dspyrt.agents.switcher.models import SelectRequest
+from dspyrt.bus import DspyrtError, MessageValidationError
 from dspyrt.bus.claims import ClaimStore
 from dspyrt.runtime.agent import Agent, TaskContext, task
+from dspyrt.runtime.children import submit_child_and_wait
+from dspyrt.runtime.config import IntegrationMode
 from dspyrt.runtime.datasets import DatasetManifest, DatasetRef, DatasetStore, references_in
 
 # Shards submitted and awaited at once: enough to keep every evaluator replica busy, without one subscription and
@@ -64,6 +67,7 @@ class EvaluatorAgent(Agent):
 
     name = "evaluator"
     group = "loop"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
     description = "loop phase worker: scores devset shards through the switcher"
 
     artifacts: ArtifactStore
@@ -128,6 +132,7 @@ class EvaluateAgent(Agent):
 
     name = "loop-evaluate"
     group = "loop"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
     description = "loop phase: distributed evaluation of a program on a devset"
 
     datasets: DatasetStore
@@ -152,8 +157,7 @@ class EvaluateAgent(Agent):
 async def select_model(agent: Agent, model: str | None, task_kind: str) -> str:
     if model is not None:
         return model
-    selection = await agent.client.request("switcher", "select", SelectRequest(task_kind=task_kind), Selection)
-    return selection.model
+    return (await ask_switcher(agent.client, SelectRequest(task_kind=task_kind))).model
 
 
 @dataclass(frozen=True)
@@ -265,17 +269,11 @@ async def _run_shards(
     async def one(shard: ShardRequest, number: int) -> None:
         shard_id = f"{evaluation_id}-s{number}"
         try:
-            await agent.client.submit("evaluate-shard", shard, task_id=shard_id)
-            record = await agent.client.result(shard_id, kind="evaluate-shard")
-            if record.status is not TaskStatus.SUCCEEDED:
-                # Its id is fixed, so a retry would read the same finished record: retrying cannot help.
-                error = record.error
-                raise PermanentError(
-                    f"shard {number} of {evaluation_id} ended {record.status.value}: "
-                    + (error.message if error else "no error recorded"),
-                    code=error.code if error else None,
-                )
-            accumulator.add(number, ShardResult.model_validate(record.result))
+            # Its id is fixed, so a retry would read the same finished record: retrying cannot help.
+            result = await submit_child_and_wait(
+                agent.client, "evaluate-shard", shard, ShardResult, task_id=shard_id, on_failure="fail"
+            )
+            accumulator.add(number, result)
             await ctx.progress("evaluating", step=accumulator.shards, total=total_shards)
         except Exception as exc:
             failures.append(exc)

@@ -32,6 +32,7 @@ from dspyrt.agents.loop.models import EvaluationResult, ShardResult
 from dspyrt.agents.scoring import ExampleResult, check_error_rate
 from dspyrt.bus import DspyrtError, MessageValidationError
 from dspyrt.bus.claims import ClaimStore, ObjectRef
+from dspyrt.runtime.stats import percentile
 
 # Up to this many examples (and INLINE_RESULTS_BYTES of their JSON), results stay inline in the EvaluationResult;
 # beyond, they go to the results object store. Both bounds keep an evaluation (and the cycle state holding two)
@@ -61,16 +62,6 @@ def to_examples(
             raise MessageValidationError(f"example {i}{where} lacks the metric field {metric_field!r}")
         examples.append(dspy.Example(**row).with_inputs(*inputs))
     return examples
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return round(ordered[low] + (ordered[high] - ordered[low]) * (rank - low), 3)
 
 
 class EvaluationAccumulator:
@@ -183,8 +174,9 @@ class EvaluationAccumulator:
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             cost=round(self.cost, 6),
-            latency_p50_ms=percentile(self._latencies, 50),
-            latency_p95_ms=percentile(self._latencies, 95),
+            # No answered example: no latency was measured (None, which fails a latency objective), not 0 ms.
+            latency_p50_ms=percentile(self._latencies, 50) if self._latencies else None,
+            latency_p95_ms=percentile(self._latencies, 95) if self._latencies else None,
             duration_s=round(duration_s, 3),
         )
 

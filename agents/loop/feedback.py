@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -43,7 +43,7 @@ from dspyrt.agents.loop.feedback_models import (
     RecordSettings,
 )
 from dspyrt.agents.loop.models import feedback_dataset as feedback_reference
-from dspyrt.bus import Bus, DspyrtError, Message, MessageValidationError, NotFoundError, StreamLayout
+from dspyrt.bus import Bus, Message, MessageValidationError, NotFoundError, StreamLayout
 from dspyrt.bus.errors import FieldError
 from dspyrt.bus.messages import clip
 from dspyrt.bus.streams import cache_bucket, key_value, kv_keys_matching, kv_update
@@ -158,6 +158,16 @@ class FeedbackHead(Message):
     version: str
     rows: int
     updated_at: float
+
+
+def _parse_head(raw: bytes | None) -> FeedbackHead | None:
+    """The stored head; ``None`` when there is none, or it is unreadable (the next batch replaces it)."""
+    if not raw:
+        return None
+    try:
+        return FeedbackHead.model_validate_json(raw)
+    except ValidationError:
+        return None
 
 
 @dataclass
@@ -369,39 +379,22 @@ class FeedbackStore:
     ) -> DatasetManifest:
         """Put the next version of the feedback dataset: one batch at a time per process (a lock), and across
         replicas through the head's compare-and-swap (the loser reads the winner's version and tries again)."""
-        lock = self._locks.setdefault(program, anyio.Lock())
-        key = f"head.{program}"
-        async with lock:
-            for _ in range(_ATTEMPTS):
-                head, revision = await self._head(key)
-                base = await self._base_rows(program, head)
-                merged = merge_rows(base, pairs)
-                manifest = await self.datasets.put(feedback_dataset(program), merged, source=FEEDBACK_SOURCE)
-                new = FeedbackHead(
-                    program=program, version=manifest.version, rows=manifest.rows, updated_at=time.time()
-                )
-                try:
-                    if revision:
-                        await self.state.update(key, new.model_dump_json().encode(), last=revision)
-                    else:
-                        await self.state.create(key, new.model_dump_json().encode())
-                except KeyWrongLastSequenceError:
-                    self.conflicts += 1
-                    continue  # another replica's batch got there first: build on its version
-                return manifest
-        raise DspyrtError(f"feedback of {program} not stored: too many concurrent batches, try again", code="conflict")
+        made: list[DatasetManifest] = []  # one per attempt: the last is the version the head names
 
-    async def _head(self, key: str) -> tuple[FeedbackHead | None, int]:
-        try:
-            entry = await self.state.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None, 0
-        if not entry.value:
-            return None, int(entry.revision or 0)
-        try:
-            return FeedbackHead.model_validate_json(entry.value), int(entry.revision or 0)
-        except ValidationError:
-            return None, int(entry.revision or 0)
+        async def build(raw: bytes | None) -> bytes:
+            if made:
+                self.conflicts += 1  # another replica's batch got there first: build on its version
+            base = await self._base_rows(program, _parse_head(raw))
+            manifest = await self.datasets.put(
+                feedback_dataset(program), merge_rows(base, pairs), source=FEEDBACK_SOURCE
+            )
+            made.append(manifest)
+            head = FeedbackHead(program=program, version=manifest.version, rows=manifest.rows, updated_at=time.time())
+            return head.model_dump_json().encode()
+
+        async with self._locks.setdefault(program, anyio.Lock()):
+            await kv_update(self.state, f"head.{program}", build, attempts=_ATTEMPTS)
+        return made[-1]
 
     async def _base_rows(self, program: str, head: FeedbackHead | None) -> list[dict[str, Any]]:
         """What the next version builds on: the newest version if a person put it (``datasets put``: a curated

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dspyrt.agents.loop.models import DeployRequest
-from dspyrt.agents.optimizers.core import improvement_points
+from dspyrt.agents.optimizers.models import improvement_points
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2, "critical": 3}
 

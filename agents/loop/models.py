@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FiniteFloat, field_validator, model_validator
 
-from dspyrt.agents.optimizers.core import ArtifactRef, Budget, OptimizationResult
+from dspyrt.agents.optimizers.models import ArtifactRef, OptimizationResult, OptimizationSpec
 from dspyrt.agents.programs import ProgramSpec, parse_program_spec
 from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE, ExampleResult
 from dspyrt.bus import Message, MessageValidationError
 from dspyrt.bus.claims import ObjectRef
+from dspyrt.bus.events import EventData
 from dspyrt.runtime.datasets import DatasetRef, Examples
 
 Severity = Literal["info", "warning", "error", "critical"]
@@ -152,8 +153,9 @@ class EvaluationResult(Message):
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
-    latency_p50_ms: float = 0.0
-    latency_p95_ms: float = 0.0
+    # Nearest-rank percentiles (dspyrt.runtime.stats) of the answered examples; None: none was answered.
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
     duration_s: float = 0.0
 
     def record_summary(self) -> dict[str, Any]:
@@ -231,37 +233,23 @@ class DeployVerdict(Message):
 # ------------------------------------------------------------------------------------------- cycle
 
 
-class CycleRequest(Message):
-    """The durable ``cycle`` task (the guide's run_cycle input)."""
+class CycleRequest(OptimizationSpec):
+    """The durable ``cycle`` task (the guide's run_cycle input): what its optimize phase runs (the fields of
+    ``OptimizationSpec``, flat beside these), plus the devset both evaluations score and what the deploy gate asks.
+
+    Dataset references in ``trainset``, ``valset`` and ``devset`` are pinned at the cycle's start. ``model``,
+    ``allow_fallback``, ``no_cache`` and ``max_error_rate`` are passed to every phase."""
 
     program_name: str = Field(pattern=PROGRAM_NAME)
-    program: ProgramSpec
-    # Rows inline, or "dataset:NAME[@VERSION]" (or a list of references), each pinned at the cycle's start.
-    trainset: Examples
-    valset: Examples | None = None
+    # Rows inline, or "dataset:NAME[@VERSION]" (or a list of references).
     devset: Examples
-    input_fields: list[str] | None = None
-    metric: str = "exact_match"
-    metric_field: str | None = None
-    metric_params: dict[str, Any] = Field(default_factory=dict)
-    optimizer: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    model: str | None = None
-    budget: Budget = Field(default_factory=Budget)
-    seed: int = 0
     objectives: Objectives = Field(default_factory=Objectives)
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     canary_fraction: float | None = Field(default=None, gt=0, lt=1)
     shard_size: int = Field(default=25, ge=1)
-    # Passed to every phase: fallback along the model's declared chain, the LM cache, the failed-call limit.
-    allow_fallback: bool = True
-    no_cache: bool = False
-    max_error_rate: float = Field(default=DEFAULT_MAX_ERROR_RATE, ge=0, le=0.5)
     # Append the program's feedback dataset ("dataset:<program_name>-feedback", its newest version at the cycle's
     # start) to the trainset of the optimize phase; nothing when it does not exist yet.
     include_feedback: bool = False
-
-    _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
 
 
 EXAMPLE_FIELDS = ("trainset", "valset", "devset")
@@ -334,3 +322,142 @@ class PredictReply(Message):
     outputs: dict[str, Any]
     canary: bool = False
     prediction_id: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- events
+
+
+class CyclePhase(EventData):
+    """A cycle started a phase (``cycle.phase``): the dashboard shows the program's running phase."""
+
+    topic: ClassVar[str] = "cycle.phase"
+
+    cycle_id: str = Field(description="the cycle task's id")
+    program: str = Field(pattern=PROGRAM_NAME, description="the program the cycle optimizes")
+    phase: str = Field(max_length=64, description=f"the phase now running: {', '.join(PHASES)}")
+
+
+class CycleCompleted(EventData):
+    """A cycle finished (``cycle.completed``; the guide's ``record_cycle_metrics`` input). Its scores are the
+    cycle's own, both on the devset (``scored_on``), and ``improvement`` is their difference; the optimizer's own
+    figures, on its validation set, are in the ``optimization.*`` event."""
+
+    topic: ClassVar[str] = "cycle.completed"
+
+    cycle_id: str = Field(description="the cycle task's id")
+    program: str = Field(pattern=PROGRAM_NAME, description="the program the cycle optimized")
+    model: str | None = Field(default=None, max_length=200, description="the model the optimizer ran on")
+    optimizer: str | None = Field(default=None, max_length=200, description="the optimizer that ran")
+    baseline_score: FiniteFloat | None = Field(default=None, description="percent, the program before, on the devset")
+    optimized_score: FiniteFloat | None = Field(default=None, description="percent, the program after, on the devset")
+    improvement: FiniteFloat | None = Field(default=None, description="optimized - baseline score, in points")
+    scored_on: Literal["devset"] = Field(default="devset", description="what the scores were measured on")
+    cost: FiniteFloat | None = Field(default=None, ge=0, description="USD of the whole cycle's LM calls")
+    latency_p95_ms: FiniteFloat | None = Field(default=None, ge=0, description="the optimized program's p95")
+    coverage: FiniteFloat = Field(default=1.0, ge=0, le=1, description="the lower answered share of both evaluations")
+    mixed_models: bool = Field(default=False, description="more than one model answered in the cycle")
+    deployed: bool = Field(default=False, description="the candidate passed the deploy gate")
+    unchanged: bool = Field(default=False, description="deployed, and identical to the version already deployed")
+    version: int | None = Field(default=None, ge=1, description="the version deployed (or already deployed)")
+    reasons: list[str] = Field(default_factory=list, description="why the deploy gate rejected it (every reason)")
+    validation: dict[str, Any] | None = Field(
+        default=None, description="the validation report, when included (the coordinator leaves it in the task record)"
+    )
+
+    @classmethod
+    def of(cls, result: CycleResult) -> CycleCompleted:
+        """The event of a finished cycle: the cycle's own scores, on the devset, and their difference (not the
+        optimizer's figures on its validation set)."""
+        optimized, verdict = result.optimized, result.verdict
+        return cls(
+            cycle_id=result.cycle_id,
+            program=result.program_name,
+            model=result.optimization.model,
+            optimizer=result.optimization.optimizer,
+            baseline_score=result.baseline.score,
+            optimized_score=optimized.score if optimized else None,
+            improvement=result.improvement_score,
+            scored_on=result.scored_on,
+            cost=round(result.baseline.cost + result.optimization.cost + (optimized.cost if optimized else 0.0), 6),
+            latency_p95_ms=optimized.latency_p95_ms if optimized else None,
+            coverage=min(result.baseline.coverage, optimized.coverage if optimized else 1.0),
+            mixed_models=result.mixed_models,
+            deployed=verdict.deployed,
+            unchanged=verdict.unchanged,
+            version=verdict.version,
+            reasons=verdict.reasons,
+        )
+
+
+class DeployCompleted(EventData):
+    """A version was deployed (``deploy.completed``): as the program's active version, or as its canary."""
+
+    topic: ClassVar[str] = "deploy.completed"
+
+    program: str = Field(pattern=PROGRAM_NAME, description="the deployed program")
+    version: int = Field(ge=1, description="its new version")
+    canary: bool = Field(default=False, description="deployed as the canary (a share of the traffic)")
+    score: FiniteFloat | None = Field(default=None, description="the version's score, percent on the devset")
+    model: str | None = Field(default=None, max_length=200, description="the model it was optimized for")
+    cycle_id: str | None = Field(default=None, description="the cycle that made it")
+
+
+class DeployRejected(EventData):
+    """A candidate failed the deploy gate (``deploy.rejected``)."""
+
+    topic: ClassVar[str] = "deploy.rejected"
+
+    program: str = Field(pattern=PROGRAM_NAME, description="the program")
+    reasons: list[str] = Field(default_factory=list, description="every objective it missed")
+    cycle_id: str | None = Field(default=None, description="the cycle that made the candidate")
+
+
+class DeployUnchanged(EventData):
+    """A candidate identical to the deployed version was not deployed again (``deploy.unchanged``)."""
+
+    topic: ClassVar[str] = "deploy.unchanged"
+
+    program: str = Field(pattern=PROGRAM_NAME, description="the program")
+    version: int = Field(ge=1, description="the version it already is")
+    canary: bool = Field(default=False, description="that version is the canary")
+    cycle_id: str | None = Field(default=None, description="the cycle that made the candidate")
+    state_sha256: str | None = Field(default=None, description="the optimized state's hash both share")
+
+
+class DeployRollback(EventData):
+    """A program's canary was dropped, or an earlier version made active again (``deploy.rollback``)."""
+
+    topic: ClassVar[str] = "deploy.rollback"
+
+    program: str = Field(pattern=PROGRAM_NAME, description="the program")
+    version: int | None = Field(default=None, ge=1, description="its active version now")
+    note: str = Field(default="", description="what the registry did, in words")
+
+
+class PredictServed(EventData):
+    """A deployed program answered a prediction request (``predict.served``)."""
+
+    topic: ClassVar[str] = "predict.served"
+
+    program: str = Field(pattern=PROGRAM_NAME, description="the program")
+    version: int = Field(ge=1, description="the version that answered")
+    canary: bool = Field(default=False, description="that version is the canary")
+    model: str | None = Field(default=None, max_length=200, description="the model it ran on")
+
+
+class FeedbackRecorded(EventData):
+    """Corrections of recorded predictions of one program version were stored (``feedback.recorded``)."""
+
+    topic: ClassVar[str] = "feedback.recorded"
+
+    program: str = Field(pattern=PROGRAM_NAME, description="the program")
+    version: int = Field(ge=1, description="the version whose predictions were corrected")
+    count: int = Field(ge=1, description="new corrections in the batch")
+    agreed: int = Field(ge=0, description="of them, those that agreed with the recorded answer")
+    dataset: str | None = Field(default=None, description="the feedback dataset's new version (NAME@VERSION)")
+
+    @model_validator(mode="after")
+    def _agreed_within_count(self) -> FeedbackRecorded:
+        if self.agreed > self.count:
+            raise ValueError(f"agreed ({self.agreed}) is more than count ({self.count})")
+        return self

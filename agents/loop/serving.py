@@ -34,14 +34,17 @@ from dspyrt.agents.loop.feedback_models import (
     RecordRequest,
     RecordSettings,
 )
-from dspyrt.agents.loop.models import PredictReply, PredictRequest
-from dspyrt.agents.optimizers.core import ArtifactRef, ProgramInputs, program_inputs
+from dspyrt.agents.loop.models import FeedbackRecorded, PredictReply, PredictRequest, PredictServed
+from dspyrt.agents.optimizers.core import ProgramInputs, program_inputs
+from dspyrt.agents.optimizers.models import ArtifactRef
 from dspyrt.agents.programs import load_program_state, parse_program_spec
 from dspyrt.agents.scoring import jsonable
-from dspyrt.agents.switcher.core import Selection, SelectRequest
+from dspyrt.agents.switcher.client import ask_switcher
+from dspyrt.agents.switcher.models import SelectRequest
 from dspyrt.bus import MessageValidationError, NotFoundError
 from dspyrt.bus.tracing import current_trace_id
 from dspyrt.runtime.agent import Agent, CheckResult, endpoint
+from dspyrt.runtime.config import IntegrationMode
 
 # Room left in a ``predictions`` reply for everything but the records.
 _REPLY_MARGIN = 16 * 1024
@@ -50,7 +53,9 @@ _REPLY_MARGIN = 16 * 1024
 class ServingAgent(Agent):
     name = "serving"
     group = "loop"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
     description = "runs deployed programs: predict; records sampled predictions and takes feedback on them"
+    publishes = (PredictServed, FeedbackRecorded)
 
     registry: DeployRegistry
     artifacts: ArtifactStore
@@ -96,9 +101,7 @@ class ServingAgent(Agent):
         none it does not take (else ``invalid_message`` naming the fields it expects, before any LM call)."""
         deployed, canary = await self._version(request)
         program = await self._program(deployed, request.inputs)
-        selection = await self.client.request(
-            "switcher", "select", SelectRequest(task_kind="predict", program=request.program), Selection
-        )
+        selection = await ask_switcher(self.client, SelectRequest(task_kind="predict", program=request.program))
         # The version deployed for the chosen model wins, unless a version was asked for or this is the canary.
         if request.version is None and not canary and selection.deployed is not None:
             chosen = DeployedVersion.model_validate(selection.deployed)
@@ -116,10 +119,8 @@ class ServingAgent(Agent):
             raise MessageValidationError(f"inputs do not fit program {request.program}: {exc}") from exc
         outputs = {k: jsonable(v) for k, v in prediction.items()}
         prediction_id = await self._record(request, deployed.version, selection.model, outputs, canary)
-        await self.publish_event(
-            "predict.served",
-            {"program": request.program, "version": deployed.version, "canary": canary, "model": selection.model},
-        )
+        served = PredictServed(program=request.program, version=deployed.version, canary=canary, model=selection.model)
+        await self.publish_event(PredictServed.topic, served)
         return PredictReply(
             program=request.program, version=deployed.version, model=selection.model, outputs=outputs, canary=canary,
             prediction_id=prediction_id,
@@ -160,9 +161,9 @@ class ServingAgent(Agent):
         reply = await self.feedback_store.apply(request)
         for tally in reply.versions:
             await self.publish_event(
-                "feedback.recorded",
-                {"program": reply.program, "version": tally.version, "count": tally.count, "agreed": tally.agreed,
-                 "dataset": reply.dataset},
+                FeedbackRecorded.topic,
+                FeedbackRecorded(program=reply.program, version=tally.version, count=tally.count, agreed=tally.agreed,
+                                 dataset=reply.dataset),
             )  # fmt: skip
         return reply
 

@@ -20,40 +20,30 @@ import anyio.from_thread
 import anyio.lowlevel
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
-from pydantic import Field
 
 from dspyrt.agents.artifacts import ArtifactStore
 from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
-from dspyrt.agents.optimizers.core import (
+from dspyrt.agents.optimizers.core import DSPyOptimizerManager, RunOutcome
+from dspyrt.agents.optimizers.models import (
     ArtifactRef,
-    DSPyOptimizerManager,
+    OptimizationFinished,
     OptimizationRequest,
     OptimizationResult,
-    RunOutcome,
+    OptimizerList,
+    OptimizerStatsReply,
+    SetActive,
     state_sha256,
 )
-from dspyrt.agents.switcher.core import Selection, SelectRequest
-from dspyrt.bus import Empty, Message
+from dspyrt.agents.switcher.client import ask_switcher
+from dspyrt.agents.switcher.models import SelectRequest
+from dspyrt.bus import Empty
 from dspyrt.bus.streams import key_value
 from dspyrt.runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
+from dspyrt.runtime.config import IntegrationMode
 from dspyrt.runtime.datasets import DatasetStore, load_fields, pin_fields
 
 ACTIVE_KEY = "active"
 EXAMPLE_FIELDS = ("trainset", "valset")
-
-
-class OptimizerList(Message):
-    active: str
-    optimizers: list[str]
-
-
-class SetActive(Message):
-    name: str = Field(min_length=1, max_length=64)
-
-
-class OptimizerStatsReply(Message):
-    active: str
-    stats: dict[str, dict[str, Any]]
 
 
 class OptimizerAgent(Agent):
@@ -61,7 +51,10 @@ class OptimizerAgent(Agent):
 
     name = "optimizer"
     group = "optimizers"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
+    switch = "enable_optimizers"
     description = "DSPy optimizers: optimize tasks, registry, stats"
+    publishes = (OptimizationFinished,)
 
     manager: DSPyOptimizerManager
     cache: KeyValue
@@ -151,17 +144,11 @@ class OptimizerAgent(Agent):
             result.artifact = await self._store_artifact(ctx.task_id, outcome)
         if result.status == "completed":
             await self.cache.put(key, result.model_dump_json().encode())
-        await self.publish_event(
-            f"optimization.{result.status}",
-            {"task_id": ctx.task_id, **result.model_dump(mode="json", exclude={"params"})},
-        )
+        await self.publish_event(f"optimization.{result.status}", OptimizationFinished.of(ctx.task_id, result))
         return result
 
     async def _select_model(self) -> str:
-        selection = await self.client.request(
-            "switcher", "select", SelectRequest(task_kind="optimize"), Selection, timeout=10
-        )
-        return selection.model
+        return (await ask_switcher(self.client, SelectRequest(task_kind="optimize"))).model
 
     async def _cached(self, key: str) -> OptimizationResult | None:
         """The stored result of an identical run, as that run reported it (``as_cache_hit`` makes it this one's)."""

@@ -1,9 +1,10 @@
-"""The guide's optimizers in plain Python: ``DSPyOptimizerManager``, ``LabeledFewShotOptimizer``,
-``OptimizationResult``. ``dspyrt.agents.optimizers.agent`` puts the manager on the bus as the durable ``optimize`` task.
+"""The guide's ``DSPyOptimizerManager`` in plain Python: the registry of optimizers (one active), their statistics,
+and the optimization run. ``dspyrt.agents.optimizers.agent`` puts it on the bus as the durable ``optimize`` task;
+its messages (``OptimizationRequest``, ``OptimizationResult``) live in ``dspyrt.agents.optimizers.models``.
 
-Every optimizer is DSPy's own (LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2,
-COPRO, SIMBA, GEPA); third-party ones come from the entry-point group ``dspyrt.optimizers``. Parameters are
-validated per optimizer (unknown or mistyped ones are errors, never passed through blindly).
+The built-in optimizers are DSPy's own (``dspyrt.agents.optimizers.builtin``: ``LabeledFewShotOptimizer`` ... GEPA);
+third-party ones come from the entry-point group ``dspyrt.optimizers``. Parameters are validated per optimizer
+(unknown or mistyped ones are errors, never passed through blindly).
 
 A run is synchronous (DSPy optimizers are) and is meant for a worker thread: build the program from its spec,
 split the data, score the baseline with ``dspy.Evaluate``, compile, score the result, dump the state.
@@ -11,417 +12,31 @@ split the data, score the baseline with ``dspy.Evaluate``, compile, score the re
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import dspy
 from dspy.utils.callback import BaseCallback
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dspyrt.agents.lm.bus_engine import BudgetExhaustedError, UsageMeter, program_context
 from dspyrt.agents.metrics import Metric, MetricRegistry
-from dspyrt.agents.programs import ProgramSpec, build_program, dump_program_state, parse_program_spec, program_hash
-from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
-from dspyrt.bus import ConfigurationError, FieldError, Message, MessageValidationError, NotFoundError, RemoteError
-from dspyrt.bus.messages import MAX_FIELD_ERRORS, clip, field_errors_of
-from dspyrt.runtime.datasets import Examples, references_in
+from dspyrt.agents.optimizers.builtin import BUILTIN_OPTIMIZERS
+from dspyrt.agents.optimizers.models import OptimizationRequest, OptimizationResult, improvement_points
+from dspyrt.agents.optimizers.protocol import CompileContext, Optimizer, OptimizerFactory
+from dspyrt.agents.programs import ProgramSpec, build_program, dump_program_state, program_hash
+from dspyrt.agents.scoring import Score, check_error_rate, evaluate_examples, summarize
+from dspyrt.bus import ConfigurationError, FieldError, MessageValidationError, NotFoundError, RemoteError
+from dspyrt.bus.messages import MAX_FIELD_ERRORS, clip
+from dspyrt.runtime.datasets import references_in
+from dspyrt.runtime.plugins import EntryPointRegistry
 
 ENTRY_POINT_GROUP = "dspyrt.optimizers"
 DEFAULT_OPTIMIZER = "labeled_fewshot"
-
-# ------------------------------------------------------------------------------------------- inputs
-
-
-class Budget(Message):
-    """Enforced: when spent, the run stops and reports what it measured so far."""
-
-    max_lm_calls: int | None = Field(default=None, ge=1)
-    max_cost: float | None = Field(default=None, gt=0)
-
-
-class OptimizationRequest(Message):
-    """The durable ``optimize`` task's input."""
-
-    program: ProgramSpec
-    program_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    # Rows inline, or "dataset:NAME[@VERSION]" (a list of references: their rows one after the other).
-    trainset: Examples
-    valset: Examples | None = None
-    val_fraction: float = Field(default=0.3, gt=0, lt=1)
-    # Which example keys are inputs; default: the program's input fields.
-    input_fields: list[str] | None = None
-    metric: str = "exact_match"
-    metric_field: str | None = None
-    metric_params: dict[str, Any] = Field(default_factory=dict)
-    optimizer: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    model: str | None = None
-    budget: Budget = Field(default_factory=Budget)
-    seed: int = 0
-    num_threads: int = Field(default=4, ge=1, le=64)
-    # Skip the optimization cache and the switcher's LM response cache (answers are still stored).
-    no_cache: bool = False
-    # Fall back along the model's declared chain when it fails; False: the model alone answers.
-    allow_fallback: bool = True
-    # More LM calls than this share failing (after retries and fallback) fails the run: provider_unreliable.
-    max_error_rate: float = Field(default=DEFAULT_MAX_ERROR_RATE, ge=0, le=0.5)
-
-    @field_validator("program", mode="before")
-    @classmethod
-    def _program(cls, value: Any) -> Any:
-        return value if isinstance(value, ProgramSpec) else parse_program_spec(value)
-
-    def cache_key(self, model: str) -> str:
-        """Same spec, data, metric, optimizer, parameters, model and seed → same key."""
-        material = self.model_dump(mode="json", exclude={"no_cache", "num_threads", "program_name", "budget"})
-        material["program"] = program_hash(self.program)
-        material["model"] = model
-        canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-class ArtifactRef(Message):
-    store: str
-    name: str
-    version: str
-    sha256: str  # of the artifact document (which also holds the task id and the time it was made)
-    size: int
-    # sha256 of the canonical JSON of the optimized state alone (``state_sha256``): equal for two runs that made
-    # the same program, so a deploy can tell an identical program from a new one. None: not known.
-    state_sha256: str | None = None
-
-
-def state_sha256(state: Any) -> str:
-    """The sha256 (hex) of a program state's canonical JSON: keys sorted, no whitespace. The state is read back
-    from JSON first, so a state and its stored copy (tuples made lists, keys made strings) hash alike."""
-    canonical = json.dumps(json.loads(json.dumps(state)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def improvement_points(baseline: float | None, optimized: float | None) -> float | None:
-    """The one definition of improvement: optimized minus baseline score, in percentage points, both measured
-    on the same examples; ``None`` when either is missing."""
-    if baseline is None or optimized is None:
-        return None
-    return round(optimized - baseline, 4)
-
-
-class OptimizationResult(Message):
-    """What an optimization produced, with what it cost.
-
-    Its scores are the optimizer's own, measured on the validation set (``scored_on``: the request's ``valset``,
-    or the ``val_fraction`` of the trainset held out when none was given), in percent over the answered
-    examples; ``improvement_score`` is ``optimized_score - baseline_score`` in percentage points. A cycle scores
-    the baseline and the optimized program again on its devset: those are the cycle's figures.
-
-    A cache hit (``cached``) made no LM call: ``lm_calls``, ``cached_calls``, ``failed_calls``,
-    ``provider_requests``, the tokens and ``cost`` are 0 and ``duration_s`` is the lookup's; the run that made the
-    result is described by ``original_lm_calls``, ``original_cost`` and ``original_duration_s`` (and by
-    ``models_used``, which names the models that made its program).
-    """
-
-    status: Literal["completed", "budget_exhausted"] = "completed"
-    stopped_reason: str | None = None
-    program_name: str
-    program_hash: str
-    optimizer: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    model: str
-    metric: str
-    baseline_score: float | None = None  # percent over the answered validation examples
-    optimized_score: float | None = None
-    improvement_score: float | None = None  # optimized - baseline, percentage points (improvement_points)
-    scored_on: Literal["valset"] = "valset"  # what the three scores above were measured on
-    # answered / validation examples of each score (an example whose LM call failed is not a wrong answer)
-    baseline_coverage: float | None = None
-    # The dataset versions each examples field used ({"trainset": ["qa@1a2b3c4d5e6f"]}); inline data is not listed.
-    datasets: dict[str, list[str]] = Field(default_factory=dict)
-    optimized_coverage: float | None = None
-    trainset_size: int = 0
-    valset_size: int = 0
-    lm_calls: int = 0
-    cached_calls: int = 0  # answered from the switcher's cache: no tokens, no cost
-    failed_calls: int = 0  # failed after retries and fallback (within max_error_rate)
-    provider_requests: int = 0  # requests the provider received, failed attempts included
-    # Which models answered, and how many calls each; more than one: mixed_models.
-    models_used: dict[str, int] = Field(default_factory=dict)
-    mixed_models: bool = False
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost: float = 0.0
-    duration_s: float = 0.0
-    seed: int = 0
-    cached: bool = False
-    # A cache hit's figures of the run that made the result (None: this run made it).
-    original_lm_calls: int | None = None
-    original_cost: float | None = None
-    original_duration_s: float | None = None
-    artifact: ArtifactRef | None = None
-
-    def as_cache_hit(self, duration_s: float) -> OptimizationResult:
-        """This stored result returned again without running: no LM call, no token, no cost."""
-        original = self if not self.cached else None
-        return self.model_copy(
-            update={
-                "cached": True,
-                "lm_calls": 0,
-                "cached_calls": 0,
-                "failed_calls": 0,
-                "provider_requests": 0,
-                "input_tokens": 0,
-                "output_tokens": 0,
-                "cost": 0.0,
-                "duration_s": round(duration_s, 3),
-                "original_lm_calls": original.lm_calls if original else self.original_lm_calls,
-                "original_cost": original.cost if original else self.original_cost,
-                "original_duration_s": original.duration_s if original else self.original_duration_s,
-            }
-        )
-
-
-# -------------------------------------------------------------------------------------- optimizers
-
-
-@dataclass
-class CompileContext:
-    """Everything an optimizer may use: the student program, the data, the metric and the LM."""
-
-    student: Any
-    trainset: list[Any]
-    valset: list[Any]
-    metric: Metric
-    seed: int
-    num_threads: int
-    lm: Any
-
-
-class Optimizer(Protocol):
-    """An optimizer plugin: validated parameters in, a compiled program out."""
-
-    def compile(self, ctx: CompileContext) -> Any: ...
-
-
-OptimizerFactory = Callable[[dict[str, Any]], Optimizer]
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _params(model: type[_Params], params: dict[str, Any], optimizer: str) -> Any:
-    try:
-        return model.model_validate(params)
-    except ValidationError as exc:
-        raise MessageValidationError(f"invalid parameters for optimizer {optimizer}", field_errors_of(exc)) from exc
-
-
-class LabeledFewShotParams(_Params):
-    k: int = Field(default=16, ge=1, le=1000)
-    sample: bool = True
-
-
-class LabeledFewShotOptimizer:
-    """DSPy's LabeledFewShot with k=16 by default: up to k labelled examples become each predictor's demos."""
-
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: LabeledFewShotParams = _params(LabeledFewShotParams, params or {}, "labeled_fewshot")
-
-    def compile(self, ctx: CompileContext) -> Any:
-        teleprompter = dspy.LabeledFewShot(k=self.params.k)
-        return teleprompter.compile(ctx.student, trainset=ctx.trainset, sample=self.params.sample)
-
-
-class BootstrapParams(_Params):
-    max_bootstrapped_demos: int = Field(default=4, ge=0, le=64)
-    max_labeled_demos: int = Field(default=16, ge=0, le=256)
-    max_rounds: int = Field(default=1, ge=1, le=10)
-    metric_threshold: float | None = None
-
-
-class BootstrapFewShotOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: BootstrapParams = _params(BootstrapParams, params or {}, "bootstrap_fewshot")
-
-    def compile(self, ctx: CompileContext) -> Any:
-        p = self.params
-        teleprompter = dspy.BootstrapFewShot(
-            metric=ctx.metric,
-            metric_threshold=p.metric_threshold,
-            max_bootstrapped_demos=p.max_bootstrapped_demos,
-            max_labeled_demos=p.max_labeled_demos,
-            max_rounds=p.max_rounds,
-        )
-        return teleprompter.compile(ctx.student, trainset=ctx.trainset)
-
-
-class RandomSearchParams(BootstrapParams):
-    num_candidate_programs: int = Field(default=8, ge=1, le=64)
-    stop_at_score: float | None = None
-
-
-class RandomSearchOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: RandomSearchParams = _params(RandomSearchParams, params or {}, "random_search")
-
-    def compile(self, ctx: CompileContext) -> Any:
-        p = self.params
-        teleprompter = dspy.BootstrapFewShotWithRandomSearch(
-            metric=ctx.metric,
-            max_bootstrapped_demos=p.max_bootstrapped_demos,
-            max_labeled_demos=p.max_labeled_demos,
-            max_rounds=p.max_rounds,
-            num_candidate_programs=p.num_candidate_programs,
-            num_threads=ctx.num_threads,
-            stop_at_score=p.stop_at_score,
-            metric_threshold=p.metric_threshold,
-        )
-        return teleprompter.compile(ctx.student, trainset=ctx.trainset, valset=ctx.valset)
-
-
-class MiproParams(_Params):
-    auto: Literal["light", "medium", "heavy"] | None = "light"
-    num_candidates: int | None = Field(default=None, ge=1, le=64)
-    num_trials: int | None = Field(default=None, ge=1, le=500)
-    max_bootstrapped_demos: int = Field(default=4, ge=0, le=64)
-    max_labeled_demos: int = Field(default=4, ge=0, le=256)
-    minibatch: bool = True
-    minibatch_size: int = Field(default=35, ge=1)
-
-    @model_validator(mode="after")
-    def _auto_or_counts(self) -> MiproParams:
-        if self.auto is None and (self.num_candidates is None or self.num_trials is None):
-            raise ValueError("with auto=null give num_candidates and num_trials")
-        return self
-
-
-class MiproV2Optimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: MiproParams = _params(MiproParams, params or {}, "mipro_v2")
-
-    def compile(self, ctx: CompileContext) -> Any:
-        p = self.params
-        teleprompter = dspy.MIPROv2(
-            metric=ctx.metric,
-            auto=p.auto,
-            num_candidates=p.num_candidates,
-            max_bootstrapped_demos=p.max_bootstrapped_demos,
-            max_labeled_demos=p.max_labeled_demos,
-            num_threads=ctx.num_threads,
-            seed=ctx.seed,
-            verbose=False,
-        )
-        return teleprompter.compile(
-            ctx.student,
-            trainset=ctx.trainset,
-            valset=ctx.valset,
-            num_trials=p.num_trials,
-            minibatch=p.minibatch and len(ctx.valset) > p.minibatch_size,
-            minibatch_size=p.minibatch_size,
-            seed=ctx.seed,
-        )
-
-
-class CoproParams(_Params):
-    breadth: int = Field(default=4, ge=2, le=64)
-    depth: int = Field(default=2, ge=1, le=10)
-    init_temperature: float = Field(default=1.4, ge=0, le=2)
-
-
-class CoproOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: CoproParams = _params(CoproParams, params or {}, "copro")
-
-    def compile(self, ctx: CompileContext) -> Any:
-        p = self.params
-        teleprompter = dspy.COPRO(
-            metric=ctx.metric, breadth=p.breadth, depth=p.depth, init_temperature=p.init_temperature
-        )
-        return teleprompter.compile(
-            ctx.student, trainset=ctx.trainset, eval_kwargs={"num_threads": ctx.num_threads, "display_progress": False}
-        )
-
-
-class SimbaParams(_Params):
-    bsize: int = Field(default=8, ge=1, le=256)
-    num_candidates: int = Field(default=4, ge=1, le=64)
-    max_steps: int = Field(default=4, ge=1, le=100)
-    max_demos: int = Field(default=4, ge=0, le=64)
-
-
-class SimbaOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: SimbaParams = _params(SimbaParams, params or {}, "simba")
-
-    def compile(self, ctx: CompileContext) -> Any:
-        p = self.params
-        teleprompter = dspy.SIMBA(
-            metric=ctx.metric,
-            bsize=min(p.bsize, len(ctx.trainset)),
-            num_candidates=p.num_candidates,
-            max_steps=p.max_steps,
-            max_demos=p.max_demos,
-            num_threads=ctx.num_threads,
-        )
-        return teleprompter.compile(ctx.student, trainset=ctx.trainset, seed=ctx.seed)
-
-
-class GepaParams(_Params):
-    auto: Literal["light", "medium", "heavy"] | None = "light"
-    max_metric_calls: int | None = Field(default=None, ge=1)
-    reflection_minibatch_size: int = Field(default=3, ge=1)
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> GepaParams:
-        if (self.auto is None) == (self.max_metric_calls is None):
-            raise ValueError("give exactly one of auto or max_metric_calls")
-        return self
-
-
-class GepaOptimizer:
-    """DSPy's GEPA; the run's own LM doubles as the reflection LM."""
-
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: GepaParams = _params(GepaParams, params or {}, "gepa")
-
-    def compile(self, ctx: CompileContext) -> Any:
-        p = self.params
-        metric = ctx.metric
-
-        def feedback_metric(
-            gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None
-        ) -> Any:
-            return float(metric(gold, pred, trace))
-
-        teleprompter = dspy.GEPA(
-            metric=feedback_metric,
-            auto=p.auto,
-            max_metric_calls=p.max_metric_calls,
-            reflection_lm=ctx.lm,
-            reflection_minibatch_size=p.reflection_minibatch_size,
-            num_threads=ctx.num_threads,
-            seed=ctx.seed,
-        )
-        return teleprompter.compile(ctx.student, trainset=ctx.trainset, valset=ctx.valset)
-
-
-BUILTIN_OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "labeled_fewshot": LabeledFewShotOptimizer,
-    "bootstrap_fewshot": BootstrapFewShotOptimizer,
-    "random_search": RandomSearchOptimizer,
-    "mipro_v2": MiproV2Optimizer,
-    "copro": CoproOptimizer,
-    "simba": SimbaOptimizer,
-    "gepa": GepaOptimizer,
-}
-
 
 # ---------------------------------------------------------------------------------------- manager
 
@@ -515,8 +130,10 @@ class DSPyOptimizerManager:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            self.optimizers.setdefault(ep.name, ep.load())
+        installed = EntryPointRegistry(ENTRY_POINT_GROUP, "optimizer", _optimizer_factory)
+        for name in installed.names():
+            if name not in self.optimizers:  # a built-in keeps its name
+                self.optimizers[name] = installed.get(name)
 
     def register_optimizer(self, name: str, factory: OptimizerFactory) -> None:
         """Add an optimizer (the guide's ``register_optimizer``); ``factory(params)`` makes one run's optimizer."""
@@ -629,6 +246,13 @@ class DSPyOptimizerManager:
             else:
                 self.stats[name].failures += 1
         return RunOutcome(result, state, spec)
+
+
+def _optimizer_factory(loaded: Any) -> OptimizerFactory:
+    if not callable(loaded):
+        raise TypeError("is not an optimizer factory: a callable taking the run's params")
+    factory: OptimizerFactory = loaded
+    return factory
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from dspyrt.agents.optimizers.core import OptimizerFactory
+from dspyrt.agents.optimizers.protocol import OptimizerFactory
 
 __all__ = ["OptimizerDoc", "ParameterDoc", "optimizer_reference", "params_model_of", "reference_markdown"]
 

@@ -8,39 +8,37 @@ corporate patterns, version them, and serve them to other agents.
                           responsibilities=["stakeholder_analysis", "business_priority_assessment"])
     result = RoleRefinementSystem().refine(role, "solo developer", lm=dspy_lm)   # lm=None: checks only
 
-``dspyrt.agents.roles.core`` holds the models and the deterministic checks, ``dspyrt.agents.roles.program`` the DSPy
-program
-(``RoleRefiner``) and its bundled demos, ``dspyrt.agents.roles.store`` the versioned KV store, and
-``dspyrt.agents.roles.agent`` the ``roles`` agent.
+Modules: ``models`` (the messages: ``RoleDefinition``, ``RoleRefinementResult``, the agent's requests and replies),
+``core`` (``RoleRefinementSystem`` and its deterministic pass), ``patterns`` (the corporate patterns and the checks),
+``proposal`` (what the LM proposed, and its score), ``program`` (the DSPy program ``RoleRefiner`` and its bundled
+demos), ``text`` (how role text is normalized), ``store`` (the versioned KV store) and ``agent`` (the ``roles``
+agent).
 """
 
-from dspyrt.agents.roles.agent import (
-    REFINE_TASK,
+from dspyrt.agents.roles.agent import REFINE_TASK, RolesAgent
+from dspyrt.agents.roles.core import RoleRefinementSystem
+from dspyrt.agents.roles.models import (
+    DEFAULT_TARGET_CONTEXT,
+    Change,
     CheckReply,
     CheckRequest,
+    Finding,
     GetRole,
     RefineRequest,
-    RoleList,
-    RoleRecord,
-    RolesAgent,
-)
-from dspyrt.agents.roles.core import (
-    CORPORATE_PATTERNS,
-    DEFAULT_TARGET_CONTEXT,
-    PATTERN_NAMES,
-    Change,
-    CorporatePattern,
-    Finding,
-    Proposal,
     RoleDefinition,
+    RoleList,
+    RolePointer,
+    RoleRecord,
     RoleRefinementResult,
-    RoleRefinementSystem,
     RoleType,
+)
+from dspyrt.agents.roles.patterns import (
+    CORPORATE_PATTERNS,
+    PATTERN_NAMES,
+    CorporatePattern,
     check_role,
     find_patterns,
-    important_responsibilities,
     patterns_in,
-    proposal_score,
     scrub,
 )
 from dspyrt.agents.roles.program import (
@@ -52,7 +50,8 @@ from dspyrt.agents.roles.program import (
     example_row,
     role_refinement_metric,
 )
-from dspyrt.agents.roles.store import RolePointer, RoleStore
+from dspyrt.agents.roles.proposal import Proposal, important_responsibilities, proposal_score
+from dspyrt.agents.roles.store import RoleStore
 
 __all__ = [
     "BUNDLED_DEMOS",

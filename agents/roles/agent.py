@@ -23,67 +23,26 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import anyio
-from pydantic import Field
 
 from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
-from dspyrt.agents.roles.core import (
-    CORPORATE_PATTERNS,
-    DEFAULT_TARGET_CONTEXT,
-    NAME_PATTERN,
-    Finding,
-    RoleDefinition,
+from dspyrt.agents.roles.core import RoleRefinementSystem
+from dspyrt.agents.roles.models import (
+    CheckReply,
+    CheckRequest,
+    GetRole,
+    RefineRequest,
+    RoleList,
+    RoleRecord,
+    RoleRefined,
     RoleRefinementResult,
-    RoleRefinementSystem,
-    patterns_in,
 )
-from dspyrt.agents.roles.store import RolePointer, RoleStore
-from dspyrt.bus import Empty, Message
+from dspyrt.agents.roles.patterns import CORPORATE_PATTERNS, patterns_in
+from dspyrt.agents.roles.store import RoleStore
+from dspyrt.bus import Empty
 from dspyrt.runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
+from dspyrt.runtime.config import IntegrationMode
 
 REFINE_TASK = "refine-role"
-
-
-class RefineRequest(Message):
-    """Refine ``role`` for ``target_context``. ``use_lm=False`` runs the deterministic checks alone."""
-
-    role: RoleDefinition
-    target_context: str = Field(default=DEFAULT_TARGET_CONTEXT, min_length=1, max_length=200)
-    model: str | None = Field(default=None, description="pin a model; else the switcher selects for refine-role")
-    use_lm: bool = True
-    save: bool = Field(default=True, description="store the result as the role's next version")
-    max_lm_calls: int = Field(default=4, ge=1, le=20, description="budget: the adapters may retry a bad answer")
-
-
-class CheckRequest(Message):
-    role: RoleDefinition
-
-
-class CheckReply(Message):
-    name: str
-    clean: bool
-    patterns: list[str]
-    corporate_responsibilities: list[str]
-    findings: list[Finding]
-
-
-class GetRole(Message):
-    name: str = Field(pattern=NAME_PATTERN)
-    version: int | None = Field(default=None, ge=1)
-
-
-class RoleRecord(Message):
-    """One stored version of a role: ``role`` is the refined definition, ``refinement`` how it was made."""
-
-    name: str
-    version: int
-    latest: int
-    versions: list[int]
-    role: RoleDefinition
-    refinement: RoleRefinementResult
-
-
-class RoleList(Message):
-    roles: list[RolePointer] = Field(default_factory=list)
 
 
 class RolesAgent(Agent):
@@ -91,7 +50,9 @@ class RolesAgent(Agent):
 
     name = "roles"
     group = "roles"
+    modes = frozenset({IntegrationMode.FULL})
     description = "role refinement: corporate-pattern checks, DSPy rewrites, versioned roles"
+    publishes = (RoleRefined,)
 
     system: RoleRefinementSystem
     store: RoleStore
@@ -127,18 +88,7 @@ class RolesAgent(Agent):
         result.model = max(meter.models, key=meter.models.__getitem__) if meter.models else None
         if request.save:
             result = await self.store.save(result, task_id=task_id)
-        await self.publish_event(
-            "role.refined",
-            {
-                "name": result.name,
-                "version": result.version,
-                "score": result.score,
-                "lm_score": result.lm_score,
-                "patterns_found": result.patterns_found,
-                "patterns_remaining": result.patterns_remaining,
-                "task_id": task_id,
-            },
-        )
+        await self.publish_event(RoleRefined.topic, RoleRefined.of(result, task_id))
         return result
 
     @endpoint("check")

@@ -1,6 +1,6 @@
-"""The guide's role refinement in plain Python: ``RoleType``, ``RoleDefinition``, ``RoleRefinementResult`` and
-``RoleRefinementSystem``, with the deterministic corporate-pattern checks. ``dspyrt.agents.roles.agent`` puts it on
-the bus.
+"""The guide's role refinement in plain Python: ``RoleRefinementSystem`` and its deterministic pass.
+``dspyrt.agents.roles.agent`` puts it on the bus; the messages (``RoleDefinition``, ``RoleRefinementResult``, ...)
+live in ``dspyrt.agents.roles.models``, the corporate-pattern checks in ``dspyrt.agents.roles.patterns``.
 
 A refinement has two parts, and the result says which part produced what:
 
@@ -22,414 +22,33 @@ decides how good the rewrites are, never whether corporate patterns survive.
 
 from __future__ import annotations
 
-import re
-import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Annotated, Any, Literal
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
+from dspyrt.agents.roles.models import (
+    DEFAULT_TARGET_CONTEXT,
+    MAX_RESPONSIBILITIES,
+    MAX_RESPONSIBILITY_LENGTH,
+    MAX_TEXT,
+    Change,
+    Finding,
+    RoleDefinition,
+    RoleRefinementResult,
+)
+from dspyrt.agents.roles.patterns import check_role, find_patterns, is_solo_context, patterns_in, scrub
+from dspyrt.agents.roles.program import RoleRefiner, run_refiner
+from dspyrt.agents.roles.proposal import (
+    Proposal,
+    important_responsibilities,
+    is_no_answer,
+    proposal_score,
+    score_shares,
+)
+from dspyrt.agents.roles.text import normalize
 
-from dspyrt.bus import Message
-
-DEFAULT_TARGET_CONTEXT = "solo developer"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 MAX_ADDED = 5
 """At most this many responsibilities the LM invents (beyond rewrites) are accepted."""
-MAX_RESPONSIBILITIES = 50
-MAX_RESPONSIBILITY_LENGTH = 300
-_MAX_TEXT = {"focus": 1_000, "context": 4_000}
-
-_SEPARATORS = re.compile(r"[_\-/]+")
-_SPACES = re.compile(r"\s+")
-# What an LM writes when it has no answer (the demo engine's fallback is "unknown").
-_NO_ANSWER = frozenset({"", "unknown", "none", "n/a", "na", "null", "-"})
-_CUSTOM_NEEDS_NAME = "a custom role needs custom_name (letters, digits, '_' or '-'), e.g. 'release-manager'"
-_SOLO = re.compile(r"\b(?:solo|indie|single developer|one person|one developer|individual developer|lone)\b")
-
-
-class RoleType(StrEnum):
-    """The kinds of role; ``custom`` roles carry their own ``custom_name``."""
-
-    PLANNER = "planner"
-    CODER = "coder"
-    RESEARCHER = "researcher"
-    IMPLEMENTER = "implementer"
-    REVIEWER = "reviewer"
-    CUSTOM = "custom"
-
-
-Responsibility = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_RESPONSIBILITY_LENGTH)
-]
-
-
-class RoleDefinition(Message):
-    """An agent role: what it focuses on, in which context, with which responsibilities.
-
-    ``name`` (the key roles are stored and fetched by) defaults to ``custom_name`` for custom roles and to the
-    role type otherwise. ``keep`` lists responsibilities a refinement must keep.
-    """
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-    role_type: RoleType
-    custom_name: str | None = Field(default=None, pattern=NAME_PATTERN, description="required for role_type custom")
-    name: str = Field(default="", pattern=f"^$|{NAME_PATTERN}", description="defaults to custom_name or the role type")
-    focus: str = Field(min_length=1, max_length=_MAX_TEXT["focus"])
-    context: str = Field(default="", max_length=_MAX_TEXT["context"])
-    responsibilities: list[Responsibility] = Field(min_length=1, max_length=MAX_RESPONSIBILITIES)
-    keep: list[Responsibility] = Field(default_factory=list, max_length=MAX_RESPONSIBILITIES)
-    solo_developer_optimized: bool = False
-    corporate_patterns_removed: bool = False
-
-    @field_validator("responsibilities")
-    @classmethod
-    def _no_duplicates(cls, items: list[str]) -> list[str]:
-        seen: dict[str, str] = {}
-        duplicates = []
-        for item in items:
-            key = normalize(item)
-            if key in seen:
-                duplicates.append(item)
-            seen[key] = item
-        if duplicates:
-            raise ValueError(f"duplicate responsibilities: {', '.join(repr(d) for d in duplicates)}")
-        return items
-
-    @model_validator(mode="after")
-    def _consistent(self) -> RoleDefinition:
-        if self.role_type is RoleType.CUSTOM and not self.custom_name:
-            raise ValueError(_CUSTOM_NEEDS_NAME)
-        if self.role_type is not RoleType.CUSTOM and self.custom_name:
-            raise ValueError(f"custom_name is only for role_type 'custom', not {self.role_type.value!r}")
-        if not self.name:
-            self.name = self.label
-        known = {normalize(r) for r in self.responsibilities}
-        unknown = [k for k in self.keep if normalize(k) not in known]
-        if unknown:
-            raise ValueError(f"keep lists {', '.join(repr(k) for k in unknown)}, not among the responsibilities")
-        return self
-
-    @property
-    def label(self) -> str:
-        """The role's kind in words: the custom name for custom roles, else the role type."""
-        return self.custom_name if self.role_type is RoleType.CUSTOM and self.custom_name else self.role_type.value
-
-    def as_instructions(self) -> str:
-        """The role as a few lines of system prompt, for an agent that plays it."""
-        lines = [f"You act as the {self.label} ({self.name}).", f"Focus: {self.focus}"]
-        if self.context:
-            lines.append(f"Context: {self.context}")
-        lines.append("Responsibilities:")
-        lines += [f"- {_words(r)}" for r in self.responsibilities]
-        return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------ the checks
-
-
-@dataclass(frozen=True)
-class CorporatePattern:
-    """One corporate pattern: a name, what it stands for, and the expression that finds it."""
-
-    name: str
-    description: str
-    regex: re.Pattern[str]
-
-
-def _pattern(name: str, description: str, *alternatives: str) -> CorporatePattern:
-    return CorporatePattern(name, description, re.compile("|".join(rf"\b(?:{a})\b" for a in alternatives)))
-
-
-# Expressions run on normalize()d text: lower case, '_', '-' and '/' read as spaces, single spaces.
-CORPORATE_PATTERNS: tuple[CorporatePattern, ...] = (
-    _pattern(
-        "stakeholder_management",
-        "stakeholders and managing them",
-        r"stake ?holders?(?: (?:management|analysis|mapping|engagement|alignment|communication|interviews?|"
-        r"meetings?|expectations|relations|updates?|reviews?))?",
-    ),
-    _pattern(
-        "approval_chain",
-        "approval chains and gates",
-        r"approval (?:chains?|process(?:es)?|workflows?|gates?|matri(?:x|ces)|levels?|cycles?|queues?)",
-        r"(?:get|gets|getting|obtain|obtains|obtaining|seek|seeking|secure|securing) (?:\w+ )?approvals?",
-        r"approvals? from",
-        r"chain of (?:approvals?|command)",
-        r"multi (?:level|stage|step) approvals?",
-        r"approved by (?:management|leadership|the board|the committee)",
-    ),
-    _pattern("sign_off", "sign-offs", r"sign ?offs?", r"sign(?:ed|ing|s)? off"),
-    _pattern(
-        "steering_committee",
-        "steering committees and review boards",
-        r"steering (?:committees?|groups?|boards?|meetings?)",
-        r"change advisory boards?",
-        r"cab",
-        r"architecture review boards?",
-        r"review boards?",
-    ),
-    _pattern(
-        "status_reporting",
-        "status reporting to management",
-        r"status (?:reports?|reporting|updates?|meetings?|decks?|calls?)"
-        r"(?: (?:to|for) (?:management|leadership|executives?|the board|senior management|upper management))?",
-        r"report(?:s|ing)? (?:\w+ )?to (?:management|leadership|executives?|the board|senior management|"
-        r"upper management|the steering committee)",
-        r"updates? (?:to|for) (?:management|leadership|executives?)",
-        r"executive (?:summar(?:y|ies)|reports?|updates?|briefings?)",
-    ),
-    _pattern(
-        "cross_functional_alignment",
-        "cross-functional alignment meetings",
-        r"cross (?:functional|team|departmental)",
-        r"alignment (?:meetings?|sessions?|workshops?|calls?)",
-        r"align(?:s|ing|ment)? (?:with|across) (?:teams?|departments?|business units?|stakeholders?|leadership|"
-        r"management|other teams)",
-        r"inter ?departmental",
-        r"handoffs? (?:between|across) teams",
-    ),
-    _pattern(
-        "compliance_review",
-        "compliance, legal and regulatory reviews",
-        r"compliance (?:reviews?|audits?|checks?|boards?|gates?|process(?:es)?|sign ?offs?)",
-        r"(?:legal|regulatory|audit) reviews?",
-        r"risk committees?",
-    ),
-    _pattern(
-        "enterprise_ceremony",
-        "enterprise process and ceremony",
-        r"enterprise",
-        r"ceremon(?:y|ies|ial)",
-        r"governance",
-        r"raci",
-        r"business case",
-        r"change (?:request|management) (?:forms?|process(?:es)?|tickets?)",
-        r"quarterly business reviews?",
-        r"qbrs?",
-        r"headcount",
-        r"budget approvals?",
-        r"org(?:anizational)? charts?",
-        r"escalation (?:paths?|matri(?:x|ces)|procedures?|chains?)",
-    ),
-    _pattern(
-        "business_management",
-        "business strategy, priorities and management buy-in",
-        r"business (?:strateg(?:y|ies)|priorit(?:y|ies|ization|isation)|alignment|units?|objectives?|owners?)",
-        r"management (?:buy in|reviews?|approvals?|expectations)",
-        r"buy in",
-        r"executive (?:sponsors?|sponsorship|alignment)",
-        r"leadership (?:reviews?|alignment)",
-        r"resource allocation across teams",
-        r"portfolio management",
-    ),
-)
-PATTERN_NAMES: tuple[str, ...] = tuple(p.name for p in CORPORATE_PATTERNS)
-
-
-def normalize(text: str) -> str:
-    """Text as the checks read it: lower case, ``_``, ``-`` and ``/`` as spaces, single spaces, trimmed."""
-    return _SPACES.sub(" ", _SEPARATORS.sub(" ", text.lower())).strip()
-
-
-def _words(text: str) -> str:
-    return _SPACES.sub(" ", _SEPARATORS.sub(" ", text)).strip()
-
-
-def patterns_in(text: str) -> list[str]:
-    """Names of the corporate patterns ``text`` matches, in the order of :data:`CORPORATE_PATTERNS`."""
-    norm = normalize(text)
-    return [p.name for p in CORPORATE_PATTERNS if p.regex.search(norm)]
-
-
-FieldName = Literal["focus", "context", "responsibilities"]
-
-
-class Finding(Message):
-    """One corporate pattern found in one field (for responsibilities: in one of them, ``item``)."""
-
-    pattern: str
-    field: FieldName
-    match: str
-    item: str | None = None
-
-
-def find_patterns(focus: str, context: str, responsibilities: Iterable[str]) -> list[Finding]:
-    """Every match of every pattern in the three fields (deterministic; no LM)."""
-    found: list[Finding] = []
-    parts: list[tuple[FieldName, str, str | None]] = [("focus", focus, None), ("context", context, None)]
-    parts += [("responsibilities", r, r) for r in responsibilities]
-    for where, text, item in parts:
-        norm = normalize(text)
-        for pattern in CORPORATE_PATTERNS:
-            for match in pattern.regex.finditer(norm):
-                found.append(Finding(pattern=pattern.name, field=where, match=match.group(0), item=item))
-    return found
-
-
-def check_role(role: RoleDefinition) -> list[Finding]:
-    """The corporate patterns in a role's focus, context and responsibilities."""
-    return find_patterns(role.focus, role.context, role.responsibilities)
-
-
-def scrub(text: str) -> str:
-    """``text`` without the phrases that match a corporate pattern, tidied (dangling 'and', commas, ...).
-
-    The result is normalized text (lower case, separators as spaces).
-    """
-    norm = normalize(text)
-    for _ in range(5):  # removing a phrase can join words into a new match: repeat until none is left
-        for pattern in CORPORATE_PATTERNS:
-            norm = _SPACES.sub(" ", pattern.regex.sub(" ", norm))
-        if not patterns_in(norm):
-            break
-    words = norm.strip(" ,;:.")
-    # Joining words left dangling at either end, or doubled, by a removed phrase.
-    joiners = r"(?:and|or|with|for|of|to|the|a|an|by|via|per|through|across|including|plus)"
-    words = re.sub(rf"^(?:{joiners}\b[ ,]*)+", "", words)
-    words = re.sub(rf"(?:[ ,]*\b{joiners})+$", "", words)
-    words = re.sub(rf"\b({joiners})(?: {joiners})+\b", r"\1", words)
-    return _SPACES.sub(" ", words).strip(" ,;:.")
-
-
-def is_solo_context(target_context: str) -> bool:
-    """Whether a target context describes one developer working alone."""
-    return bool(_SOLO.search(normalize(target_context)))
-
-
-# ------------------------------------------------------------------------------------ proposal, result
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """What the LM proposed, as it answered (``None``: no usable answer for that field)."""
-
-    focus: str | None = None
-    context: str | None = None
-    responsibilities: tuple[str, ...] | None = None
-    rewrites: Mapping[str, str] = field(default_factory=dict)
-    rationale: str = ""
-
-    @classmethod
-    def empty(cls) -> Proposal:
-        """No LM answer at all: the deterministic pass alone decides."""
-        return cls()
-
-    @classmethod
-    def from_outputs(
-        cls, focus: Any, context: Any, responsibilities: Any, rewrites: Any, rationale: Any = ""
-    ) -> Proposal:
-        """Read an LM's raw outputs leniently: non-answers (``'unknown'``, empty) become ``None``."""
-        items: tuple[str, ...] | None = None
-        if isinstance(responsibilities, list | tuple):
-            items = tuple(s for s in (str(r).strip() for r in responsibilities) if not _no_answer(s))
-            items = items or None
-        mapping: dict[str, str] = {}
-        if isinstance(rewrites, Mapping):
-            mapping = {str(k).strip(): str(v).strip() for k, v in rewrites.items() if not _no_answer(str(k))}
-        return cls(
-            focus=None if _no_answer(focus) else str(focus).strip(),
-            context=None if _no_answer(context) else str(context).strip(),
-            responsibilities=items,
-            rewrites=mapping,
-            rationale="" if _no_answer(rationale) else str(rationale).strip(),
-        )
-
-
-def _no_answer(value: Any) -> bool:
-    return not isinstance(value, str) or normalize(value).strip(" .") in _NO_ANSWER
-
-
-ChangeKind = Literal["kept", "restored", "rewritten", "removed", "added", "rejected", "focus", "context"]
-
-
-class Change(Message):
-    """One change a refinement made, and whether the LM or the deterministic pass made it.
-
-    ``kept``: a responsibility stays as it was; ``restored``: the LM dropped it but it must stay; ``rewritten``:
-    a corporate responsibility replaced by the LM's clean rewrite; ``removed``: a corporate responsibility
-    dropped; ``added``: a new responsibility the LM suggested; ``rejected``: an LM suggestion the checks refused;
-    ``focus`` / ``context``: the field changed.
-    """
-
-    kind: ChangeKind
-    before: str | None = None
-    after: str | None = None
-    patterns: list[str] = Field(default_factory=list)
-    source: Literal["lm", "deterministic"]
-    note: str = ""
-
-
-class RoleRefinementResult(Message):
-    """A refinement: the role before and after, what was found before and what remains, every change, a score.
-
-    ``score`` = ``patterns_removed_share * responsibilities_kept_share`` of the final role; ``lm_score`` is the
-    same measure of the LM's raw proposal alone (before the deterministic pass), ``None`` when no LM was used.
-    """
-
-    name: str
-    version: int | None = None
-    target_context: str
-    before: RoleDefinition
-    after: RoleDefinition
-    findings_before: list[Finding] = Field(default_factory=list)
-    findings_after: list[Finding] = Field(default_factory=list)
-    patterns_found: list[str] = Field(default_factory=list)
-    patterns_remaining: list[str] = Field(default_factory=list)
-    changes: list[Change] = Field(default_factory=list)
-    patterns_removed_share: float
-    responsibilities_kept_share: float
-    score: float
-    lm_used: bool = False
-    lm_score: float | None = None
-    lm_rationale: str = ""
-    model: str | None = None
-    lm_calls: int = 0
-    warnings: list[str] = Field(default_factory=list)
-    task_id: str | None = None
-    created_at: float = Field(default_factory=time.time)
-
-
-# ------------------------------------------------------------------------------------------ the system
-
-
-def _shares(
-    before_hits: int, after_hits: int, important: Sequence[str], kept: Iterable[str]
-) -> tuple[float, float, float]:
-    removed = 1.0 if before_hits == 0 else max(0.0, 1.0 - after_hits / before_hits)
-    kept_keys = {normalize(k) for k in kept}
-    wanted = {normalize(i) for i in important}
-    kept_share = 1.0 if not wanted else len(wanted & kept_keys) / len(wanted)
-    return round(removed, 4), round(kept_share, 4), round(removed * kept_share, 4)
-
-
-def important_responsibilities(role: RoleDefinition) -> list[str]:
-    """Responsibilities that must survive: those listed in ``keep`` and those that match no corporate pattern."""
-    keep = {normalize(k) for k in role.keep}
-    return [r for r in role.responsibilities if normalize(r) in keep or not patterns_in(r)]
-
-
-def proposal_score(role: RoleDefinition, proposal: Proposal) -> float:
-    """How good the LM's raw proposal is, by the same measure as :attr:`RoleRefinementResult.score`.
-
-    Fields the LM did not answer count as unchanged. A responsibility counts as kept when the proposal lists it,
-    or when the proposal rewrites it into text that matches no pattern.
-    """
-    before = len(check_role(role))
-    listed = list(proposal.responsibilities) if proposal.responsibilities is not None else list(role.responsibilities)
-    after = len(
-        find_patterns(
-            proposal.focus if proposal.focus is not None else role.focus,
-            proposal.context if proposal.context is not None else role.context,
-            listed,
-        )
-    )
-    rewrites = {normalize(k): v for k, v in proposal.rewrites.items()}
-    kept = list(listed)
-    kept += [r for r in role.responsibilities if (v := rewrites.get(normalize(r))) and not patterns_in(v)]
-    return _shares(before, after, important_responsibilities(role), kept)[2]
 
 
 @dataclass
@@ -444,8 +63,6 @@ class RoleRefinementSystem:
 
     def __post_init__(self) -> None:
         if self.program is None:
-            from dspyrt.agents.roles.program import RoleRefiner
-
             self.program = RoleRefiner()
 
     @staticmethod
@@ -455,8 +72,6 @@ class RoleRefinementSystem:
 
     def propose(self, role: RoleDefinition, target_context: str, lm: Any) -> tuple[Proposal, list[str]]:
         """The LM part: run the program with ``lm``; an answer the adapter cannot parse is an empty proposal."""
-        from dspyrt.agents.roles.program import run_refiner
-
         return run_refiner(self.program, role, target_context, lm)
 
     def refine(
@@ -522,7 +137,7 @@ class _Refinement:
             }
         )
         after = RoleDefinition.model_validate(after.model_dump())  # the refined role obeys the same rules
-        removed, kept, score = _shares(
+        removed, kept, score = score_shares(
             len(findings_before), len(findings_after), important_responsibilities(role), self._kept_originals()
         )
         return RoleRefinementResult(
@@ -662,8 +277,8 @@ class _Refinement:
 
     def _text(self, where: Literal["focus", "context"], before: str, suggested: str | None) -> str:
         found = patterns_in(before)
-        if suggested is not None and len(suggested) > _MAX_TEXT[where]:
-            self.warnings.append(f"the LM's {where} is longer than {_MAX_TEXT[where]} characters; not used")
+        if suggested is not None and len(suggested) > MAX_TEXT[where]:
+            self.warnings.append(f"the LM's {where} is longer than {MAX_TEXT[where]} characters; not used")
             suggested = None
         if suggested is not None and not patterns_in(suggested):
             if normalize(suggested) != normalize(before):
@@ -703,7 +318,7 @@ class _Refinement:
 
 def _suggestion_problem(text: str) -> str | None:
     """Why an LM-suggested responsibility cannot be used, or ``None`` when it can."""
-    if _no_answer(text):
+    if is_no_answer(text):
         return "it is empty"
     if len(text) > MAX_RESPONSIBILITY_LENGTH:
         return f"it is longer than {MAX_RESPONSIBILITY_LENGTH} characters"

@@ -9,7 +9,7 @@ worked examples. Registered under ``dspyrt.programs`` it is optimizable by name 
                                    "metric": "role_refinement", ...}}
 
 where each training row is :func:`example_row` of a role, a target context and the refined answer. Whatever the
-program answers, ``dspyrt.agents.roles.core`` applies the deterministic checks afterwards.
+program answers, ``dspyrt.agents.roles.core`` applies the deterministic pass afterwards.
 """
 
 from __future__ import annotations
@@ -22,14 +22,9 @@ from dspy.utils.exceptions import AdapterParseError
 
 from dspyrt.agents.lm.bus_engine import program_context
 from dspyrt.agents.lm.errors import project_error
-from dspyrt.agents.roles.core import (
-    DEFAULT_TARGET_CONTEXT,
-    Proposal,
-    RoleDefinition,
-    RoleType,
-    check_role,
-    proposal_score,
-)
+from dspyrt.agents.roles.models import DEFAULT_TARGET_CONTEXT, RoleDefinition, RoleType
+from dspyrt.agents.roles.patterns import check_role
+from dspyrt.agents.roles.proposal import Proposal, proposal_score
 
 INPUT_FIELDS: tuple[str, ...] = ("role", "focus", "context", "responsibilities", "keep", "flagged", "target_context")
 OUTPUT_FIELDS: tuple[str, ...] = (
@@ -185,7 +180,7 @@ def _role_of(
 
 
 class RoleRefinementMetric:
-    """DSPy metric for the program: :func:`dspyrt.agents.roles.core.proposal_score` of the raw prediction (0..1).
+    """DSPy metric for the program: :func:`dspyrt.agents.roles.proposal.proposal_score` of the raw prediction (0..1).
 
     It scores what the LM proposed, before the deterministic pass repairs anything, so optimizing the program
     improves what the LM contributes.

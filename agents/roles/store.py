@@ -12,29 +12,15 @@ the same number; the pointer only moves forward, by compare-and-swap.
 
 from __future__ import annotations
 
-import time
-
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
-from pydantic import Field
 
-from dspyrt.agents.roles.core import RoleRefinementResult
-from dspyrt.bus import Bus, DspyrtError, Message, NotFoundError, StreamLayout
-from dspyrt.bus.streams import key_value, kv_keys
+from dspyrt.agents.roles.models import RolePointer, RoleRefinementResult
+from dspyrt.bus import Bus, DspyrtError, NotFoundError, StreamLayout
+from dspyrt.bus.streams import key_value, kv_keys, kv_update
 
 BUCKET = "roles"
 _ATTEMPTS = 50
-
-
-class RolePointer(Message):
-    """The latest version of a role, with enough to list roles without reading every version."""
-
-    name: str
-    latest: int = Field(ge=1)
-    role_type: str
-    target_context: str
-    score: float
-    updated_at: float = Field(default_factory=time.time)
 
 
 def version_key(name: str, version: int) -> str:
@@ -112,23 +98,30 @@ class RoleStore:
         pointer = await self.pointer(name)
         version = (pointer.latest if pointer else 0) + 1
         for _ in range(_ATTEMPTS):
-            stored = result.model_copy(update={"version": version, "task_id": task_id})
-            try:
-                await self.kv.create(version_key(name, version), stored.model_dump_json().encode())
+            wanted = result.model_copy(update={"version": version, "task_id": task_id})
+            holder = await self._claim(wanted)
+            if holder is wanted or (task_id is not None and holder.task_id == task_id):
+                # Ours; or an earlier delivery of this task stored it and stopped before the rest: finish its save.
+                stored = holder
                 break
-            except KeyWrongLastSequenceError:
-                taken, _ = await self._raw(version_key(name, version))
-                if task_id is not None and taken and RoleRefinementResult.model_validate_json(taken).task_id == task_id:
-                    # An earlier delivery of this task stored it and stopped before the rest: finish its save.
-                    stored = RoleRefinementResult.model_validate_json(taken)
-                    break
-                version += 1  # another replica took this number
+            version += 1  # another replica took this number
         else:
             raise DspyrtError(f"could not allocate a version of role {name}: too much contention", code="conflict")
         if task_id is not None:
             await self.kv.put(task_key(task_id), f"{name}:{version}".encode())
         await self._advance(stored)
         return stored
+
+    async def _claim(self, wanted: RoleRefinementResult) -> RoleRefinementResult:
+        """Store ``wanted`` under its version number unless that number is taken: ``wanted`` itself when this call
+        stored it, else the version that holds the number."""
+        data = wanted.model_dump_json().encode()
+        key = version_key(wanted.name, wanted.version or 0)
+        claim = await kv_update(self.kv, key, lambda raw: None if raw else data)
+        if claim.written:
+            return wanted
+        # Not written only when the number is taken: the stored value is the version that holds it.
+        return RoleRefinementResult.model_validate_json(claim.value or b"")
 
     async def _advance(self, stored: RoleRefinementResult) -> None:
         """Move the pointer to ``stored`` unless it already points to a later version."""
@@ -139,17 +132,9 @@ class RoleStore:
             role_type=stored.after.label,
             target_context=stored.target_context,
             score=stored.score,
-        )
-        for _ in range(_ATTEMPTS):
-            raw, revision = await self._raw(stored.name)
-            if raw and RolePointer.model_validate_json(raw).latest >= version:
-                return
-            try:
-                if revision:
-                    await self.kv.update(stored.name, new.model_dump_json().encode(), last=revision)
-                else:
-                    await self.kv.create(stored.name, new.model_dump_json().encode())
-                return
-            except KeyWrongLastSequenceError:
-                continue
-        raise DspyrtError(f"could not update the pointer of role {stored.name}: too much contention", code="conflict")
+        ).model_dump_json().encode()
+
+        def advance(raw: bytes | None) -> bytes | None:
+            return None if raw and RolePointer.model_validate_json(raw).latest >= version else new
+
+        await kv_update(self.kv, stored.name, advance, attempts=_ATTEMPTS)

@@ -8,169 +8,32 @@ share the load through the queue group; each reports the figures of the calls it
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from dspy import lm15
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
-from pydantic import Field
 
 from dspyrt.agents.deployments import DeployRegistry
 from dspyrt.agents.lm.cache import ResponseCache
-from dspyrt.agents.lm.demo import demo_engines
-from dspyrt.agents.lm.errors import (
-    ProviderError,
-    RateLimitedError,
-    RedactFn,
-    TransientProviderError,
-    classify,
-    provider_message,
-)
-from dspyrt.agents.lm.registry import ModelRegistry, ModelSpec, build_lm
-from dspyrt.agents.switcher.core import (
+from dspyrt.agents.lm.registry import ModelRegistry
+from dspyrt.agents.switcher.caller import DspyModelCaller
+from dspyrt.agents.switcher.core import ModelSwitcher
+from dspyrt.agents.switcher.models import (
+    CacheFigures,
     CompletionReply,
     CompletionRequest,
-    ModelFigures,
-    ModelLike,
-    ModelSwitcher,
+    LmCall,
+    ModelInfo,
+    ModelList,
     Selection,
     SelectRequest,
-    TokenUsage,
+    SwitcherStats,
 )
-from dspyrt.bus import Empty, Message
+from dspyrt.agents.switcher.response_store import KvResponseStore
+from dspyrt.bus import Empty
 from dspyrt.bus.streams import cache_bucket
 from dspyrt.runtime.agent import Agent, CheckResult, endpoint
-
-
-class CacheFigures(Message):
-    enabled: bool
-    hits: int = 0
-    misses: int = 0
-    writes: int = 0
-
-
-class SwitcherStats(Message):
-    instance_calls: int
-    models: list[ModelFigures]
-    cache: CacheFigures | None = None
-
-
-class ModelInfo(Message):
-    model: str
-    tags: list[str]
-    input_cost_per_million: float
-    output_cost_per_million: float
-    context_window: int
-    max_concurrency: int
-    rate_limit_per_minute: int | None
-    fallback: list[str] = Field(default_factory=list)
-    demo: bool
-
-
-class ModelList(Message):
-    models: list[ModelInfo] = Field(default_factory=list)
-
-
-class KvResponseStore:
-    """The shared half of the response cache: a KV bucket (TTL and size limit; the oldest entries go first)."""
-
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
-
-    async def get(self, key: str) -> bytes | None:
-        try:
-            entry = await self.kv.get(key)
-        except KeyNotFoundError:
-            return None
-        return entry.value
-
-    async def put(self, key: str, value: bytes) -> None:
-        await self.kv.put(key, value)
-
-
-class DspyModelCaller:
-    """Calls a model through its real ``dspy.LM`` (built once per model; keys only from the environment).
-
-    Demo models skip the second ``dspy.LM`` layer and call their engine with the request as it came: the
-    caller's DSPy already formatted it, and that layer cost more than the demo engine itself (measured
-    0.3-0.6 ms of the ~2 ms hop).
-    """
-
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
-        self._lms: dict[str, Any] = {}
-        self._engines: dict[str, Any] = {}
-        names = {spec.api_key_env for spec in registry if spec.api_key_env}
-        self._redact = RedactFn([os.environ.get(n, "") for n in names])
-
-    async def _demo(self, spec: ModelSpec, req: CompletionRequest) -> CompletionReply:
-        if spec.model not in self._engines:
-            self._engines[spec.model] = demo_engines(faults=spec.faults)[1]
-        system = "\n".join(m.content for m in req.messages if m.role in ("system", "developer")) or None
-        turns = tuple(
-            lm15.Message.assistant(m.content) if m.role == "assistant" else lm15.Message.user(m.content)
-            for m in req.messages
-            if m.role in ("user", "assistant")
-        )
-        config = lm15.Config(temperature=req.temperature, max_tokens=req.max_tokens)
-        try:
-            response = await self._engines[spec.model].complete(
-                lm15.Request(model=spec.model, messages=turns, system=system, config=config)
-            )
-        except lm15.RateLimitError as exc:
-            raise RateLimitedError(f"{spec.model} is rate limited: {exc}", delay=classify(exc).retry_after) from exc
-        return CompletionReply(
-            model=spec.model,
-            text=response.message.text or "",
-            finish_reason=str(response.finish_reason or "stop"),
-            usage=TokenUsage(
-                input_tokens=int(response.usage.input_tokens or 0), output_tokens=int(response.usage.output_tokens or 0)
-            ),
-        )
-
-    def lm(self, spec: ModelSpec) -> Any:
-        if spec.model not in self._lms:
-            # The switcher owns retries and fallback: DSPy's own retry loop would hide failures from it.
-            self._lms[spec.model] = build_lm(spec, num_retries=0)
-        return self._lms[spec.model]
-
-    async def __call__(self, model: ModelLike, req: CompletionRequest) -> CompletionReply:
-        spec = self.registry.get(model.model)
-        if spec.is_demo:
-            return await self._demo(spec, req)
-        options: dict[str, Any] = {}
-        if req.temperature is not None:
-            options["temperature"] = req.temperature
-        if req.max_tokens is not None:
-            options["max_tokens"] = req.max_tokens
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        try:
-            response = await self.lm(spec).aforward(messages=messages, **options)
-        except Exception as exc:
-            # Providers may quote the key in their errors ("Incorrect API key provided: sk-..."): the text is
-            # redacted and the original (which holds it too) is not chained, so no reply, log or span sees it.
-            failure = classify(exc)
-            text = provider_message(exc, model=spec.model, key_variable=spec.api_key_env, redact=self._redact)
-            if failure.kind == "rate_limited":
-                raise RateLimitedError(text, delay=failure.retry_after) from None
-            if failure.kind == "transient":
-                raise TransientProviderError(text) from None
-            raise ProviderError(text) from None
-        choice = response.choices[0]
-        usage = getattr(response, "usage", None)
-        return CompletionReply(
-            model=spec.model,
-            text=str(choice.message.content or ""),
-            finish_reason=str(getattr(choice, "finish_reason", None) or "stop"),
-            usage=TokenUsage(
-                input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-            ),
-        )
+from dspyrt.runtime.config import IntegrationMode
 
 
 class SwitcherAgent(Agent):
@@ -178,7 +41,9 @@ class SwitcherAgent(Agent):
 
     name = "switcher"
     group = "models"
+    modes = frozenset({IntegrationMode.FULL, IntegrationMode.OPTIMIZATION_ONLY})
     description = "model registry, selection, LM proxy with limits, retries and fallback"
+    publishes = (LmCall,)
 
     registry: ModelRegistry
     switcher: ModelSwitcher
@@ -205,31 +70,29 @@ class SwitcherAgent(Agent):
 
         async def on_call(model: str, reply: CompletionReply | None, error: str | None) -> None:
             labels = {"model": model}
-            data: dict[str, Any]
+            event: LmCall
             if reply is not None and reply.cached:
                 # Every call says where its answer came from. A cache hit has no provider latency, tokens or
                 # cost: none is recorded, so the model's figures stay the provider's.
                 cache_hits.add(1, labels)
-                data = {"model": model, "ok": True, "source": "cache", "input_tokens": 0, "output_tokens": 0,
-                        "cost": 0.0}  # fmt: skip
+                event = LmCall(model=model, ok=True, source="cache", cost=0.0)
             elif reply is not None:
                 latency.record(reply.latency_ms, labels)
                 tokens.add(reply.usage.input_tokens, {**labels, "direction": "input"})
                 tokens.add(reply.usage.output_tokens, {**labels, "direction": "output"})
                 cost.add(reply.cost, labels)
-                data = {
-                    "model": model,
-                    "ok": True,
-                    "source": "provider",
-                    "latency_ms": reply.latency_ms,
-                    "input_tokens": reply.usage.input_tokens,
-                    "output_tokens": reply.usage.output_tokens,
-                    "cost": reply.cost,
-                }
+                event = LmCall(
+                    model=model,
+                    ok=True,
+                    latency_ms=reply.latency_ms,
+                    input_tokens=reply.usage.input_tokens,
+                    output_tokens=reply.usage.output_tokens,
+                    cost=reply.cost,
+                )
             else:
                 failures.add(1, {**labels, "error.type": error or "error"})
-                data = {"model": model, "ok": False, "error": error, "source": "provider"}
-            await self.publish_event("lm.call", data)
+                event = LmCall(model=model, ok=False, error=error)
+            await self.publish_event(LmCall.topic, event)
 
         self.cache = await self.make_cache()
         self.switcher = ModelSwitcher(

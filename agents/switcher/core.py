@@ -1,5 +1,6 @@
 """The guide's ModelSwitcher, in plain Python: model selection, the LM call with limits, retries and fallback,
-and per-model performance figures. ``dspyrt.agents.switcher.agent`` puts it on the bus.
+and per-model performance figures. Its messages live in ``dspyrt.agents.switcher.models``;
+``dspyrt.agents.switcher.agent`` puts it on the bus.
 
 Selection is a UCB1 bandit over the eligible models. A call's reward is its success, discounted by its latency
 and cost relative to the other candidates; a model never tried yet gets the exploration bonus first, so every
@@ -23,14 +24,22 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 import anyio
-from pydantic import Field, field_validator
 
 from dspyrt.agents.lm.cache import CachedResponse, ResponseCache, cache_key
 from dspyrt.agents.lm.errors import AllModelsFailedError, ProviderError, classify
-from dspyrt.bus import DspyrtError, Message
+from dspyrt.agents.switcher.models import (
+    CandidateScore,
+    CompletionReply,
+    CompletionRequest,
+    ModelFigures,
+    Selection,
+    SelectRequest,
+)
+from dspyrt.bus import DspyrtError
+from dspyrt.runtime.stats import percentile
 
 log = logging.getLogger("dspyrt.switcher")
 
@@ -65,106 +74,6 @@ def price_per_million(model: ModelLike) -> float:
     return (model.input_cost_per_million + model.output_cost_per_million) / 2
 
 
-# --------------------------------------------------------------------------------------------- wire
-
-
-class ChatMessage(Message):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
-
-
-class TokenUsage(Message):
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
-class SelectRequest(Message):
-    task_kind: str | None = None
-    role: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    # Budget: the most a model may cost per million tokens (mean of input and output price).
-    max_price_per_million: float | None = Field(default=None, ge=0)
-    exclude: list[str] = Field(default_factory=list)
-    # With a program name the reply also says which deployed version of it to run on the chosen model.
-    program: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-
-
-class CandidateScore(Message):
-    model: str
-    score: float
-    calls: int
-    success_rate: float | None
-    mean_latency_ms: float | None
-    price_per_million: float
-    note: str
-
-
-class Selection(Message):
-    model: str
-    reason: str
-    candidates: list[CandidateScore]
-    # Tried in this order after ``model`` when it fails transiently (its declared chain).
-    fallback: list[str] = Field(default_factory=list)
-    deployed: dict[str, Any] | None = None
-
-
-class CompletionRequest(Message):
-    """One LM call, proxied. ``model`` pins a model; otherwise the switcher selects (with fallback)."""
-
-    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    model: str | None = None
-    task_kind: str | None = None
-
-    @field_validator("messages")
-    @classmethod
-    def _has_a_turn(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        # Only system prompts is the caller's mistake, not a model failure: refuse it before any model is tried.
-        if not any(m.role in ("user", "assistant") for m in messages):
-            raise ValueError("at least one user or assistant message is required")
-        return messages
-
-    role: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    max_price_per_million: float | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
-    # Falls back along the declared chain when the pinned/selected model fails transiently.
-    fallback: bool = True
-    # Skip the response cache for this call (the answer is still stored for later calls).
-    no_cache: bool = False
-    # The n-th identical request of one run (temperature > 0): a distinct sample, cached under its own key.
-    sample: int = Field(default=0, ge=0, le=1_000_000)
-
-
-class CompletionReply(Message):
-    model: str
-    text: str
-    finish_reason: str = "stop"
-    # Tokens and cost of the provider call; 0 when the answer came from the cache.
-    usage: TokenUsage = Field(default_factory=TokenUsage)
-    cost: float = 0.0
-    latency_ms: float = 0.0
-    tried: list[str] = Field(default_factory=list)
-    cached: bool = False
-    # Provider requests this answer took, failed attempts included (0 from the cache).
-    attempts: int = 0
-
-
-class ModelFigures(Message):
-    model: str
-    calls: int
-    successes: int
-    failures: int
-    rate_limited: int
-    success_rate: float | None
-    mean_latency_ms: float | None
-    p95_latency_ms: float | None
-    input_tokens: int
-    output_tokens: int
-    cost: float
-    cache_hits: int = 0
-
-
 class NoEligibleModelError(DspyrtError):
     code = "no_eligible_model"
 
@@ -195,10 +104,7 @@ class ModelStats:
 
     @property
     def p95_latency_ms(self) -> float | None:
-        if not self.recent_latency_ms:
-            return None
-        ordered = sorted(self.recent_latency_ms)
-        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return percentile(self.recent_latency_ms, 95) if self.recent_latency_ms else None
 
 
 class RateLimiter:

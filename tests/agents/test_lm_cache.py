@@ -8,14 +8,8 @@ from typing import Any
 import pytest
 
 from dspyrt.agents.lm.cache import CachedResponse, ResponseCache
-from dspyrt.agents.switcher.core import (
-    ChatMessage,
-    CompletionReply,
-    CompletionRequest,
-    ModelLike,
-    ModelSwitcher,
-    TokenUsage,
-)
+from dspyrt.agents.switcher.core import ModelLike, ModelSwitcher
+from dspyrt.agents.switcher.models import ChatMessage, CompletionReply, CompletionRequest, TokenUsage
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -15,15 +15,9 @@ from dspyrt.agents.lm.errors import AllModelsFailedError, ProviderError, RateLim
 from dspyrt.agents.lm.faults import FaultProfile
 from dspyrt.agents.lm.registry import ModelRegistry, ModelSpec
 from dspyrt.agents.switcher import core as switcher_core
-from dspyrt.agents.switcher.agent import DspyModelCaller
-from dspyrt.agents.switcher.core import (
-    ChatMessage,
-    CompletionReply,
-    CompletionRequest,
-    ModelLike,
-    ModelSwitcher,
-    TokenUsage,
-)
+from dspyrt.agents.switcher.caller import DspyModelCaller
+from dspyrt.agents.switcher.core import ModelLike, ModelSwitcher
+from dspyrt.agents.switcher.models import ChatMessage, CompletionReply, CompletionRequest, SelectRequest, TokenUsage
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -184,7 +178,7 @@ async def test_unpinned_request_without_a_chain_falls_back_by_rank(sleeps: list[
 
 def test_select_names_the_fallback_chain() -> None:
     switcher = ModelSwitcher([Model("a/x"), Model("b/y")], StubCaller(), fallback={"a/x": ["b/y"], "b/y": []})
-    selection = switcher.select(switcher_core.SelectRequest())
+    selection = switcher.select(SelectRequest())
     assert selection.model == "a/x" and selection.fallback == ["b/y"]
     assert "falls back to b/y" in selection.reason
 

@@ -24,6 +24,7 @@ from dspyrt.agents.assertions import (
     Severity,
     ValidationReport,
     ValidationRequest,
+    merge_reports,
 )
 from dspyrt.bus.errors import ConfigurationError, NotFoundError
 
@@ -100,7 +101,7 @@ def test_public_api_is_pinned() -> None:
         "CustomValidatorRegistry", "DSPyAssertionFramework", "FieldSchema", "Invariant", "LogicValidator",
         "Membership", "Objectives", "PassCounts", "PerformanceValidator", "ResultCollector", "SecurityOptions",
         "SecurityValidator", "Severity", "TypeCounts", "ValidationReport", "ValidationRequest", "ValidationReward",
-        "Validator", "default_validators",
+        "Validator", "build_report", "default_validators", "merge_reports",
     }  # fmt: skip
 
 
@@ -241,7 +242,7 @@ def test_merged_per_type_reports_equal_one_report() -> None:
     framework = DSPyAssertionFramework(builtins())
     whole = framework.check(REQUEST)
     parts = [framework.check(REQUEST.model_copy(update={"types": [t]})) for t in AssertionType]
-    merged = ValidationReport.merge(parts, fail_on=REQUEST.fail_on, cases=2)
+    merged = merge_reports(parts, fail_on=REQUEST.fail_on, cases=2)
     assert (merged.passed, merged.score, merged.counts) == (whole.passed, whole.score, whole.counts)
     assert sorted(map(repr, merged.checks)) == sorted(map(repr, whole.checks))
     assert sorted(map(repr, merged.results)) == sorted(map(repr, whole.results))

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from dspyrt.agents.assertions import AssertionResult, PerformanceValidator, Severity, ValidationRequest
-from dspyrt.agents.assertions.performance import percentile
+from dspyrt.runtime.stats import percentile
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,37 +4,41 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from pathlib import Path
 from typing import Any, cast
 
 import anyio
 
-from dspyrt.agents.dashboard.agent import DashboardAgent, DashboardSettings
-from dspyrt.agents.dashboard.core import DashboardSnapshot, SnapshotQuery
+from dspyrt.agents.dashboard.agent import DashboardAgent
+from dspyrt.agents.dashboard.models import DashboardSnapshot, SnapshotQuery
 from dspyrt.bus import Bus, Event, publish_event
 from dspyrt.bus.events import follow_events
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
 from tests.helpers import hosting, wait_until
 
+QUICK_LOOPS = {"dashboard_poll": 0.3, "dashboard_eval_interval": 0.1, "dashboard_queue_interval": 0.2}
+"""Evaluate alerts every 0.1 s, read queues every 0.2 s."""
 
-def quick_settings(*, alerts_file: Path | None = None, web: bool = False) -> DashboardSettings:
-    """Evaluate every 0.1 s, read queues every 0.2 s; a web view on a free port only when asked."""
-    return DashboardSettings(
-        alerts_file=alerts_file,
-        dashboard_port=0 if web else None,
-        dashboard_poll=0.3,
-        dashboard_eval_interval=0.1,
-        dashboard_queue_interval=0.2,
-    )
+
+def quick_config(config: IntegrationConfig, *, web: bool = False, **settings: Any) -> IntegrationConfig:
+    """``config`` with the dashboard's loops quick, a web view on a free port only when asked (``web``), and
+    ``settings`` (``alerts_file``, ``dashboard_*``) validated as the environment's values would be."""
+    values = {**config.model_dump(), **QUICK_LOOPS, "dashboard_port": 0 if web else None, **settings}
+    return IntegrationConfig.model_validate(values)
 
 
 @asynccontextmanager
-async def dashboard(
-    config: IntegrationConfig, settings: DashboardSettings | None = None
-) -> AsyncIterator[DashboardAgent]:
-    """A dashboard agent on its own connection for the block, once it has replayed the stream."""
-    agent = DashboardAgent(config, settings or quick_settings())
+async def dashboard(config: IntegrationConfig, **settings: Any) -> AsyncIterator[DashboardAgent]:
+    """A dashboard agent configured by ``quick_config(config, **settings)`` on its own connection for the block,
+    once it has replayed the stream."""
+    async with configured_dashboard(quick_config(config, **settings)) as agent:
+        yield agent
+
+
+@asynccontextmanager
+async def configured_dashboard(config: IntegrationConfig) -> AsyncIterator[DashboardAgent]:
+    """A dashboard agent with ``config`` as it is, for the block, once it has replayed the stream."""
+    agent = DashboardAgent(config)
     async with hosting(agent):
         await wait_until(lambda: not agent.replaying, what="dashboard replayed the event stream")
         yield agent

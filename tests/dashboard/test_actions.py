@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from nats.js import api
 
-from dspyrt.agents.dashboard.agent import RuleList, SetRules
+from dspyrt.agents.dashboard.models import RuleList, SetRules
 from dspyrt.agents.deployments import DeployedVersion, DeployRegistry
 from dspyrt.agents.loop.cycle import last_cycle_key
 from dspyrt.agents.loop.deploy import DeployAgent

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from dspyrt.agents.dashboard.agent import DashboardAgent, MetricTypeList, RuleList, SetRules
-from dspyrt.agents.dashboard.core import CustomMetricType
+from dspyrt.agents.dashboard.agent import DashboardAgent
+from dspyrt.agents.dashboard.models import CustomMetricType, MetricTypeList, RuleList, SetRules
 from dspyrt.bus import Bus, Event, RemoteError, TaskRecord, TaskStatus
 from dspyrt.bus.streams import key_value
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
-from tests.dashboard.common import dashboard, emit, quick_settings, snapshot, stream_events, wait_for_events
+from tests.dashboard.common import dashboard, emit, snapshot, stream_events, wait_for_events
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,7 +45,7 @@ async def test_published_events_become_series_and_alerts_fire_once_and_resolve(
 ) -> None:
     rules = tmp_path / "alerts.toml"
     rules.write_text(SLOW_LM)
-    async with dashboard(config, quick_settings(alerts_file=rules)) as agent:
+    async with dashboard(config, alerts_file=rules) as agent:
         for latency in (20.0, 30.0, 40.0):
             await emit(bus, "lm.call", lm_call(latency), source="switcher")
 
@@ -85,14 +85,13 @@ async def test_alert_states_and_history_survive_a_restart(
 ) -> None:
     rules = tmp_path / "alerts.toml"
     rules.write_text(SLOW_LM)
-    settings = quick_settings(alerts_file=rules)
-    async with dashboard(config, settings):
+    async with dashboard(config, alerts_file=rules):
         for latency in (20.0, 500.0):
             await emit(bus, "lm.call", lm_call(latency))
         [firing] = await wait_for_events(bus, "alert.firing", 1)
         before = (await snapshot(client)).alerts
 
-    async with dashboard(config, settings) as again:
+    async with dashboard(config, alerts_file=rules) as again:
         # History rebuilt from the stream, the alert's state from KV: firing since the first fire, not again.
         assert await latency_points(client) == [20.0, 500.0]
         snap = await snapshot(client)
@@ -105,7 +104,7 @@ async def test_alert_states_and_history_survive_a_restart(
 
     # The latency recovers while no dashboard runs: the next one resolves the stored alert (once).
     await emit(bus, "lm.call", lm_call(5.0))
-    async with dashboard(config, settings):
+    async with dashboard(config, alerts_file=rules):
         [resolved] = await wait_for_events(bus, "alert.resolved", 1)
         assert resolved.data["id"] == firing.data["id"] and resolved.data["episode"] == 1
         assert [(a.state, a.fired_at) for a in (await snapshot(client)).alerts] == [("resolved", before[0].fired_at)]
@@ -118,8 +117,7 @@ async def test_two_replicas_publish_each_transition_once(
 ) -> None:
     rules = tmp_path / "alerts.toml"
     rules.write_text(SLOW_LM)
-    settings = quick_settings(alerts_file=rules)
-    async with dashboard(config, settings) as one, dashboard(config, settings) as two:
+    async with dashboard(config, alerts_file=rules) as one, dashboard(config, alerts_file=rules) as two:
         await emit(bus, "lm.call", lm_call(900.0))
         await wait_for_events(bus, "alert.firing", 1)
         marks = (one.evaluations, two.evaluations)

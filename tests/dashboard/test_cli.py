@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dspyrt.bus import Bus
 from dspyrt.runtime.cli_dashboard import dashboard_command, render_snapshot, sparkline
 from dspyrt.runtime.config import IntegrationConfig
-from tests.dashboard.common import dashboard, emit, quick_settings, wait_for_events
+from tests.dashboard.common import dashboard, emit, wait_for_events
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -76,7 +76,7 @@ async def test_the_command_reads_the_agents_snapshot_over_the_bus(
     monkeypatch.setenv("DSPYRT_SUBJECT_PREFIX", config.subject_prefix)
     monkeypatch.setenv("DSPYRT_LOG_LEVEL", "WARNING")
     runner = CliRunner()
-    async with dashboard(config, quick_settings(alerts_file=rules)):
+    async with dashboard(config, alerts_file=rules):
         for latency in (40.0, 400.0):
             await emit(bus, "lm.call", {"model": "demo/x", "ok": True, "latency_ms": latency}, source="switcher")
         await wait_for_events(bus, "alert.firing", 1)

@@ -82,18 +82,22 @@ def test_every_completed_cycle_lands_in_its_series() -> None:
 
 
 def test_record_cycle_metrics_takes_a_cycle_result_too() -> None:
+    evaluation = {"examples": 20, "shards": 1, "model": "m1"}
     result = {
         "cycle_id": "c9",
         "program_name": "qa",
-        "create": {},
-        "baseline": {"score": 40.0, "cost": 0.1},
-        "optimization": {"model": "m1", "optimizer": "mipro", "improvement_score": 20.0, "cost": 0.3},
-        "optimized": {"score": 60.0, "cost": 0.1, "latency_p95_ms": 30.0},
+        "create": {"program_hash": "h", "module": "predict", "predictors": ["p"], "input_fields": ["q"],
+                   "output_fields": ["a"]},
+        "baseline": {**evaluation, "score": 40.0, "cost": 0.1},
+        "optimization": {"program_name": "qa", "program_hash": "h", "model": "m1", "optimizer": "mipro",
+                         "metric": "exact_match", "improvement_score": 20.0, "cost": 0.3},
+        "optimized": {**evaluation, "score": 60.0, "cost": 0.1, "latency_p95_ms": 30.0},
+        "improvement_score": 20.0,
         "validation": {"passed": False, "score": 0.75},
-        "verdict": {"deployed": True, "version": 3},
-    }
+        "verdict": {"deployed": True, "program_name": "qa", "version": 3},
+    }  # fmt: skip
     d = MetricsDashboard()
-    touched = d.record_cycle_metrics(result, at=T0)
+    touched = d.record_cycle_metrics(result, at=T0)  # a CycleResult's JSON (a task record's result)
     assert {s.metric_type for s in touched} == {
         "score", "baseline_score", "improvement", "cycle_cost", "program_latency_p95", "program_score",
         "validation_pass_rate",
@@ -149,6 +153,21 @@ def test_malformed_and_unknown_events_are_counted_not_fatal() -> None:
     stats = d.get_stats()
     assert (stats["malformed"], stats["ignored"], stats["unknown_metric"]) == (2, 1, 1)
     assert d.series(MetricType.PROGRAM_SCORE) == []
+
+
+def test_events_are_read_through_their_models_extra_fields_tolerated_wrong_types_not() -> None:
+    d = MetricsDashboard()
+    newer = {"model": "m1", "ok": True, "latency_ms": 10.0, "region": "eu-1", "trace": {"id": "x"}}
+    assert d.record_event(event("lm.call", newer, T0)) is True  # a newer publisher's extra fields
+    assert d.record_event(event("lm.call", {"model": 7, "ok": True, "latency_ms": 99.0}, T0 + 1)) is False
+    assert d.record_event(event("lm.call", {"model": "m1", "ok": "yes", "latency_ms": 99.0}, T0 + 2)) is False
+    assert d.record_event(event("deploy.completed", {"program": "p", "version": "2"}, T0 + 3)) is False
+    assert d.record_event(event("cycle.completed", {**cycle_event("c1", 80.0), "cost": "cheap"}, T0 + 4)) is False
+    assert d.record_event(event("alert.firing", {"id": "a", "rule": "r", "kind": "threshold", "metric": "score",
+                                                 "state": "resolved"}, T0 + 5)) is False  # fmt: skip
+    assert d.get_stats()["malformed"] == 5
+    assert values(only(d, MetricType.LM_LATENCY, model="m1")) == [10.0]
+    assert d.series(MetricType.SCORE) == [] and d.programs == {}
 
 
 def test_an_event_with_invalid_rules_is_counted_as_malformed() -> None:

@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 
-from dspyrt.agents.dashboard.agent import DashboardAgent, RuleList, SetRules
+from dspyrt.agents.dashboard.agent import DashboardAgent
+from dspyrt.agents.dashboard.models import RuleList, SetRules
 from dspyrt.agents.loop.models import PredictReply, PredictRequest
 from dspyrt.bus import TaskStatus
+from dspyrt.bus.events import event_type_of
 from dspyrt.runtime.config import IntegrationConfig
+from dspyrt.runtime.events import TaskProgress
 from dspyrt.runtime.registry import available_agents
-from tests.dashboard.common import emit, snapshot, wait_for_events
+from tests.dashboard.common import emit, snapshot, stream_events, wait_for_events
 from tests.helpers import serving, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,14 +32,11 @@ def cycle_request() -> dict[str, Any]:
     return {**CYCLE, "objectives": {**CYCLE["objectives"], "required_validators": []}}
 
 
-async def test_a_real_cycle_lands_in_the_dashboard_and_a_regression_reoptimizes(
-    config: IntegrationConfig, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("DSPYRT_DASHBOARD_PORT", "off")
-    monkeypatch.setenv("DSPYRT_DASHBOARD_EVAL_INTERVAL", "0.1")
+async def test_a_real_cycle_lands_in_the_dashboard_and_a_regression_reoptimizes(config: IntegrationConfig) -> None:
     known = available_agents()
     classes = [known[name] for name in LOOP] + [DashboardAgent]
-    async with serving(config.model_copy(update={"auto_validate": False}), classes) as system:
+    settings = {"auto_validate": False, "dashboard_port": None, "dashboard_eval_interval": 0.1}
+    async with serving(config.model_copy(update=settings), classes) as system:
         client = system.client
         record = await client.run("cycle", cycle_request(), timeout=45)
         assert record.status is TaskStatus.SUCCEEDED, record.error
@@ -87,3 +87,14 @@ async def test_a_real_cycle_lands_in_the_dashboard_and_a_regression_reoptimizes(
             return snap.programs[0].cycles == 2 and snap.programs[0].active_version == 1
 
         await wait_until(two_cycles, what="the second cycle in the dashboard")
+        # Every event the agents published is of a type its publisher declares, and reads back as that type.
+        published = [e for e in await stream_events(system.bus, ">") if e.source != "scorer"]
+        assert {"cycle.completed", "deploy.completed", "lm.call", "alert.action"} <= {e.topic for e in published}
+        declared = {cls.name: cls.publishes for cls in classes}
+        for event in published:
+            if event.topic.startswith("task.progress."):
+                TaskProgress.model_validate(event.data)
+                continue
+            kind = event_type_of(event.topic, declared[event.source])
+            assert kind is not None, f"{event.source} published {event.topic}, not among its declared events"
+            kind.model_validate(event.data)

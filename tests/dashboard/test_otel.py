@@ -56,7 +56,9 @@ def scenario(reader: MetricReader) -> tuple[MeterProvider, DashboardInstruments]
     instruments.live = True
     for i in range(2):
         feed(d, "predict.served", {"program": "qa", "version": 1, "model": "m"}, T0 + 10 + i, "serving")
-    feed(d, "optimization.completed", {"program_name": "qa", "optimizer": "o", "model": "m", "duration_s": 3.5}, T0)
+    optimized = {"task_id": "t1", "status": "completed", "program_name": "qa", "optimizer": "o", "model": "m",
+                 "duration_s": 3.5}  # fmt: skip
+    feed(d, "optimization.completed", optimized, T0)
     for i, ok in enumerate([True, False, True, False]):
         feed(d, "lm.call", {"model": "m", "ok": ok, "latency_ms": 5.0}, T0 + i, "switcher")
     feed(d, "dashboard.metric_registered", {"name": "judge_score", "unit": "{point}"}, T0)

@@ -14,7 +14,7 @@ from dspyrt.agents.dashboard import (
     load_rules_file,
     parse_rules,
 )
-from dspyrt.agents.dashboard.core import BUILTIN_TYPES
+from dspyrt.agents.dashboard.models import BUILTIN_TYPES
 from dspyrt.bus import ConfigurationError
 
 pytestmark = pytest.mark.timeout(10)

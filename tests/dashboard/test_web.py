@@ -16,12 +16,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from dspyrt.agents.dashboard.agent import DashboardSettings
 from dspyrt.agents.dashboard.web import SESSION_COOKIE
 from dspyrt.bus import Bus
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
-from tests.dashboard.common import dashboard, emit, quick_settings, snapshot, wait_for_events
+from tests.dashboard.common import dashboard, emit, snapshot, wait_for_events
 
 pytestmark = pytest.mark.timeout(45)
 
@@ -64,7 +63,7 @@ async def test_the_http_api_serves_the_same_snapshot_as_the_bus(
 ) -> None:
     rules = tmp_path / "alerts.toml"
     rules.write_text(RULES)
-    async with dashboard(config, quick_settings(alerts_file=rules, web=True)) as agent:
+    async with dashboard(config, alerts_file=rules, web=True) as agent:
         await record_history(bus)
         await wait_for_events(bus, "alert.firing", 1)
         assert agent.web_url is not None and agent.web_url.startswith("http://127.0.0.1:")
@@ -98,7 +97,7 @@ async def test_the_page_draws_the_recorded_points_in_a_real_browser(
     rules = tmp_path / "alerts.toml"
     rules.write_text(RULES)
     shots = Path(os.environ.get("DASHBOARD_SCREENSHOTS", tmp_path))
-    async with dashboard(config, quick_settings(alerts_file=rules, web=True)) as agent:
+    async with dashboard(config, alerts_file=rules, web=True) as agent:
         await record_history(bus)
         await wait_for_events(bus, "alert.firing", 1)
         url = agent.web_url
@@ -165,8 +164,7 @@ async def test_a_busy_port_leaves_the_bus_side_serving(config: IntegrationConfig
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        settings = quick_settings().model_copy(update={"dashboard_port": port})
-        async with dashboard(config, settings) as agent:
+        async with dashboard(config, dashboard_port=port) as agent:
             health = await agent.health_checks()
             assert not health["web"].ok and f"cannot listen on 127.0.0.1:{port}" in health["web"].detail
             assert (await snapshot(client)).web_url is None  # the bus endpoints still answer
@@ -175,11 +173,6 @@ async def test_a_busy_port_leaves_the_bus_side_serving(config: IntegrationConfig
 # --------------------------------------------------------------------------------------- Host and token
 
 TOKEN_ENV = "DASHBOARD_TEST_TOKEN"
-
-
-def web_settings(**overrides: Any) -> DashboardSettings:
-    """``quick_settings(web=True)`` with ``overrides``, validated as the environment's values would be."""
-    return DashboardSettings(**{**quick_settings(web=True).model_dump(), **overrides})
 
 
 async def get(url: str, path: str, *, host: str | None = None, **kwargs: Any) -> httpx.Response:
@@ -204,21 +197,21 @@ async def raw_request(url: str, request: bytes) -> bytes:
 
 
 def test_the_settings_normalize_the_host_names_and_refuse_what_is_not_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert DashboardSettings().dashboard_hosts == ["localhost", "127.0.0.1", "[::1]"]
+    assert IntegrationConfig().dashboard_hosts == ["localhost", "127.0.0.1", "[::1]"]
     monkeypatch.setenv("DSPYRT_DASHBOARD_HOSTS", " Dash.Example.com. , ::1,[0:0::1], *.corp.example,10.0.0.7")
     monkeypatch.setenv("DSPYRT_DASHBOARD_TOKEN_ENV", TOKEN_ENV)
-    settings = DashboardSettings()
+    settings = IntegrationConfig()
     assert settings.dashboard_hosts == ["dash.example.com", "[::1]", "[::1]", "*.corp.example", "10.0.0.7"]
     assert settings.dashboard_token_env == TOKEN_ENV
     for bad in ("dash.example.com:8765", "http://dash.example.com", "dash.example.com/x", "a.*.example", ""):
         with pytest.raises(ValidationError):
-            DashboardSettings(dashboard_hosts=[bad])
+            IntegrationConfig(dashboard_hosts=[bad])
     with pytest.raises(ValidationError, match="not an environment variable name"):
-        DashboardSettings(dashboard_token_env="s3cr3t-t0ken value")
+        IntegrationConfig(dashboard_token_env="s3cr3t-t0ken value")
 
 
 async def test_the_page_answers_only_to_its_host_names(config: IntegrationConfig, client: Client) -> None:
-    async with dashboard(config, web_settings()) as agent:
+    async with dashboard(config, web=True) as agent:
         url = agent.web_url
         assert url is not None
         port = httpx.URL(url).port
@@ -235,8 +228,7 @@ async def test_the_page_answers_only_to_its_host_names(config: IntegrationConfig
         assert no_host.startswith(b"HTTP/1.1 400"), no_host
 
     # its own names replace the loopback ones; the address it listens on stays allowed
-    settings = web_settings(dashboard_hosts="dashboard.example.com,*.dash.example")
-    async with dashboard(config, settings) as agent:
+    async with dashboard(config, web=True, dashboard_hosts="dashboard.example.com,*.dash.example") as agent:
         url = agent.web_url
         assert url is not None
         for host, status in (("dashboard.example.com", 200), ("eu.dash.example", 200), ("dash.example", 400),
@@ -250,7 +242,7 @@ async def test_with_a_token_every_route_needs_it_and_a_browser_gets_a_cookie(
     token = secrets.token_hex(32)
     monkeypatch.setenv(TOKEN_ENV, token)
     caplog.set_level(logging.DEBUG)
-    async with dashboard(config, web_settings(dashboard_token_env=TOKEN_ENV)) as agent:
+    async with dashboard(config, web=True, dashboard_token_env=TOKEN_ENV) as agent:
         url = agent.web_url
         assert url is not None
         bearer = {"Authorization": f"Bearer {token}"}
@@ -298,19 +290,19 @@ async def test_beyond_loopback_the_page_is_served_only_with_a_token(
     config: IntegrationConfig, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cases = (
-        (web_settings(dashboard_host="0.0.0.0"), "listen on 0.0.0.0 without a token"),
-        (web_settings(dashboard_token_env="DASHBOARD_TOKEN_NOT_SET"), "DASHBOARD_TOKEN_NOT_SET, which is not set"),
-        (web_settings(dashboard_token_env="DASHBOARD_SHORT_TOKEN"), "fewer than 16 characters"),
+        ({"dashboard_host": "0.0.0.0"}, "listen on 0.0.0.0 without a token"),
+        ({"dashboard_token_env": "DASHBOARD_TOKEN_NOT_SET"}, "DASHBOARD_TOKEN_NOT_SET, which is not set"),
+        ({"dashboard_token_env": "DASHBOARD_SHORT_TOKEN"}, "fewer than 16 characters"),
     )
     monkeypatch.setenv("DASHBOARD_SHORT_TOKEN", "short")
     for settings, why in cases:
-        async with dashboard(config, settings) as agent:
+        async with dashboard(config, web=True, **settings) as agent:
             health = await agent.health_checks()
             assert not health["web"].ok and why in health["web"].detail, health["web"].detail
             assert agent.web_url is None and (await snapshot(client)).web_url is None  # the bus side answers
     token = secrets.token_hex(16)
     monkeypatch.setenv(TOKEN_ENV, f"{token}\n")  # a Secret mounted from a file ends in a newline
-    async with dashboard(config, web_settings(dashboard_host="0.0.0.0", dashboard_token_env=TOKEN_ENV)) as agent:
+    async with dashboard(config, web=True, dashboard_host="0.0.0.0", dashboard_token_env=TOKEN_ENV) as agent:
         assert agent.web_url is not None
         url = f"http://127.0.0.1:{httpx.URL(agent.web_url).port}/"
         assert (await get(url, "healthz")).status_code == 401
@@ -329,7 +321,7 @@ async def test_the_page_works_with_a_token_in_a_real_browser(
     expect = playwright_api.expect
     token = secrets.token_hex(32)
     monkeypatch.setenv(TOKEN_ENV, token)
-    async with dashboard(config, web_settings(dashboard_token_env=TOKEN_ENV)) as agent:
+    async with dashboard(config, web=True, dashboard_token_env=TOKEN_ENV) as agent:
         await record_history(bus)
         url = agent.web_url
         assert url is not None

@@ -11,23 +11,22 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from dspyrt.agents.dashboard.agent import DashboardSettings
 from dspyrt.agents.dashboard.web import PORT_SETTING, listen
 from dspyrt.bus import ConfigurationError
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
-from tests.dashboard.common import dashboard, snapshot
+from tests.dashboard.common import QUICK_LOOPS, configured_dashboard, snapshot
 
 pytestmark = pytest.mark.timeout(45)
 
-DEFAULT_PORT = DashboardSettings.model_fields["dashboard_port"].default
+DEFAULT_PORT = IntegrationConfig.model_fields["dashboard_port"].default
 
 
-def quick_default_port_settings() -> DashboardSettings:
+def quick_default_port(config: IntegrationConfig) -> IntegrationConfig:
     """Quick loops, and the port left at its default (not set by anyone)."""
-    settings = DashboardSettings(dashboard_poll=0.3, dashboard_eval_interval=0.1, dashboard_queue_interval=0.2)
-    assert "dashboard_port" not in settings.model_fields_set and settings.dashboard_port == DEFAULT_PORT
-    return settings
+    quick = config.model_copy(update=QUICK_LOOPS)
+    assert "dashboard_port" not in quick.model_fields_set and quick.dashboard_port == DEFAULT_PORT
+    return quick
 
 
 @pytest.fixture
@@ -50,11 +49,11 @@ def _is_free(port: int) -> bool:
 
 def test_only_the_environment_or_an_argument_sets_the_port(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PORT_SETTING, raising=False)
-    assert "dashboard_port" not in DashboardSettings().model_fields_set
+    assert "dashboard_port" not in IntegrationConfig().model_fields_set
     monkeypatch.setenv(PORT_SETTING, str(DEFAULT_PORT))  # the default's value, but set: that port or none
-    assert "dashboard_port" in DashboardSettings().model_fields_set
+    assert "dashboard_port" in IntegrationConfig().model_fields_set
     monkeypatch.delenv(PORT_SETTING)
-    assert "dashboard_port" in DashboardSettings(dashboard_port=9000).model_fields_set
+    assert "dashboard_port" in IntegrationConfig(dashboard_port=9000).model_fields_set
 
 
 def test_a_taken_default_gives_way_and_a_taken_setting_names_itself(taken_port: int) -> None:
@@ -77,8 +76,8 @@ async def test_two_dashboards_on_the_default_port_both_serve(
     monkeypatch.delenv(PORT_SETTING, raising=False)
     default_was_free = _is_free(DEFAULT_PORT)
     async with (
-        dashboard(config, quick_default_port_settings()) as first,
-        dashboard(config, quick_default_port_settings()) as second,
+        configured_dashboard(quick_default_port(config)) as first,
+        configured_dashboard(quick_default_port(config)) as second,
     ):
         urls = [first.web_url, second.web_url]
         assert None not in urls, [first.web_error, second.web_error]
@@ -98,8 +97,10 @@ async def test_a_port_the_user_set_is_not_replaced(
     config: IntegrationConfig, client: Client, monkeypatch: pytest.MonkeyPatch, taken_port: int
 ) -> None:
     monkeypatch.setenv(PORT_SETTING, str(taken_port))
-    settings = DashboardSettings(dashboard_eval_interval=0.1, dashboard_queue_interval=0.2)
-    async with dashboard(config, settings) as agent:
+    # The test's settings as arguments, the port from the environment, as `dspyrt up` reads them.
+    from_env = IntegrationConfig(**{**config.model_dump(exclude={"dashboard_port"}), **QUICK_LOOPS})
+    assert from_env.dashboard_port == taken_port
+    async with configured_dashboard(from_env) as agent:
         health = await agent.health_checks()
         assert agent.web_url is None and not health["web"].ok
         assert f"{PORT_SETTING}={taken_port}" in health["web"].detail

@@ -25,8 +25,8 @@ from dspyrt.agents.roles import (
     RoleStore,
     check_role,
 )
-from dspyrt.agents.switcher.agent import SwitcherAgent, SwitcherStats
-from dspyrt.agents.switcher.core import Selection, SelectRequest
+from dspyrt.agents.switcher.agent import SwitcherAgent
+from dspyrt.agents.switcher.models import Selection, SelectRequest, SwitcherStats
 from dspyrt.bus import Bus, Empty, RemoteError, TaskStatus
 from dspyrt.runtime.cli_roles import roles_app
 from dspyrt.runtime.config import IntegrationConfig

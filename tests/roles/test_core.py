@@ -23,7 +23,7 @@ from dspyrt.agents.roles import (
     proposal_score,
     scrub,
 )
-from dspyrt.agents.roles.core import normalize
+from dspyrt.agents.roles.text import normalize
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -13,7 +13,7 @@ import pytest
 from dspy.lm15 import Message, Request, Response, Usage
 
 from dspyrt.agents.lm import demo_lm
-from dspyrt.agents.optimizers.core import OptimizationRequest
+from dspyrt.agents.optimizers.models import OptimizationRequest
 from dspyrt.agents.programs import (
     ENTRY_POINT_GROUP,
     ProgramRegistry,
