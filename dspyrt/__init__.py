@@ -23,7 +23,7 @@ _EXPORTS: dict[str, str] = {
     "DSPyOptimizerManager": "dspyrt.agents.optimizers.core",
     "DspyrtError": "dspyrt.bus.errors",
     "Event": "dspyrt.bus.events",
-    "FourPartOptimizationLoop": "dspyrt.agents.loop.cycle",
+    "FourPartOptimizationLoop": "dspyrt.agents.loop.core",
     "HasForward": "dspyrt.agents.programs",
     "IntegrationConfig": "dspyrt.runtime.config",
     "IntegrationMode": "dspyrt.runtime.config",
@@ -98,7 +98,7 @@ if TYPE_CHECKING:
     from dspyrt.agents.assertions.performance import PerformanceValidator
     from dspyrt.agents.assertions.security import SecurityValidator
     from dspyrt.agents.dashboard.core import MetricsDashboard
-    from dspyrt.agents.loop.cycle import FourPartOptimizationLoop
+    from dspyrt.agents.loop.core import FourPartOptimizationLoop
     from dspyrt.agents.optimizers.builtin import LabeledFewShotOptimizer
     from dspyrt.agents.optimizers.core import DSPyOptimizerManager
     from dspyrt.agents.optimizers.models import OptimizationResult

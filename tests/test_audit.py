@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dspyrt.agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
-from dspyrt.agents.loop.deploy import RollbackRequest
+from dspyrt.agents.loop.models import RollbackRequest
 from dspyrt.bus.audit import read_audit
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig

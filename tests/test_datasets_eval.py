@@ -14,8 +14,8 @@ from typing import Any
 import dspy
 import pytest
 
-from dspyrt.agents.loop.cycle import DevsetRows, FourPartOptimizationLoop, KvCycleStore
-from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
+from dspyrt.agents.loop.core import FourPartOptimizationLoop
+from dspyrt.agents.loop.cycle import DevsetRows, KvCycleStore
 from dspyrt.agents.loop.evaluation import (
     INLINE_RESULTS,
     EvaluationAccumulator,
@@ -30,6 +30,9 @@ from dspyrt.agents.loop.models import (
     DeployVerdict,
     EvaluateRequest,
     EvaluationResult,
+    ProgramDetail,
+    ProgramList,
+    ProgramName,
     ShardRequest,
     ShardResult,
 )

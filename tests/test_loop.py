@@ -17,8 +17,15 @@ import dspy
 import pytest
 
 from dspyrt.agents.deployments import ProgramPointer
-from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName, RollbackRequest
-from dspyrt.agents.loop.models import CycleState, PredictReply, PredictRequest
+from dspyrt.agents.loop.models import (
+    CycleState,
+    PredictReply,
+    PredictRequest,
+    ProgramDetail,
+    ProgramList,
+    ProgramName,
+    RollbackRequest,
+)
 from dspyrt.agents.optimizers.models import OptimizerStatsReply
 from dspyrt.agents.programs import build_program, dump_program_state, parse_program_spec
 from dspyrt.bus import Empty, TaskStatus

@@ -15,8 +15,15 @@ from dspyrt.agents.dashboard.agent import DashboardAgent
 from dspyrt.agents.dashboard.core import MetricsDashboard
 from dspyrt.agents.dashboard.models import MetricType
 from dspyrt.agents.deployments import DeployedVersion
-from dspyrt.agents.loop.deploy import ProgramDetail, ProgramList, ProgramName
-from dspyrt.agents.loop.models import DeployRequest, DeployVerdict, PredictReply, PredictRequest
+from dspyrt.agents.loop.models import (
+    DeployRequest,
+    DeployVerdict,
+    PredictReply,
+    PredictRequest,
+    ProgramDetail,
+    ProgramList,
+    ProgramName,
+)
 from dspyrt.agents.optimizers.core import ProgramInputs, program_inputs
 from dspyrt.agents.optimizers.models import ArtifactRef, improvement_points, state_sha256
 from dspyrt.agents.programs import build_program, parse_program_spec

@@ -12,42 +12,25 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from pydantic import Field
-
 from dspyrt.agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
 from dspyrt.agents.loop.gate import check_objectives
 from dspyrt.agents.loop.models import (
-    PROGRAM_NAME,
     DeployCompleted,
     DeployRejected,
     DeployRequest,
     DeployRollback,
     DeployUnchanged,
     DeployVerdict,
+    ProgramDetail,
+    ProgramList,
+    ProgramName,
+    RollbackRequest,
 )
 from dspyrt.agents.programs import program_hash
-from dspyrt.bus import Empty, Message, NotFoundError
+from dspyrt.bus import Empty, NotFoundError
 from dspyrt.bus.audit import record_audit
 from dspyrt.runtime.agent import Agent, current_caller, endpoint
 from dspyrt.runtime.config import IntegrationMode
-
-
-class ProgramName(Message):
-    program: str = Field(pattern=PROGRAM_NAME)
-
-
-class RollbackRequest(Message):
-    program: str = Field(pattern=PROGRAM_NAME)
-    version: int | None = Field(default=None, ge=1)
-
-
-class ProgramList(Message):
-    programs: list[ProgramPointer]
-
-
-class ProgramDetail(Message):
-    pointer: ProgramPointer
-    versions: list[DeployedVersion]
 
 
 class DeployAgent(Agent):

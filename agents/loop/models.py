@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, FiniteFloat, field_validator, model_validator
 
+from dspyrt.agents.deployments import DeployedVersion, ProgramPointer
 from dspyrt.agents.optimizers.models import ArtifactRef, OptimizationResult, OptimizationSpec
 from dspyrt.agents.programs import ProgramSpec, parse_program_spec
 from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE, ExampleResult
@@ -461,3 +462,24 @@ class FeedbackRecorded(EventData):
         if self.agreed > self.count:
             raise ValueError(f"agreed ({self.agreed}) is more than count ({self.count})")
         return self
+
+
+# ------------------------------------------------------------------------------------ the deploy registry
+
+
+class ProgramName(Message):
+    program: str = Field(pattern=PROGRAM_NAME)
+
+
+class RollbackRequest(Message):
+    program: str = Field(pattern=PROGRAM_NAME)
+    version: int | None = Field(default=None, ge=1)
+
+
+class ProgramList(Message):
+    programs: list[ProgramPointer]
+
+
+class ProgramDetail(Message):
+    pointer: ProgramPointer
+    versions: list[DeployedVersion]
