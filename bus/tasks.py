@@ -135,7 +135,7 @@ def pick_task_id(prefix: str, candidates: Iterable[str], max_listed: int = 10) -
     """The one task id that ``prefix`` abbreviates, among the ids that start with it (``candidates``).
 
     Tasks a task starts are named after it (a cycle's ``<id>-base``, ``<id>-opt-eval-s0``): a prefix that matches
-    one task and such children of it means that task. No candidate: :class:`~bus.errors.NotFoundError`; several
+    one task and such children of it means that task. No candidate: :class:`~dspyrt.bus.errors.NotFoundError`; several
     unrelated ones: ``DspyrtError`` ``ambiguous_id`` naming them (up to ``max_listed``)."""
     ids = sorted(set(candidates))
     present = set(ids)
@@ -346,8 +346,8 @@ class TaskStore:
         """The full id of the one task whose id is ``prefix`` or starts with it (like git's abbreviated commits).
 
         An exact id wins over longer ids it is a prefix of, and a task wins over the tasks it started (see
-        :func:`pick_task_id`). Raises :class:`~bus.errors.NotFoundError` when no task matches, and ``DspyrtError``
-        with code ``ambiguous_id`` naming the candidates when several do."""
+        :func:`pick_task_id`). Raises :class:`~dspyrt.bus.errors.NotFoundError` when no task matches, and
+        ``DspyrtError`` with code ``ambiguous_id`` naming the candidates when several do."""
         if not TASK_ID.match(prefix):
             raise TaskNotFoundError(f"no task with id {prefix!r} (a task id is 1-128 letters, digits, '_' or '-')")
         if await self.get(prefix) is not None:

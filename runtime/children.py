@@ -6,10 +6,10 @@
 
 What a child that did not succeed means for its parent is declared at the call, never re-derived by hand:
 
-- ``on_failure="fail"``: the parent fails at once: :class:`~bus.errors.PermanentError` with the child's error code
-  and a message naming the child and its error;
-- ``on_failure="retry"``: the parent is delivered again later: :class:`~bus.errors.RetryableError`, same code and
-  message, so the parent's own :class:`~runtime.agent.RetryPolicy` bounds it.
+- ``on_failure="fail"``: the parent fails at once: :class:`~dspyrt.bus.errors.PermanentError` with the child's
+  error code and a message naming the child and its error;
+- ``on_failure="retry"``: the parent is delivered again later: :class:`~dspyrt.bus.errors.RetryableError`, same code and
+  message, so the parent's own :class:`~dspyrt.runtime.agent.RetryPolicy` bounds it.
 
 ``on_dead`` (default: ``on_failure``) overrides the rule for a child that ended ``dead`` (it ran out of attempts,
 or its workers kept crashing) rather than ``failed`` (its handler refused it for good). A child still unfinished

@@ -4,8 +4,8 @@
 for the record, where it was put and its size, with the summary the record keeps). ``show --examples`` pages the
 per-example results of an evaluation: an ``evaluate`` task's, or a ``cycle``'s optimized (``--phase baseline``:
 its baseline) evaluation. An evaluation holds them inline (``results``, a list of ``ExampleResult`` objects) or
-claim-checked (``results_ref``, an :class:`~bus.claims.ObjectRef` to a JSON Lines object in the results store,
-one ``ExampleResult`` per line in index order), read here with :class:`~bus.claims.ClaimStore`.
+claim-checked (``results_ref``, an :class:`~dspyrt.bus.claims.ObjectRef` to a JSON Lines object in the results store,
+one ``ExampleResult`` per line in index order), read here with :class:`~dspyrt.bus.claims.ClaimStore`.
 
 Exit codes as for ``dspyrt datasets``: 1 the command failed (an unknown task, no such results), 2 a usage error
 or no NATS reachable. ``dspyrt.runtime.cli`` registers ``tasks_app``.

@@ -123,7 +123,7 @@ class Client:
         """Submit a durable task; its id (``created`` false if the id existed already).
 
         A kind that no worker serves (no worker of it has ever started) is refused with
-        :class:`~bus.tasks.UnknownKindError` before anything is written. ``require_worker=False`` queues it
+        :class:`~dspyrt.bus.tasks.UnknownKindError` before anything is written. ``require_worker=False`` queues it
         anyway, for a deployment whose workers of that kind start later: the task waits for the first one.
 
         If a submit fails (an exception, say while the server restarts), submit the same ``task_id`` again: a task
@@ -259,10 +259,10 @@ class Client:
 async def resolve_task_id(source: Client | TaskStore, prefix: str) -> str:
     """The full id of the one task whose id is ``prefix`` or starts with it, as git takes an abbreviated commit.
 
-    An exact id wins. No match: :class:`~bus.errors.NotFoundError`; several: ``DspyrtError`` with code
-    ``ambiguous_id`` naming the candidates. From a :class:`~bus.tasks.TaskStore` (one listing of the task bucket's
-    keys), or a :class:`Client` (through the gateway: among the user's newest tasks). Commands that take a task id
-    to read (``tasks show``, ``traces``, ``dlq --replay``) call it; ``submit --id`` takes its id as it is.
+    An exact id wins. No match: :class:`~dspyrt.bus.errors.NotFoundError`; several: ``DspyrtError`` with code
+    ``ambiguous_id`` naming the candidates. From a :class:`~dspyrt.bus.tasks.TaskStore` (one listing of the task
+    bucket's keys), or a :class:`Client` (through the gateway: among the user's newest tasks). Commands that take a
+    task id to read (``tasks show``, ``traces``, ``dlq --replay``) call it; ``submit --id`` takes its id as it is.
     """
     if isinstance(source, TaskStore):
         return await source.resolve_id(prefix)

@@ -2,7 +2,7 @@
 
 =========================  ==================================================================================
 ``GET /``                  the page: inline SVG charts drawn by ``static/dashboard.js``; nothing external
-``GET /api/snapshot``      the same :class:`~agents.dashboard.models.DashboardSnapshot` the bus endpoint
+``GET /api/snapshot``      the same :class:`~dspyrt.agents.dashboard.models.DashboardSnapshot` the bus endpoint
                            ``dashboard.snapshot`` returns; query ``program``, ``model``, ``metric``,
                            ``max_points``, ``since``
 ``GET /healthz``           ``{"ok": true}``
