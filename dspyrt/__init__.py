@@ -19,9 +19,12 @@ _EXPORTS: dict[str, str] = {
     "AssertionResult": "dspyrt.agents.assertions.models",
     "Client": "dspyrt.runtime.client",
     "CodeQualityValidator": "dspyrt.agents.assertions.code_quality",
+    "CycleResult": "dspyrt.agents.loop.models",
     "DSPyAssertionFramework": "dspyrt.agents.assertions.core",
+    "DSPyClient": "dspyrt.agents.api.client",
     "DSPyOptimizerManager": "dspyrt.agents.optimizers.core",
     "DspyrtError": "dspyrt.bus.errors",
+    "EvaluationResult": "dspyrt.agents.loop.models",
     "Event": "dspyrt.bus.events",
     "FourPartOptimizationLoop": "dspyrt.agents.loop.core",
     "HasForward": "dspyrt.agents.programs",
@@ -34,14 +37,24 @@ _EXPORTS: dict[str, str] = {
     "ModelSwitcher": "dspyrt.agents.switcher.core",
     "OptimizationResult": "dspyrt.agents.optimizers.models",
     "PerformanceValidator": "dspyrt.agents.assertions.performance",
+    "ProviderError": "dspyrt.agents.api.errors",
+    "RemoteProgram": "dspyrt.agents.api.remote",
     "RetryPolicy": "dspyrt.runtime.agent",
     "RoleRefinementResult": "dspyrt.agents.roles.models",
     "RoleRefiner": "dspyrt.agents.roles.program",
     "SecurityValidator": "dspyrt.agents.assertions.security",
+    "SignatureNotSupported": "dspyrt.agents.api.errors",
+    "SyncDSPyClient": "dspyrt.agents.api.sync",
     "TaskContext": "dspyrt.runtime.agent",
+    "TaskFailed": "dspyrt.agents.api.errors",
+    "TaskRun": "dspyrt.agents.api.client",
+    "ValidationReport": "dspyrt.agents.assertions.models",
+    "connect": "dspyrt.agents.api.client",
     "connect_client": "dspyrt.runtime.client",
+    "connect_sync": "dspyrt.agents.api.sync",
     "endpoint": "dspyrt.runtime.agent",
     "on_event": "dspyrt.runtime.agent",
+    "program_spec": "dspyrt.agents.api.signatures",
     "task": "dspyrt.runtime.agent",
 }
 
@@ -50,9 +63,12 @@ __all__ = [
     "AssertionResult",
     "Client",
     "CodeQualityValidator",
+    "CycleResult",
     "DSPyAssertionFramework",
+    "DSPyClient",
     "DSPyOptimizerManager",
     "DspyrtError",
+    "EvaluationResult",
     "Event",
     "FourPartOptimizationLoop",
     "HasForward",
@@ -65,14 +81,24 @@ __all__ = [
     "ModelSwitcher",
     "OptimizationResult",
     "PerformanceValidator",
+    "ProviderError",
+    "RemoteProgram",
     "RetryPolicy",
     "RoleRefinementResult",
     "RoleRefiner",
     "SecurityValidator",
+    "SignatureNotSupported",
+    "SyncDSPyClient",
     "TaskContext",
+    "TaskFailed",
+    "TaskRun",
+    "ValidationReport",
+    "connect",
     "connect_client",
+    "connect_sync",
     "endpoint",
     "on_event",
+    "program_spec",
     "task",
 ]
 
@@ -91,14 +117,20 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from dspyrt.agents.api.client import DSPyClient, TaskRun, connect
+    from dspyrt.agents.api.errors import ProviderError, SignatureNotSupported, TaskFailed
+    from dspyrt.agents.api.remote import RemoteProgram
+    from dspyrt.agents.api.signatures import program_spec
+    from dspyrt.agents.api.sync import SyncDSPyClient, connect_sync
     from dspyrt.agents.assertions.code_quality import CodeQualityValidator
     from dspyrt.agents.assertions.core import DSPyAssertionFramework
     from dspyrt.agents.assertions.logic import LogicValidator
-    from dspyrt.agents.assertions.models import AssertionResult
+    from dspyrt.agents.assertions.models import AssertionResult, ValidationReport
     from dspyrt.agents.assertions.performance import PerformanceValidator
     from dspyrt.agents.assertions.security import SecurityValidator
     from dspyrt.agents.dashboard.core import MetricsDashboard
     from dspyrt.agents.loop.core import FourPartOptimizationLoop
+    from dspyrt.agents.loop.models import CycleResult, EvaluationResult
     from dspyrt.agents.optimizers.builtin import LabeledFewShotOptimizer
     from dspyrt.agents.optimizers.core import DSPyOptimizerManager
     from dspyrt.agents.optimizers.models import OptimizationResult
@@ -111,3 +143,4 @@ if TYPE_CHECKING:
     from dspyrt.bus.messages import Message
     from dspyrt.runtime.agent import Agent, RetryPolicy, TaskContext, endpoint, on_event, task
     from dspyrt.runtime.client import Client, connect_client
+    from dspyrt.runtime.config import IntegrationConfig, IntegrationMode

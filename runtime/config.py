@@ -10,7 +10,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, GetJsonSchemaHandler, SecretStr, ValidationError, field_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -57,11 +59,28 @@ def env_name(value: str) -> str:
 
 
 class IntegrationMode(StrEnum):
-    """Which agents a process runs (the guide's IntegrationMode)."""
+    """Which agents a process runs (the guide's IntegrationMode).
+
+    The canonical values are ``full``, ``optimization_only`` and ``monitoring_only``. The guide's names are
+    aliases of them: ``IntegrationMode.FULL_INTEGRATION is IntegrationMode.FULL``, and ``"full_integration"``
+    (in code, a configuration file or ``DSPYRT_MODE``) reads as ``full``; names are read case-insensitively."""
 
     FULL = "full"
     OPTIMIZATION_ONLY = "optimization_only"
     MONITORING_ONLY = "monitoring_only"
+    FULL_INTEGRATION = "full"  # the guide's name: an alias of FULL
+
+    @classmethod
+    def _missing_(cls, value: object) -> IntegrationMode | None:
+        # A member's name, aliases included ("full_integration", "FULL"), in any case.
+        return cls.__members__.get(value.strip().upper()) if isinstance(value, str) else None
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        # pydantic lists every member, aliases included ("full" twice): the schema lists each value once.
+        json_schema = handler(schema)
+        json_schema["enum"] = [mode.value for mode in cls]
+        return json_schema
 
 
 class IntegrationConfig(BaseSettings):

@@ -345,14 +345,14 @@ async def test_a_resumed_cycle_runs_on_the_versions_pinned_at_its_start(bus: Bus
     phases, store = RecordingPhases(), MemoryStore()
     loop = FourPartOptimizationLoop(phases, store, datasets)
     req = CycleRequest.model_validate(cycle(devset="dataset:dev", include_feedback=True))
-    await loop.run_cycle("c1", req)
+    await loop.arun_cycle(req, "c1")
     assert phases.evaluations[0].devset == f"dataset:dev@{first.version}"
     assert store.states["c1"].feedback == []
     # New data arrives; the cycle's coordinator dies before its baseline and the cycle resumes.
     await datasets.put("dev", DEVSET[:5])
     await datasets.put("topic-classifier-feedback", DEVSET[:3])
     store.states["c1"].phases = {k: v for k, v in store.states["c1"].phases.items() if k == "create"}
-    result = await loop.run_cycle("c1", req)
+    result = await loop.arun_cycle(req, "c1")
     assert phases.evaluations[-1].devset == f"dataset:dev@{first.version}"
     assert phases.optimizations[-1].trainset == TRAINSET  # the feedback that did not exist at the start
     assert result.datasets == {"devset": [f"dev@{first.version}"], "feedback": []}

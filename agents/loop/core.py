@@ -3,7 +3,12 @@ optimized program → validate → deploy (the gate), each phase's output kept i
 starts, so a cycle resumes at the phase it reached.
 
 The phases, the state store and the datasets are protocols; ``dspyrt.agents.loop.cycle`` gives their bus versions
-(durable child tasks, the ``cycles`` KV bucket, the datasets store) and the ``cycle`` task's agent.
+(durable child tasks, the ``cycles`` KV bucket, the datasets store) and the ``cycle`` task's agent, and
+``dspyrt.agents.loop.inprocess`` their in-process versions, which ``FourPartOptimizationLoop()`` uses when given
+none (no NATS: the configured ``dspy.LM``, an in-memory store and deploy registry).
+
+``arun_cycle`` is the cycle (async: the bus agent awaits it); ``run_cycle`` is the guide's blocking call, usable
+from plain scripts and from inside a running event loop (a notebook), and ``get_stats`` counts the cycles.
 The cycle's scores are its two evaluations on the devset, and its improvement is their difference in percentage
 points (what the gate, the result and the ``cycle.completed`` event use); the optimizer's own scores, on its
 validation set, stay in the optimization's result.
@@ -11,9 +16,18 @@ validation set, stay in the optimization's result.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextvars
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import anyio
+
+from dspyrt.agents.loop.inprocess import InlineDatasets, InProcessPhases, MemoryCycleStore, cycle_request
 from dspyrt.agents.loop.models import (
     EXAMPLE_FIELDS,
     PHASES,
@@ -30,6 +44,7 @@ from dspyrt.agents.loop.models import (
     feedback_dataset,
 )
 from dspyrt.agents.optimizers.models import OptimizationRequest, OptimizationResult, improvement_points
+from dspyrt.bus import ConfigurationError
 from dspyrt.runtime.datasets import DatasetNotFoundError, DatasetRef, references_in
 
 
@@ -59,16 +74,135 @@ class Datasets(Protocol):
 Progress = Callable[[str, int, int], Awaitable[None]]
 
 
+@dataclass
+class LoopStats:
+    """What a loop instance has run (the guide's ``get_stats``)."""
+
+    cycles: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    deployed: int = 0
+    rejected: int = 0
+    last_cycle_id: str | None = None
+    last_improvement: float | None = None
+    last_error: str | None = None
+    duration_total: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cycles": self.cycles,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "deployed": self.deployed,
+            "rejected": self.rejected,
+            "last_cycle_id": self.last_cycle_id,
+            "last_improvement": self.last_improvement,
+            "last_error": self.last_error,
+            "mean_duration_s": round(self.duration_total / self.cycles, 3) if self.cycles else None,
+        }
+
+
+CycleInput = CycleRequest | Mapping[str, Any]
+
+
 class FourPartOptimizationLoop:
-    """Runs a cycle's phases in order, skipping the ones its state says are finished."""
+    """Runs a cycle's phases in order, skipping the ones its state says are finished.
+
+    With no arguments the phases run in this process (:class:`~dspyrt.agents.loop.inprocess.InProcessPhases`,
+    an in-memory store, inline data): ``FourPartOptimizationLoop().run_cycle({...})`` as the guide writes it.
+    The bus agent gives its own phases, store and datasets (all three, or none)."""
 
     def __init__(
-        self, phases: CyclePhases, store: CycleStore, datasets: Datasets, *, auto_validate: bool = True
+        self,
+        phases: CyclePhases | None = None,
+        store: CycleStore | None = None,
+        datasets: Datasets | None = None,
+        *,
+        auto_validate: bool = True,
     ) -> None:
+        if phases is None and store is None and datasets is None:
+            phases, store, datasets = InProcessPhases(), MemoryCycleStore(), InlineDatasets()
+        if phases is None or store is None or datasets is None:
+            raise ConfigurationError("give the loop its phases, store and datasets, or none (in-process)")
         self.phases = phases
         self.store = store
         self.datasets = datasets
         self.auto_validate = auto_validate
+        self._stats = LoopStats()
+        self._stats_lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        # A service, not a value: a dspy.Module holding one (the guide's pattern) shares it with the copies DSPy
+        # makes while optimizing.
+        return self
+
+    def get_stats(self) -> dict[str, Any]:
+        """Cycles run by this instance: how many, succeeded and failed (raised), deployed and rejected by the
+        gate, the last cycle's id, improvement (points on the devset) and error, the mean duration."""
+        with self._stats_lock:
+            return self._stats.as_dict()
+
+    def run_cycle(self, request: CycleInput, cycle_id: str | None = None) -> CycleResult:
+        """Run a cycle to its end and return its result (blocking: the guide's call).
+
+        ``request``: a :class:`CycleRequest`, or the guide's dict (``module_class``, ``test_data``,
+        ``optimization_objectives`` ...; see :func:`~dspyrt.agents.loop.inprocess.cycle_request`).
+        ``cycle_id``: default a new one. With no event loop running in this thread the cycle runs on a new one;
+        inside a running loop (a notebook) it runs on its own loop in a worker thread while this thread waits.
+        Async code should ``await arun_cycle(...)`` instead."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return anyio.run(self.arun_cycle, request, cycle_id)
+        outcome: list[CycleResult] = []
+        failure: list[BaseException] = []
+        context = contextvars.copy_context()  # the caller's dspy.context (its LM) goes with the cycle
+
+        def work() -> None:
+            try:
+                outcome.append(context.run(lambda: anyio.run(self.arun_cycle, request, cycle_id)))
+            except BaseException as exc:  # handed to the waiting caller
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name="dspyrt-run-cycle")
+        worker.start()
+        worker.join()
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    async def arun_cycle(
+        self, request: CycleInput, cycle_id: str | None = None, progress: Progress | None = None
+    ) -> CycleResult:
+        """Run (or resume) cycle ``cycle_id`` (default: a new id) of ``request`` (a :class:`CycleRequest`, or a
+        dict as :meth:`run_cycle` takes), counting it in :meth:`get_stats`."""
+        started = time.perf_counter()
+        cycle = cycle_id or f"cycle-{uuid.uuid4().hex[:12]}"
+        try:
+            if isinstance(request, CycleRequest):
+                req = request
+            else:
+                req = cycle_request(request, self.phases if isinstance(self.phases, InProcessPhases) else None)
+            result = await self._run_cycle(cycle, req, progress)
+        except BaseException as exc:
+            with self._stats_lock:
+                self._count(cycle, started)
+                self._stats.failed += 1
+                self._stats.last_error = str(exc)
+            raise
+        with self._stats_lock:
+            self._count(cycle, started)
+            self._stats.succeeded += 1
+            self._stats.deployed += result.verdict.deployed
+            self._stats.rejected += not result.verdict.deployed
+            self._stats.last_improvement = result.improvement_score
+            self._stats.last_error = None
+        return result
+
+    def _count(self, cycle_id: str, started: float) -> None:
+        self._stats.cycles += 1
+        self._stats.last_cycle_id = cycle_id
+        self._stats.duration_total += time.perf_counter() - started
 
     async def pin(self, state: CycleState, req: CycleRequest) -> None:
         """Pin the request's dataset references, and the feedback dataset when asked for, into ``state``."""
@@ -97,7 +231,7 @@ class FourPartOptimizationLoop:
             rows.extend(await self.datasets.rows(ref))
         return rows
 
-    async def run_cycle(self, cycle_id: str, req: CycleRequest, progress: Progress | None = None) -> CycleResult:
+    async def _run_cycle(self, cycle_id: str, req: CycleRequest, progress: Progress | None) -> CycleResult:
         state = await self.store.load(cycle_id)
         if state.pinned is None or (req.include_feedback and state.feedback is None):
             await self.pin(state, req)

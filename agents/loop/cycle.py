@@ -251,7 +251,7 @@ class CycleAgent(Agent):
         # The program's latest cycle request as it was sent (the cycle pins its data in its own state): what a
         # re-optimization (auto_optimize) runs again.
         await self.states.put(last_cycle_key(req.program_name), req.model_dump_json().encode())
-        result = await self.loop.run_cycle(ctx.task_id, req, progress)
+        result = await self.loop.arun_cycle(req, ctx.task_id, progress)
         await self.publish_event(CycleCompleted.topic, CycleCompleted.of(result))
         return result
 

@@ -7,7 +7,7 @@ pydantic model of its parameters: unknown or mistyped ones are errors, never pas
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import dspy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,16 +28,28 @@ def _params(model: type[_Params], params: dict[str, Any], optimizer: str) -> Any
         raise MessageValidationError(f"invalid parameters for optimizer {optimizer}", field_errors_of(exc)) from exc
 
 
+class _BuiltinOptimizer:
+    """A built-in optimizer's parameters, validated once: a params dict (what the registry's factories pass) or
+    keywords, as the guide writes them (``LabeledFewShotOptimizer(k=16)``); keywords win over the dict."""
+
+    name: ClassVar[str]
+    params_model: ClassVar[type[_Params]]
+
+    def __init__(self, params: dict[str, Any] | None = None, /, **kwargs: Any) -> None:
+        self.params: Any = _params(self.params_model, {**(params or {}), **kwargs}, self.name)
+
+
 class LabeledFewShotParams(_Params):
     k: int = Field(default=16, ge=1, le=1000)
     sample: bool = True
 
 
-class LabeledFewShotOptimizer:
+class LabeledFewShotOptimizer(_BuiltinOptimizer):
     """DSPy's LabeledFewShot with k=16 by default: up to k labelled examples become each predictor's demos."""
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: LabeledFewShotParams = _params(LabeledFewShotParams, params or {}, "labeled_fewshot")
+    name = "labeled_fewshot"
+    params_model = LabeledFewShotParams
+    params: LabeledFewShotParams
 
     def compile(self, ctx: CompileContext) -> Any:
         teleprompter = dspy.LabeledFewShot(k=self.params.k)
@@ -51,9 +63,10 @@ class BootstrapParams(_Params):
     metric_threshold: float | None = None
 
 
-class BootstrapFewShotOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: BootstrapParams = _params(BootstrapParams, params or {}, "bootstrap_fewshot")
+class BootstrapFewShotOptimizer(_BuiltinOptimizer):
+    name = "bootstrap_fewshot"
+    params_model = BootstrapParams
+    params: BootstrapParams
 
     def compile(self, ctx: CompileContext) -> Any:
         p = self.params
@@ -72,9 +85,10 @@ class RandomSearchParams(BootstrapParams):
     stop_at_score: float | None = None
 
 
-class RandomSearchOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: RandomSearchParams = _params(RandomSearchParams, params or {}, "random_search")
+class RandomSearchOptimizer(_BuiltinOptimizer):
+    name = "random_search"
+    params_model = RandomSearchParams
+    params: RandomSearchParams
 
     def compile(self, ctx: CompileContext) -> Any:
         p = self.params
@@ -107,9 +121,10 @@ class MiproParams(_Params):
         return self
 
 
-class MiproV2Optimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: MiproParams = _params(MiproParams, params or {}, "mipro_v2")
+class MiproV2Optimizer(_BuiltinOptimizer):
+    name = "mipro_v2"
+    params_model = MiproParams
+    params: MiproParams
 
     def compile(self, ctx: CompileContext) -> Any:
         p = self.params
@@ -140,9 +155,10 @@ class CoproParams(_Params):
     init_temperature: float = Field(default=1.4, ge=0, le=2)
 
 
-class CoproOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: CoproParams = _params(CoproParams, params or {}, "copro")
+class CoproOptimizer(_BuiltinOptimizer):
+    name = "copro"
+    params_model = CoproParams
+    params: CoproParams
 
     def compile(self, ctx: CompileContext) -> Any:
         p = self.params
@@ -161,9 +177,10 @@ class SimbaParams(_Params):
     max_demos: int = Field(default=4, ge=0, le=64)
 
 
-class SimbaOptimizer:
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: SimbaParams = _params(SimbaParams, params or {}, "simba")
+class SimbaOptimizer(_BuiltinOptimizer):
+    name = "simba"
+    params_model = SimbaParams
+    params: SimbaParams
 
     def compile(self, ctx: CompileContext) -> Any:
         p = self.params
@@ -190,11 +207,12 @@ class GepaParams(_Params):
         return self
 
 
-class GepaOptimizer:
+class GepaOptimizer(_BuiltinOptimizer):
     """DSPy's GEPA; the run's own LM doubles as the reflection LM."""
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params: GepaParams = _params(GepaParams, params or {}, "gepa")
+    name = "gepa"
+    params_model = GepaParams
+    params: GepaParams
 
     def compile(self, ctx: CompileContext) -> Any:
         p = self.params

@@ -6,17 +6,22 @@ The built-in optimizers are DSPy's own (``dspyrt.agents.optimizers.builtin``: ``
 third-party ones come from the entry-point group ``dspyrt.optimizers``. Parameters are validated per optimizer
 (unknown or mistyped ones are errors, never passed through blindly).
 
-A run is synchronous (DSPy optimizers are) and is meant for a worker thread: build the program from its spec,
-split the data, score the baseline with ``dspy.Evaluate``, compile, score the result, dump the state.
+A run is synchronous (DSPy optimizers are) and is meant for a worker thread. One routine, two adapters:
+:meth:`DSPyOptimizerManager.execute` scores the baseline on the validation set, compiles, scores the result and
+dumps the state; the bus agent reaches it through :meth:`~DSPyOptimizerManager.run` (the program built from the
+request's spec, every LM call through the switcher), a Python caller through
+:meth:`~DSPyOptimizerManager.optimize_program` (a live module, the configured ``dspy.LM``, metered in process).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +31,18 @@ from dspy.utils.callback import BaseCallback
 from dspyrt.agents.lm.bus_engine import BudgetExhaustedError, UsageMeter, program_context
 from dspyrt.agents.metrics import Metric, MetricRegistry
 from dspyrt.agents.optimizers.builtin import BUILTIN_OPTIMIZERS
-from dspyrt.agents.optimizers.models import OptimizationRequest, OptimizationResult, improvement_points
-from dspyrt.agents.optimizers.protocol import CompileContext, Optimizer, OptimizerFactory
-from dspyrt.agents.programs import ProgramSpec, build_program, dump_program_state, program_hash
-from dspyrt.agents.scoring import Score, check_error_rate, evaluate_examples, summarize
+from dspyrt.agents.optimizers.metering import configured_lm, metered_lm
+from dspyrt.agents.optimizers.models import Budget, OptimizationRequest, OptimizationResult, improvement_points
+from dspyrt.agents.optimizers.protocol import CompileContext, Optimizer, OptimizerFactory, optimizer_factory
+from dspyrt.agents.programs import (
+    HasForward,
+    ProgramSpec,
+    _ForwardModule,
+    build_program,
+    dump_program_state,
+    program_hash,
+)
+from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE, Score, check_error_rate, evaluate_examples, summarize
 from dspyrt.bus import ConfigurationError, FieldError, MessageValidationError, NotFoundError, RemoteError
 from dspyrt.bus.messages import MAX_FIELD_ERRORS, clip
 from dspyrt.runtime.datasets import references_in
@@ -120,8 +133,33 @@ class RunOutcome:
 
 
 @dataclass
+class OptimizationRun:
+    """One run, whoever asked: the live student program, its data as ``dspy.Example``s, the metric and the
+    optimizer. The bus agent builds it from an ``OptimizationRequest`` (:meth:`DSPyOptimizerManager.run`), a
+    caller in Python from a live module (:meth:`DSPyOptimizerManager.optimize_program`); both run
+    :meth:`DSPyOptimizerManager.execute`."""
+
+    optimizer_name: str
+    optimizer: Optimizer
+    metric: Metric
+    metric_name: str
+    student: Any
+    trainset: list[Any]
+    valset: list[Any]
+    program_name: str
+    program_hash: str
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    num_threads: int = 4
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+
+
+@dataclass
 class DSPyOptimizerManager:
-    """Registry of optimizers (one active), their statistics, and the optimization run itself."""
+    """Registry of optimizers (one active), their statistics, and the optimization run itself.
+
+    In Python, :meth:`optimize_program` optimizes a live ``dspy.Module`` with the configured ``dspy.LM``; the
+    bus agent runs :meth:`run` on a request. Both are :meth:`execute`."""
 
     metrics: MetricRegistry = field(default_factory=MetricRegistry.installed)
     optimizers: dict[str, OptimizerFactory] = field(default_factory=lambda: dict(BUILTIN_OPTIMIZERS))
@@ -135,11 +173,13 @@ class DSPyOptimizerManager:
             if name not in self.optimizers:  # a built-in keeps its name
                 self.optimizers[name] = installed.get(name)
 
-    def register_optimizer(self, name: str, factory: OptimizerFactory) -> None:
-        """Add an optimizer (the guide's ``register_optimizer``); ``factory(params)`` makes one run's optimizer."""
+    def register_optimizer(self, name: str, optimizer: Any) -> None:
+        """Add an optimizer (the guide's ``register_optimizer``): a class called with one run's params (or a
+        factory function), or a ready optimizer object, with ``compile(ctx)`` or the guide's ``optimize(program,
+        test_data, metric)`` (adapted). Anything else is refused here with a :class:`ConfigurationError`."""
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigurationError(f"optimizer name {name!r} must be letters, digits, '_' or '-'")
-        self.optimizers[name] = factory
+        self.optimizers[name] = optimizer_factory(optimizer, f"optimizer {name!r}")
 
     def set_active_optimizer(self, name: str) -> None:
         self._factory(name)
@@ -168,48 +208,157 @@ class DSPyOptimizerManager:
     def run(
         self, request: OptimizationRequest, lm: Any, meter: UsageMeter, progress: Progress, model: str
     ) -> RunOutcome:
-        """The optimization itself (blocking; run it in a worker thread)."""
-        name = request.optimizer or self.active
+        """The bus agent's run (blocking; run it in a worker thread): build the program from the request's spec,
+        split its data, and :meth:`execute`."""
         optimizer, metric = self.prepare(request)
-        started = time.perf_counter()
         spec = request.program
         student = build_program(spec)
         inputs = request.input_fields or program_inputs(student).names
         if not inputs:
             raise MessageValidationError("the program declares no input fields; give input_fields")
-        trainset, valset = _split(request, inputs)
-        result = OptimizationResult(
+        trainset, valset = split_examples(
+            _examples(request.trainset, inputs, "trainset"),
+            _examples(request.valset, inputs, "valset") if request.valset else None,
+            request.seed,
+            request.val_fraction,
+        )
+        run = OptimizationRun(
+            optimizer_name=request.optimizer or self.active,
+            optimizer=optimizer,
+            metric=metric,
+            metric_name=request.metric,
+            student=student,
+            trainset=trainset,
+            valset=valset,
             program_name=request.program_name or f"program-{program_hash(spec)[:12]}",
             program_hash=program_hash(spec),
-            optimizer=name,
             params=request.params,
-            model=model,
-            metric=request.metric,
-            trainset_size=len(trainset),
-            valset_size=len(valset),
             seed=request.seed,
+            num_threads=request.num_threads,
+            max_error_rate=request.max_error_rate,
+        )
+        result, _, state = self.execute(run, lm, meter, progress, model)
+        return RunOutcome(result, state, spec)
+
+    def optimize_program(
+        self,
+        program: HasForward,
+        trainset: Iterable[Any],
+        metric: Metric | str = "exact_match",
+        *,
+        optimizer: str | None = None,
+        params: dict[str, Any] | None = None,
+        valset: Iterable[Any] | None = None,
+        input_fields: list[str] | None = None,
+        metric_field: str | None = None,
+        metric_params: dict[str, Any] | None = None,
+        program_name: str | None = None,
+        seed: int = 0,
+        num_threads: int = 4,
+        val_fraction: float = 0.3,
+        budget: Budget | None = None,
+        max_error_rate: float = DEFAULT_MAX_ERROR_RATE,
+        lm: Any = None,
+        progress: Progress | None = None,
+    ) -> OptimizationResult:
+        """Optimize a live program in this process (the guide's ``optimize_program(program, test_data, metric)``).
+
+        ``program``: a ``dspy.Module`` (anything with ``forward``: ``HasForward``); it is not changed, the
+        optimized copy is ``result.program``. ``trainset`` / ``valset``: ``dspy.Example``s (their input keys
+        kept) or dicts (inputs: ``input_fields``, else the program's). With no ``valset`` a ``val_fraction`` of
+        the trainset is held out. ``metric``: a callable ``(example, prediction, trace=None) -> float | bool`` or
+        a registered metric name. ``lm``: default the configured ``dspy.LM`` (``dspy.configure`` /
+        ``dspy.context``), whose calls, tokens and cost the result counts (``budget`` caps them). Blocking: in
+        async code run it in a worker thread.
+
+        Returns the :class:`OptimizationResult` (scores in percent on the validation set), with the optimized
+        program as ``result.program`` (in this process only: it is not part of the result's JSON)."""
+        name = optimizer or self.active
+        run_optimizer = self._factory(name)(params or {})
+        if isinstance(metric, str):
+            metric_name = metric
+            scorer = self.metrics.get(metric, metric_field, **(metric_params or {}))
+        elif callable(metric):
+            metric_name = str(getattr(metric, "__name__", type(metric).__name__))
+            scorer = metric
+        else:
+            raise ConfigurationError(f"metric must be a callable or a metric name, not {type(metric).__name__}")
+        student = program if isinstance(program, dspy.Module) else _ForwardModule(program)
+        inputs = input_fields or program_inputs(student).names
+        if not inputs:
+            raise MessageValidationError("the program declares no input fields; give input_fields")
+        train, val = split_examples(
+            _examples(list(trainset), inputs, "trainset"),
+            _examples(list(valset), inputs, "valset") if valset is not None else None,
+            seed,
+            val_fraction,
+        )
+        base_lm = lm if lm is not None else configured_lm()
+        limits = budget or Budget()
+        meter = UsageMeter(max_calls=limits.max_lm_calls, max_cost=limits.max_cost)
+        digest = live_program_hash(student)
+        run = OptimizationRun(
+            optimizer_name=name,
+            optimizer=run_optimizer,
+            metric=scorer,
+            metric_name=metric_name,
+            student=student,
+            trainset=train,
+            valset=val,
+            program_name=program_name or type(program).__name__,
+            program_hash=digest,
+            params=dict(params or {}),
+            seed=seed,
+            num_threads=num_threads,
+            max_error_rate=max_error_rate,
+        )
+        result, optimized, _ = self.execute(
+            run, metered_lm(base_lm, meter), meter, progress or _no_progress, str(base_lm.model)
+        )
+        result.program = optimized
+        return result
+
+    def execute(
+        self, run: OptimizationRun, lm: Any, meter: UsageMeter, progress: Progress, model: str
+    ) -> tuple[OptimizationResult, Any, dict[str, Any] | None]:
+        """The optimization itself, for every caller (blocking): score the baseline on the validation set,
+        compile, score the result, dump its state. Returns the result, the optimized program (``None`` when the
+        run stopped early) and its state."""
+        name = run.optimizer_name
+        started = time.perf_counter()
+        result = OptimizationResult(
+            program_name=run.program_name,
+            program_hash=run.program_hash,
+            optimizer=name,
+            params=run.params,
+            model=model,
+            metric=run.metric_name,
+            trainset_size=len(run.trainset),
+            valset_size=len(run.valset),
+            seed=run.seed,
         )
         state: dict[str, Any] | None = None
+        optimized: Any = None
         with self._lock:
             self.stats.setdefault(name, OptimizerStats()).runs += 1
         feed = ProgressCallback(progress, meter)
         try:
             with program_context(lm, callbacks=[feed]):
                 feed.set_phase("baseline", step=0, total=3)
-                baseline = _score(student, valset, metric, request.num_threads, meter, lm)
+                baseline = _score(run.student, run.valset, run.metric, run.num_threads, meter, lm)
                 result.baseline_score, result.baseline_coverage = baseline.score, baseline.coverage
                 feed.set_phase("optimizing", step=1, total=3, baseline_score=result.baseline_score)
-                optimized = optimizer.compile(
-                    CompileContext(student, trainset, valset, metric, request.seed, request.num_threads, lm)
+                optimized = run.optimizer.compile(
+                    CompileContext(run.student, run.trainset, run.valset, run.metric, run.seed, run.num_threads, lm)
                 )
                 _check_run(meter)
                 feed.set_phase("evaluating", step=2, total=3, baseline_score=result.baseline_score)
-                final = _score(optimized, valset, metric, request.num_threads, meter, lm)
+                final = _score(optimized, run.valset, run.metric, run.num_threads, meter, lm)
                 result.optimized_score, result.optimized_coverage = final.score, final.coverage
                 result.improvement_score = improvement_points(baseline.score, final.score)
                 # DSPy's optimizers score a failed call as a wrong answer inside compile(): past the limit, the
                 # choice between candidates measured provider luck, so there is no result to trust.
-                check_error_rate(meter.failed_calls, meter.calls, request.max_error_rate, model=model,
+                check_error_rate(meter.failed_calls, meter.calls, run.max_error_rate, model=model,
                                  what="optimization")  # fmt: skip
                 state = dump_program_state(optimized)
                 feed.best_score = max(feed.best_score or 0.0, result.optimized_score or 0.0)
@@ -226,6 +375,7 @@ class DSPyOptimizerManager:
                 raise
             result.status = "budget_exhausted"
             result.stopped_reason = meter.exhausted or str(exc)
+            optimized = None
         finally:
             result.lm_calls = meter.calls
             result.cached_calls = meter.cached_calls
@@ -245,14 +395,29 @@ class DSPyOptimizerManager:
                 self.stats[name].improvement_total += result.improvement_score or 0.0
             else:
                 self.stats[name].failures += 1
-        return RunOutcome(result, state, spec)
+        return result, optimized, state
+
+
+def _no_progress(phase: str, data: dict[str, Any]) -> None:
+    """Progress nobody listens to."""
+
+
+def live_program_hash(program: Any) -> str:
+    """A sha256 (hex) of a live program: its class and its state before optimization (it has no spec)."""
+    cls = type(getattr(program, "target", program))
+    try:
+        state = json.dumps(program.dump_state(), sort_keys=True, default=str)
+    except Exception:  # a program whose state cannot be dumped is named by its class alone
+        state = ""
+    return hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}\n{state}".encode()).hexdigest()
 
 
 def _optimizer_factory(loaded: Any) -> OptimizerFactory:
-    if not callable(loaded):
-        raise TypeError("is not an optimizer factory: a callable taking the run's params")
-    factory: OptimizerFactory = loaded
-    return factory
+    """An installed plugin, adapted or refused as :meth:`DSPyOptimizerManager.register_optimizer` does."""
+    try:
+        return optimizer_factory(loaded, "optimizer plugin")
+    except ConfigurationError as exc:
+        raise TypeError(exc.message) from None
 
 
 @dataclass(frozen=True)
@@ -346,10 +511,19 @@ def _pass_through(parameters: list[inspect.Parameter]) -> bool:
 
 
 def _examples(rows: Any, inputs: list[str], what: str) -> list[Any]:
+    """``dspy.Example``s of ``rows``: an Example keeps the input keys it was given (``with_inputs``), else takes
+    ``inputs``; a dict must hold the inputs and at least one label."""
     if references_in(rows):  # the agent reads datasets (DatasetStore.examples); here rows are needed
         raise MessageValidationError(f"{what} names datasets ({rows}): read their rows first (DatasetStore.examples)")
     examples = []
     for i, row in enumerate(rows):
+        if isinstance(row, dspy.Example):
+            try:
+                row.inputs()
+                examples.append(row)
+                continue
+            except ValueError:  # no input keys set: the program's, as for a dict
+                row = row.toDict()
         missing = [k for k in inputs if k not in row]
         if missing:
             raise MessageValidationError(f"{what}[{i}] lacks input field(s) {', '.join(missing)}")
@@ -359,15 +533,18 @@ def _examples(rows: Any, inputs: list[str], what: str) -> list[Any]:
     return examples
 
 
-def _split(request: OptimizationRequest, inputs: list[str]) -> tuple[list[Any], list[Any]]:
-    train = _examples(request.trainset, inputs, "trainset")
-    if request.valset:
-        return train, _examples(request.valset, inputs, "valset")
+def split_examples(
+    train: list[Any], valset: list[Any] | None, seed: int, val_fraction: float
+) -> tuple[list[Any], list[Any]]:
+    """The trainset and the validation set: ``valset`` when given, else ``val_fraction`` of the trainset held out
+    (shuffled with ``seed``)."""
+    if valset:
+        return train, valset
     if len(train) < 2:
         raise MessageValidationError("trainset needs at least 2 examples when no valset is given")
     shuffled = train[:]
-    random.Random(request.seed).shuffle(shuffled)
-    n_val = min(len(shuffled) - 1, max(1, round(len(shuffled) * request.val_fraction)))
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(len(shuffled) - 1, max(1, round(len(shuffled) * val_fraction)))
     return shuffled[n_val:], shuffled[:n_val]
 
 

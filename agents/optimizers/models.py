@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, FiniteFloat, field_validator
+from pydantic import Field, FiniteFloat, PrivateAttr, field_validator
 
 from dspyrt.agents.programs import ProgramSpec, parse_program_spec, program_hash
 from dspyrt.agents.scoring import DEFAULT_MAX_ERROR_RATE
@@ -162,6 +162,18 @@ class OptimizationResult(Message):
     original_cost: float | None = None
     original_duration_s: float | None = None
     artifact: ArtifactRef | None = None
+    # The optimized dspy.Module of an in-process run (DSPyOptimizerManager.optimize_program); never serialized.
+    _program: Any = PrivateAttr(default=None)
+
+    @property
+    def program(self) -> Any:
+        """The optimized program, when this result was made in this process by ``optimize_program`` (``None``
+        for a result read from JSON: load its ``artifact`` instead)."""
+        return self._program
+
+    @program.setter
+    def program(self, value: Any) -> None:
+        self._program = value
 
     def as_cache_hit(self, duration_s: float) -> OptimizationResult:
         """This stored result returned again without running: no LM call, no token, no cost."""
