@@ -161,15 +161,7 @@ class BusPhases:
         )
 
     async def validate(self, req: CycleRequest, evaluation: EvaluationResult) -> dict[str, Any] | None:
-        payload: dict[str, Any] = {
-            "cases": [],
-            "output_schema": req.validation.output_schema,
-            "invariants": req.validation.invariants,
-            "code_fields": req.validation.code_fields,
-            "objectives": {"max_latency_p95_ms": req.objectives.max_latency_p95_ms},
-        }
-        if req.validation.types is not None:
-            payload["types"] = req.validation.types
+        payload = req.validation_fields()
         budget = self.agent.bus.max_payload - len(json.dumps(payload).encode()) - VALIDATION_HEADROOM
         payload["cases"] = await self._cases(req, evaluation, budget)
         raw = await self.agent.bus.request_raw(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from dspyrt.agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
+from dspyrt.agents.deployments import DeployRegistry, ProgramPointer
 from dspyrt.agents.loop.gate import check_objectives
 from dspyrt.agents.loop.models import (
     DeployCompleted,
@@ -68,20 +68,7 @@ class DeployAgent(Agent):
         if unchanged is not None:
             return unchanged
         version = await self.registry.next_version(request.program_name)
-        deployed = DeployedVersion(
-            program=request.program_name,
-            version=version,
-            artifact_store=request.artifact.store,
-            artifact_name=request.artifact.name,
-            artifact_sha256=request.artifact.sha256,
-            state_sha256=request.artifact.state_sha256,
-            program_hash=spec_hash,
-            model=request.model,
-            score=request.optimized_score,
-            baseline_score=request.baseline_score,
-            cycle_id=request.cycle_id,
-            datasets=request.datasets,
-        )
+        deployed = request.deployed_version(version, spec_hash)
         pointer = await self.registry.deploy(deployed, canary_fraction=request.canary_fraction)
         await record_audit(
             self.bus,

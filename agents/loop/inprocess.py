@@ -117,20 +117,7 @@ class MemoryDeployRegistry:
             return DeployVerdict(deployed=True, unchanged=True, program_name=name, version=active.version,
                                  note=note, checks=checks)  # fmt: skip
         version = len(self.versions.get(name, [])) + 1
-        deployed = DeployedVersion(
-            program=name,
-            version=version,
-            artifact_store=req.artifact.store,
-            artifact_name=req.artifact.name,
-            artifact_sha256=req.artifact.sha256,
-            state_sha256=req.artifact.state_sha256,
-            program_hash=spec_hash,
-            model=req.model,
-            score=req.optimized_score,
-            baseline_score=req.baseline_score,
-            cycle_id=req.cycle_id,
-            datasets=req.datasets,
-        )
+        deployed = req.deployed_version(version, spec_hash)
         self.versions.setdefault(name, []).append(deployed)
         self.pointers[name] = ProgramPointer(program=name, active=deployed)
         self.modules[(name, version)] = module
@@ -295,15 +282,7 @@ class InProcessPhases:
         ][:MAX_VALIDATION_CASES]  # fmt: skip
         if not cases:
             return None
-        payload: dict[str, Any] = {
-            "cases": cases,
-            "output_schema": req.validation.output_schema,
-            "invariants": req.validation.invariants,
-            "code_fields": req.validation.code_fields,
-            "objectives": {"max_latency_p95_ms": req.objectives.max_latency_p95_ms},
-        }
-        if req.validation.types is not None:
-            payload["types"] = req.validation.types
+        payload = {**req.validation_fields(), "cases": cases}
         report = await self.framework.validate(ValidationRequest.model_validate(payload), module=module)
         dumped: dict[str, Any] = report.model_dump(mode="json")
         return dumped

@@ -216,6 +216,23 @@ class DeployRequest(Message):
 
     _check = field_validator("program", mode="before")(classmethod(lambda cls, v: _spec(v)))
 
+    def deployed_version(self, version: int, program_hash: str) -> DeployedVersion:
+        """The registry's record of this candidate as ``version`` (bus and in-process deploys write the same one)."""
+        return DeployedVersion(
+            program=self.program_name,
+            version=version,
+            artifact_store=self.artifact.store,
+            artifact_name=self.artifact.name,
+            artifact_sha256=self.artifact.sha256,
+            state_sha256=self.artifact.state_sha256,
+            program_hash=program_hash,
+            model=self.model,
+            score=self.optimized_score,
+            baseline_score=self.baseline_score,
+            cycle_id=self.cycle_id,
+            datasets=self.datasets,
+        )
+
 
 class DeployVerdict(Message):
     """The deploy gate's answer. ``deployed`` with ``unchanged``: the candidate is the program already deployed as
@@ -251,6 +268,20 @@ class CycleRequest(OptimizationSpec):
     # Append the program's feedback dataset ("dataset:<program_name>-feedback", its newest version at the cycle's
     # start) to the trainset of the optimize phase; nothing when it does not exist yet.
     include_feedback: bool = False
+
+    def validation_fields(self) -> dict[str, Any]:
+        """This cycle's validation request without its cases: the checks it asked for and its latency objective
+        (the bus and the in-process validate phases add the cases they can afford)."""
+        fields: dict[str, Any] = {
+            "cases": [],
+            "output_schema": self.validation.output_schema,
+            "invariants": self.validation.invariants,
+            "code_fields": self.validation.code_fields,
+            "objectives": {"max_latency_p95_ms": self.objectives.max_latency_p95_ms},
+        }
+        if self.validation.types is not None:
+            fields["types"] = self.validation.types
+        return fields
 
 
 EXAMPLE_FIELDS = ("trainset", "valset", "devset")
