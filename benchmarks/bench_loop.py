@@ -12,9 +12,8 @@ D. One ``evaluate`` task submitted to ``loop-evaluate`` (hosted in this process 
    which splits the devset into ``evaluate-shard`` tasks scored by 1, 2 and 4 ``evaluator`` processes
    (``python -m dspyrt.runtime.cli agent evaluator``: 2 shards at once per process, ``num_threads`` threads per shard);
    every LM call goes over NATS to ``switcher`` process(es) (``python -m dspyrt.runtime.cli agent switcher``) serving
-   the
-   same demo model with the same 50 ms latency from a models TOML. Total LM concurrency is
-   processes x 2 x num_threads. The 4-process row is run with 1 and then 2 switcher processes.
+   the same demo model with the same 50 ms latency from a models TOML. Total LM concurrency is processes x 2 x
+   num_threads. The 4-process row is run with 1 and then 2 switcher processes.
 
 Defaults: shard_size=50 and num_threads=10, so the 400 examples make 8 shards, which is exactly the 8 shard slots
 of 4 evaluator processes (one wave), and each shard's 50 examples are 5 full rounds of 10 LM calls (no part-empty
@@ -169,8 +168,8 @@ class CpuMeter:
 
 
 class Fleet:
-    """``python -m dspyrt.runtime.cli agent NAME`` processes, as an operator runs them; every one is stopped at the
-    end."""
+    """``python -m dspyrt.runtime.cli agent NAME`` processes, as an operator runs them; every one is stopped at
+    the end."""
 
     def __init__(self, config: IntegrationConfig, workdir: Path) -> None:
         self.workdir = workdir

@@ -17,9 +17,8 @@ C. One proxied call piece by piece, each measured alone in the same process (p50
    agents' connection, pydantic/JSON both ways, the spans of one hop, the switcher's own work (its second dspy.LM
    layer, the demo engine inside it, model ordering, the lm.call event + metrics), the sync engine's thread hop.
 
-Everything runs in this process (agents via ``dspyrt.runtime.supervisor.serve``, as ``dspyrt up`` does, tracing on
-with the
-JSONL exporter) against one embedded nats-server. This is a benchmark, not a test: nothing asserts on timing.
+Everything runs in this process (agents via ``dspyrt.runtime.supervisor.serve``, as ``dspyrt up`` does, tracing on with
+the JSONL exporter) against one embedded nats-server. This is a benchmark, not a test: nothing asserts on timing.
 
     .venv/bin/python benchmarks/bench_models.py                 # ~1-2 minutes
     .venv/bin/python benchmarks/bench_models.py --quick         # ~30 s, fewer samples

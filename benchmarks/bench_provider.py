@@ -9,8 +9,7 @@ A. The ``optimize`` task with 100 ms per provider call. The ``text -> topic`` pr
    (a) in-process, plain DSPy as a user writes it without us: one ``dspy.LM(..., cache=False)``,
        ``dspy.Evaluate(num_threads=N)`` of the baseline, ``LabeledFewShot(k=16).compile``, ``Evaluate`` again;
    (b) dspyrt: the switcher and optimizer agents in this process (``dspyrt.runtime.supervisor.serving``, as ``dspyrt
-   up``
-       runs them) on an embedded nats-server, the models TOML naming the provider; the same task submitted with
+       up`` runs them) on an embedded nats-server, the models TOML naming the provider; the same task submitted with
        ``no_cache: true`` and awaited (``client.run``).
    Same N on both sides, rounds interleaved, medians. Then the caches: the task again with the cache on (the LM
    answers of the no_cache runs are stored), with a new seed so the optimization-result cache misses and only the
@@ -336,8 +335,8 @@ async def load(meter: Meter, args: argparse.Namespace, call: Callable[[int, int]
 
 
 class SwitcherProcess:
-    """``python -m dspyrt.runtime.cli agent switcher`` against the benchmark's nats-server; stopped when the block
-    ends."""
+    """``python -m dspyrt.runtime.cli agent switcher`` against the benchmark's nats-server; stopped when the
+    block ends."""
 
     def __init__(self, config: IntegrationConfig, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

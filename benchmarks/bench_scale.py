@@ -118,8 +118,8 @@ class Cpu:
 
 
 class Fleet:
-    """``python -m dspyrt.runtime.cli up --agents ...`` processes against the benchmark's NATS; all stopped at the
-    end."""
+    """``python -m dspyrt.runtime.cli up --agents ...`` processes against the benchmark's NATS; all stopped at
+    the end."""
 
     def __init__(self, config: IntegrationConfig, workdir: Path) -> None:
         self.workdir = workdir

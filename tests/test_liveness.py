@@ -1,11 +1,9 @@
 """The liveness guard (``dspyrt.runtime.liveness``): a process whose connection stops delivering while nats-py still
-says
-"connected" reconnects by itself within seconds, or exits with the reason so that its supervisor restarts it.
+says "connected" reconnects by itself within seconds, or exits with the reason so that its supervisor restarts it.
 
-The deafness is real in each test, never a mock: nats-py's own read loop ended by a poison message (the parsing
+The deafness is real in each test, never simulated: nats-py's own read loop ended by a poison message (the parsing
 guard of ``dspyrt.bus.connection`` taken off that one connection, as nats-py 2.16 ships), or a TCP proxy between an
-agent
-process and nats-server that stops passing the server's bytes on while the process's own still get through (a
+agent process and nats-server that stops passing the server's bytes on while the process's own still get through (a
 half-open connection). No timing is asserted: how long the recovery took is printed (``-s``).
 """
 

@@ -62,8 +62,7 @@ from dspyrt.agents.loop.models import (
 )
 from dspyrt.agents.optimizers.models import ArtifactRef, Budget, OptimizationRequest, OptimizationResult
 from dspyrt.agents.programs import load_program_state, parse_program_spec
-from dspyrt.agents.roles.agent import REFINE_TASK
-from dspyrt.agents.roles.models import RefineRequest, RoleDefinition, RoleRefinementResult
+from dspyrt.agents.roles.models import REFINE_TASK, RefineRequest, RoleDefinition, RoleRefinementResult
 from dspyrt.bus import DspyrtError, MessageValidationError, NotFoundError, TaskRecord, TaskStatus
 from dspyrt.bus.errors import ConfigurationError, FieldError
 from dspyrt.runtime.client import Client, connect_client

@@ -5,8 +5,7 @@ error are kept, keyed by the example's index in the whole devset. Merging is by 
 (its first worker died after finishing) can never count an example twice.
 
 How each example's failure counts is ``dspyrt.agents.scoring``'s rule: a failure of the example scores 0, an LM call
-that
-failed after retries and fallback is an error left out of the score (and counted against coverage), anything else
+that failed after retries and fallback is an error left out of the score (and counted against coverage), anything else
 fails the shard: scoring every example 0 would report a baseline of 0 and a huge improvement.
 
 An evaluation of 100,000 examples must not hold 100,000 result objects: :class:`EvaluationAccumulator` merges

@@ -11,8 +11,7 @@ Storage:
   ``head.<program>`` the feedback dataset version the last batch wrote: the compare-and-swap point that orders
   batches, so two at once (on any replicas) both land.
 - Dataset ``<program>-feedback`` (:mod:`dspyrt.runtime.datasets`): one version per batch, the previous version's rows
-plus
-  the batch's, a later correction of the same inputs replacing the earlier one. A row is the prediction's inputs
+  plus the batch's, a later correction of the same inputs replacing the earlier one. A row is the prediction's inputs
   and outputs with the corrected fields overridden.
 
 Recording never fails a prediction: a failed or too-large record is logged and counted (the serving agent's

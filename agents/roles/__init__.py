@@ -15,10 +15,11 @@ demos), ``text`` (how role text is normalized), ``store`` (the versioned KV stor
 agent).
 """
 
-from dspyrt.agents.roles.agent import REFINE_TASK, RolesAgent
+from dspyrt.agents.roles.agent import RolesAgent
 from dspyrt.agents.roles.core import RoleRefinementSystem
 from dspyrt.agents.roles.models import (
     DEFAULT_TARGET_CONTEXT,
+    REFINE_TASK,
     Change,
     CheckReply,
     CheckRequest,

@@ -27,6 +27,7 @@ import anyio
 from dspyrt.agents.lm.bus_engine import Routing, UsageMeter, bus_lm
 from dspyrt.agents.roles.core import RoleRefinementSystem
 from dspyrt.agents.roles.models import (
+    REFINE_TASK,
     CheckReply,
     CheckRequest,
     GetRole,
@@ -41,8 +42,6 @@ from dspyrt.agents.roles.store import RoleStore
 from dspyrt.bus import Empty
 from dspyrt.runtime.agent import Agent, CheckResult, TaskContext, endpoint, task
 from dspyrt.runtime.config import IntegrationMode
-
-REFINE_TASK = "refine-role"
 
 
 class RolesAgent(Agent):

@@ -13,6 +13,8 @@ from dspyrt.agents.roles.text import normalize, words
 from dspyrt.bus import Message
 from dspyrt.bus.events import EventData
 
+# The durable task kind of a role refinement (the roles agent serves it; clients submit it).
+REFINE_TASK = "refine-role"
 DEFAULT_TARGET_CONTEXT = "solo developer"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 MAX_RESPONSIBILITIES = 50

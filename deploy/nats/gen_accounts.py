@@ -191,8 +191,8 @@ class Names:
         return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.task_stream}.{self.task_consumer(kind)}"
 
     def audit(self, user: str, action: str) -> str:
-        """Where ``user`` records audit ``action`` (``dspyrt.bus.subjects.Subjects.audit``): the subject names the
-        user."""
+        """Where ``user`` records audit ``action`` (``dspyrt.bus.subjects.Subjects.audit``): the subject names
+        the user."""
         return f"{self.prefix}.audit.{user}.{action}"
 
     @staticmethod
@@ -211,8 +211,8 @@ class Names:
         return f"{self.prefix}.{dotted}"
 
     def gateway(self, user: str) -> str:
-        """A client's own gateway subjects (``dspyrt.bus.subjects.Subjects.user_endpoint``): the subject names the
-        user."""
+        """A client's own gateway subjects (``dspyrt.bus.subjects.Subjects.user_endpoint``): the subject names
+        the user."""
         return f"{self.prefix}.gateway.{user}.>"
 
     def event(self, topic: str) -> str:
