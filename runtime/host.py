@@ -1,7 +1,7 @@
 """``AgentHost``: puts one agent instance on the bus and takes it off again without losing work.
 
 - endpoints become a NATS micro service (``$SRV.PING|INFO|STATS`` discovery, queue group per agent so replicas
-  share requests); each request runs in its own task under the agent's concurrency limit;
+  share requests); each request runs on a pooled worker task under the agent's concurrency limit;
 - each ``@task`` kind gets a ``TaskWorker`` on the shared durable consumer, with the retry policy and run-time
   limit the kind declares;
 - each ``@on_event`` gets an ``EventConsumer`` shared by the agent's replicas;
@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -41,6 +42,7 @@ from dspyrt.bus.messages import CLIENT_HEADER, Empty, check_size, decode, encode
 from dspyrt.runtime.agent import Agent, CheckResult, EndpointSpec, TaskContext, TaskSpec, _caller, _requester
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.liveness import LivenessGuard
+from dspyrt.runtime.request_pool import RequestPool
 from dspyrt.runtime.telemetry import current_telemetry
 
 log = logging.getLogger("dspyrt.host")
@@ -112,8 +114,8 @@ class AgentHost:
     last_health: HealthReply | None = None
     # The process's liveness guard (``serve`` runs one per connection); its figures ride in health.
     liveness: LivenessGuard | None = None
-    # Each request's own (shielded) cancel scope: shutdown answers requests in flight within
-    # ``shutdown_grace`` instead of cancelling them, then cancels what is left through these.
+    # Each request worker's own (shielded) cancel scope: shutdown answers requests in flight within
+    # ``shutdown_grace`` instead of cancelling them, then cancels what is left through these (runtime.request_pool).
     _running: set[anyio.CancelScope] = field(default_factory=set, init=False, repr=False)
 
     @property
@@ -181,13 +183,14 @@ class AgentHost:
             queue_group=s.queue_group,
             stats_handler=self._stats_data,
         )
+        pool = RequestPool(requests, self._running)
         specs = [*agent.endpoints(), EndpointSpec(HEALTH_ENDPOINT, "", Empty, HealthReply, "health and checks")]
         for spec in specs:
             self.counters[spec.name] = EndpointCounters()
             await service.add_endpoint(
                 name=spec.name,
                 subject=s.user_endpoint(agent.name, spec.name) if spec.per_user else s.endpoint(agent.name, spec.name),
-                handler=self._dispatcher(spec, requests, limit),
+                handler=self._dispatcher(spec, pool, limit),
                 metadata={"request": spec.request.__name__, "reply": spec.reply.__name__},
             )
         # Without this round trip a request sent right after startup can reach the server before the
@@ -196,7 +199,7 @@ class AgentHost:
         return service
 
     def _dispatcher(
-        self, spec: EndpointSpec, requests: TaskGroup, limit: anyio.Semaphore
+        self, spec: EndpointSpec, pool: RequestPool, limit: anyio.Semaphore
     ) -> Callable[[Request], Awaitable[None]]:
         method: Callable[[Any], Awaitable[BaseModel]] = (
             getattr(self.agent, spec.method) if spec.method else self._health_endpoint
@@ -207,44 +210,43 @@ class AgentHost:
 
         async def serve(req: Request) -> None:
             started = time.perf_counter_ns()
-            with anyio.CancelScope(shield=True) as scope:
-                self._running.add(scope)
-                try:
-                    with tracing.process_span(
-                        req.subject, req.headers, size=len(req.data), consumer_group=queue_group, is_request=True
-                    ) as span:
+            # Workers are reused: set who asks for this request and reset it after, so nothing leaks to the next.
+            headers = req.headers
+            caller = _caller.set(headers.get(CLIENT_HEADER) if headers else None)
+            requester = _requester.set(self.bus.subjects.user_of_endpoint(req.subject) if spec.per_user else None)
+            try:
+                with tracing.process_span(
+                    req.subject, headers, size=len(req.data), consumer_group=queue_group, is_request=True
+                ) as span:
+                    try:
+                        reply = await method(decode(spec.request, req.data))
+                        await req.respond(check_size(encode(reply), max_payload, f"reply of {spec.name}"))
+                    except Exception as exc:
+                        body = error_body(exc)
+                        counters.errors += 1
+                        counters.last_error = body.message
+                        tracing.mark_error(span, body.code, body.message)
+                        if body.code == "internal":
+                            log.exception("%s.%s failed", self.agent.name, spec.name)
                         try:
-                            if req.headers and CLIENT_HEADER in req.headers:
-                                _caller.set(req.headers[CLIENT_HEADER])  # this request's own task context
-                            if spec.per_user:
-                                _requester.set(self.bus.subjects.user_of_endpoint(req.subject))
-                            reply = await method(decode(spec.request, req.data))
-                            await req.respond(check_size(encode(reply), max_payload, f"reply of {spec.name}"))
-                        except Exception as exc:
-                            body = error_body(exc)
-                            counters.errors += 1
-                            counters.last_error = body.message
-                            tracing.mark_error(span, body.code, body.message)
-                            if body.code == "internal":
-                                log.exception("%s.%s failed", self.agent.name, spec.name)
-                            try:
-                                await req.respond_error(
-                                    http_code(body.code), body.message, data=body.model_dump_json().encode()
-                                )
-                            except Exception as reply_exc:  # no reply subject, connection gone: keep serving
-                                log.warning("%s.%s: error reply not sent: %s", self.agent.name, spec.name, reply_exc)
-                finally:
-                    self._running.discard(scope)
-                    counters.in_flight -= 1
-                    counters.processing_ns += time.perf_counter_ns() - started
-                    limit.release()
+                            await req.respond_error(
+                                http_code(body.code), body.message, data=body.model_dump_json().encode()
+                            )
+                        except Exception as reply_exc:  # no reply subject, connection gone: keep serving
+                            log.warning("%s.%s: error reply not sent: %s", self.agent.name, spec.name, reply_exc)
+            finally:
+                _requester.reset(requester)
+                _caller.reset(caller)
+                counters.in_flight -= 1
+                counters.processing_ns += time.perf_counter_ns() - started
+                limit.release()
 
         async def dispatch(req: Request) -> None:
-            # The micro callback handles one message at a time: hand each request to its own task.
+            # The micro callback handles one message at a time: hand each request to a worker of its own.
             await limit.acquire()
             counters.requests += 1
             counters.in_flight += 1
-            requests.start_soon(serve, req)
+            pool.submit(partial(serve, req))
 
         return dispatch
 

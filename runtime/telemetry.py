@@ -13,7 +13,6 @@ Work submitted to a thread pool runs in the submitter's trace context (see ``pro
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -69,8 +69,10 @@ class JsonlSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(json.dumps(span_to_dict(s), default=str) + "\n" for s in spans)
-        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+        # pydantic-core's encoder: about a third less CPU per span than json.dumps, on the export thread that
+        # shares the GIL with the event loop (bench_foundation --profile rr-traced).
+        lines = b"".join(pydantic_core.to_json(span_to_dict(s), fallback=str) + b"\n" for s in spans)
+        with self._lock, open(self.path, "ab") as fh:
             fh.write(lines)
         return SpanExportResult.SUCCESS
 

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from dspyrt.bus import Bus, EmbeddedServer, Empty, Message, RemoteError
 from dspyrt.bus.messages import ERROR_CODE_HEADER, ERROR_HEADER, MAX_FIELD_ERRORS
-from dspyrt.runtime.agent import Agent, endpoint
+from dspyrt.runtime.agent import Agent, current_caller, endpoint
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
 from dspyrt.runtime.host import HealthReply
@@ -54,6 +54,10 @@ class Calculator(Agent):
     async def count(self, request: Numbers) -> Count:
         return Count(n=len(request.values))
 
+    @endpoint("whoami")
+    async def whoami(self, request: Empty) -> AddReply:
+        return AddReply(total=0, served_by=current_caller() or "-")
+
     @endpoint("explode")
     async def explode(self, request: Empty) -> Empty:
         raise RuntimeError("line one\r\nline two")
@@ -65,6 +69,20 @@ async def test_typed_request_reply(config: IntegrationConfig, client: Client) ->
         assert reply == AddReply(total=42, served_by="calc")
         # a plain dict is validated the same way on the agent's side
         assert (await client.request("calc", "add", {"a": -1, "b": 1}, AddReply)).total == 0
+
+
+async def test_who_asks_does_not_leak_to_the_next_request(config: IntegrationConfig, client: Client) -> None:
+    # Requests run on reused worker tasks (runtime.request_pool): one request's Dspyrt-Client must not be seen by a
+    # later request that declares none, on whichever worker it lands.
+    async with hosting(Calculator(config)):
+        raw = client.bus.nc
+        for _ in range(5):
+            asked = await raw.request(
+                client.bus.subjects.endpoint("calc", "whoami"), b"{}", timeout=5, headers={"Dspyrt-Client": "alice"}
+            )
+            assert json.loads(asked.data)["served_by"] == "alice"
+            anonymous = await raw.request(client.bus.subjects.endpoint("calc", "whoami"), b"{}", timeout=5)
+            assert json.loads(anonymous.data)["served_by"] == "-"
 
 
 async def test_health_endpoint(config: IntegrationConfig, client: Client) -> None:
@@ -170,7 +188,7 @@ async def test_srv_ping_discovers_every_instance(nats_server: EmbeddedServer, co
             # INFO names the endpoints and their subjects; both replicas share one queue group
             info = await nc.request(f"$SRV.INFO.{service}.{first.instance_id}", b"", timeout=5)
             endpoints = {e["name"]: e for e in json.loads(info.data)["endpoints"]}
-            assert set(endpoints) == {"add", "count", "explode", "health"}
+            assert set(endpoints) == {"add", "count", "whoami", "explode", "health"}
             assert endpoints["add"]["subject"] == config.subjects.endpoint("calc", "add")
             assert endpoints["add"]["queue_group"] == config.subjects.queue_group
             assert endpoints["add"]["metadata"] == {"request": "AddRequest", "reply": "AddReply"}
