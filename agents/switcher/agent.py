@@ -8,13 +8,17 @@ share the load through the queue group; each reports the figures of the calls it
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
+from anyio.abc import TaskGroup
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 
 from dspyrt.agents.deployments import DeployRegistry
-from dspyrt.agents.lm.cache import ResponseCache
+from dspyrt.agents.lm.cache import ResponseCache, ResponseStore
 from dspyrt.agents.lm.registry import ModelRegistry
 from dspyrt.agents.switcher.caller import DspyModelCaller
 from dspyrt.agents.switcher.core import ModelSwitcher
@@ -29,11 +33,44 @@ from dspyrt.agents.switcher.models import (
     SelectRequest,
     SwitcherStats,
 )
-from dspyrt.agents.switcher.response_store import KvResponseStore
+from dspyrt.agents.switcher.response_store import DeferredStore, KvResponseStore
 from dspyrt.bus import Empty
 from dspyrt.bus.streams import cache_bucket
 from dspyrt.runtime.agent import Agent, CheckResult, endpoint
 from dspyrt.runtime.config import IntegrationMode
+
+log = logging.getLogger("dspyrt.switcher")
+
+# Deferred writes held at once; beyond it they are awaited inline (back pressure instead of unbounded memory).
+MAX_DEFERRED = 1024
+
+
+class Background:
+    """Work an LM call's reply need not wait for (the ``lm.call`` event, the shared cache write): run after the
+    reply, in the agent's task group, under the caller's trace context. The task group is the lifespan's, so a
+    stopping switcher finishes every pending write before it closes the bus."""
+
+    def __init__(self, tg: TaskGroup, limit: int = MAX_DEFERRED) -> None:
+        self.tg = tg
+        self.limit = limit
+        self.pending = 0
+
+    async def run(self, work: Callable[[], Awaitable[None]]) -> None:
+        if self.pending >= self.limit:
+            await work()
+            return
+        self.pending += 1
+        self.tg.start_soon(self._one, work, otel_context.get_current())
+
+    async def _one(self, work: Callable[[], Awaitable[None]], ctx: otel_context.Context) -> None:
+        token = otel_context.attach(ctx)
+        try:
+            await work()
+        except Exception as exc:  # telemetry and cache writes only: never fatal for the agent
+            log.warning("deferred switcher write failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            otel_context.detach(token)
+            self.pending -= 1
 
 
 class SwitcherAgent(Agent):
@@ -49,6 +86,8 @@ class SwitcherAgent(Agent):
     switcher: ModelSwitcher
     deployments: DeployRegistry
     cache: ResponseCache | None
+    # Set for the lifespan; without it (make_cache called alone) every write is awaited inline.
+    background: Background | None = None
 
     def make_registry(self) -> ModelRegistry:
         if self.config.models_file is not None:
@@ -57,6 +96,16 @@ class SwitcherAgent(Agent):
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            self.background = Background(tg)
+            try:
+                async with self._serving():
+                    yield
+            finally:
+                self.background = None
+
+    @asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
         self.registry = self.make_registry()
         self.deployments = await DeployRegistry.open(self.bus, self.config.stream_layout)
         meter = metrics.get_meter("dspyrt.switcher")
@@ -92,7 +141,11 @@ class SwitcherAgent(Agent):
             else:
                 failures.add(1, {**labels, "error.type": error or "error"})
                 event = LmCall(model=model, ok=False, error=error)
-            await self.publish_event(LmCall.topic, event)
+            # After the reply: the event is telemetry, and its publish cost the call its latency at 8 in flight.
+            if self.background is not None:
+                await self.background.run(lambda: self.publish_event(LmCall.topic, event))
+            else:
+                await self.publish_event(LmCall.topic, event)
 
         self.cache = await self.make_cache()
         self.switcher = ModelSwitcher(
@@ -116,7 +169,11 @@ class SwitcherAgent(Agent):
             ttl=cfg.lm_cache_ttl_hours * 3600,
             max_bytes=cfg.lm_cache_max_mb * 1024 * 1024,
         )
-        return ResponseCache(KvResponseStore(kv), memory_entries=cfg.lm_cache_memory_entries)
+        # The shared write waits for JetStream's ack: deferred, so the reply does not wait for it (this replica
+        # answers a repeat from its LRU at once; other replicas see the entry a moment later).
+        shared = KvResponseStore(kv)
+        store: ResponseStore = shared if self.background is None else DeferredStore(shared, self.background.run)
+        return ResponseCache(store, memory_entries=cfg.lm_cache_memory_entries)
 
     @endpoint("select")
     async def select(self, request: SelectRequest) -> Selection:

@@ -6,6 +6,9 @@ the switcher opens it) drop the oldest entries first.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -25,3 +28,27 @@ class KvResponseStore:
 
     async def put(self, key: str, value: bytes) -> None:
         await self.kv.put(key, value)
+
+
+class DeferredStore:
+    """A store whose writes go to ``defer`` (run after the reply) instead of being awaited; reads pass through.
+
+    A failed write is logged and lost, as :class:`~dspyrt.agents.lm.cache.ResponseCache` treats it inline."""
+
+    def __init__(
+        self, store: KvResponseStore, defer: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+    ) -> None:
+        self.store = store
+        self.defer = defer
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.store.get(key)
+
+    async def put(self, key: str, value: bytes) -> None:
+        async def write() -> None:
+            try:
+                await self.store.put(key, value)
+            except Exception as exc:
+                logging.getLogger("dspyrt.switcher").warning("LM cache write failed (%s: %s)", type(exc).__name__, exc)
+
+        await self.defer(write)
