@@ -38,15 +38,19 @@ import os
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 import argparse
+import cProfile
+import io
 import json
 import logging
 import platform
+import pstats
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,6 +65,7 @@ import dspy
 from _common import load_average, machine_busy, proc_cpu, versions
 
 from dspyrt.agents.assertions.performance import percentile
+from dspyrt.agents.lm.bus_engine import Routing, bus_lm
 from dspyrt.agents.lm.demo_provider import DemoProviderProcess, run_demo_provider
 from dspyrt.agents.optimizers.agent import OptimizerAgent
 from dspyrt.agents.switcher.agent import SwitcherAgent
@@ -77,7 +82,10 @@ EXAMPLE_FILE = ROOT / "examples" / "optimize.json"
 MODEL = "openai/demo-model"
 KEY_ENV = "BENCH_PROVIDER_API_KEY"  # the models TOML names this variable; the provider's key is put in it
 SWITCHER_CONCURRENCY = 256  # the switcher's agent_concurrency and the model's max_concurrency: never the limit
-OPTIMIZE_LATENCY = 0.1
+OPTIMIZE_LATENCY = 0.3  # the issue's "300 ms provider"; --optimize-latency changes it
+CALL_INFLIGHT = 8  # part L: LM calls in flight
+ADDED_TARGET_MS = 5.0  # part L target: switcher p50 - in-process p50
+RATIO_TARGET = 1.05  # part A target: dspyrt wall / in-process wall
 CACHE_PROMPTS = 256  # distinct prompts the cache row cycles through
 TOPIC_TEXTS = [
     "boil the eggs and chop the parsley",
@@ -210,12 +218,15 @@ class PartA:
     val: list[dict[str, Any]]
     runs: list[OptRun] = field(default_factory=list)
     cache_runs: dict[str, OptRun] = field(default_factory=dict)
+    calls: list[CallRow] = field(default_factory=list)  # part L, measured with the same agents
+    profile: str = ""
 
 
 async def part_a(args: argparse.Namespace, meter: Meter, config: IntegrationConfig, url: str, key: str) -> PartA:
+    """Part L (one LM call) and part A (the optimize task), with the same agents in this process."""
     example, what = load_example(args.valset_repeat)
     result = PartA(what, example["valset"])
-    await anyio.to_thread.run_sync(partial(meter.provider.control, latency=OPTIMIZE_LATENCY))
+    await anyio.to_thread.run_sync(partial(meter.provider.control, latency=args.optimize_latency))
     # The user's LM: made once and reused, as a script would.
     lm = dspy.LM(MODEL, api_base=url, api_key=key, cache=False)
 
@@ -226,7 +237,12 @@ async def part_a(args: argparse.Namespace, meter: Meter, config: IntegrationConf
     agents = serving(config, [SwitcherAgent, OptimizerAgent], process_name="bench-provider", ready_timeout=30)
     async with agents as system:
         client = system.client
-        print(f"  A agents up (switcher + optimizer, this process); warm-up, N={top} ...", flush=True)
+        print("  agents up (switcher + optimizer, this process)", flush=True)
+        if "L" in args.parts:
+            result.calls, result.profile = await part_l(args, meter, system.client, lm)
+        if "A" not in args.parts:
+            return result
+        print(f"  A warm-up, N={top} ...", flush=True)
         await run_in_process(meter, example, lm, top)  # not counted: first calls, first imports, pools
         await run_task(meter, client, task(top))
         for threads in args.threads:
@@ -242,6 +258,137 @@ async def part_a(args: argparse.Namespace, meter: Meter, config: IntegrationConf
         result.cache_runs["new_seed"] = await run_task(meter, client, task(top, no_cache=False, seed=2))
         result.cache_runs["identical"] = await run_task(meter, client, task(top, no_cache=False, seed=2))
     return result
+
+
+# ----------------------------------------------------------------------------- part L: one LM call
+
+
+@dataclass
+class CallRow:
+    """One side and mode of part L: every call's latency over the rounds, and this process's CPU per call."""
+
+    mode: str  # "async" (acall on the event loop) | "threads" (sync calls from worker threads, as Evaluate makes)
+    side: str  # "in-process" | "switcher"
+    latencies: list[float] = field(default_factory=list)  # seconds
+    cpu: list[float] = field(default_factory=list)  # CPU seconds per call of this process, per round
+    max_in_flight: int = 0
+
+    def p(self, q: float) -> float:
+        return 1e3 * percentile(self.latencies, q) if self.latencies else float("nan")
+
+
+async def calls_round(
+    meter: Meter, lm: Any, mode: str, tag: str, inflight: int, per_sender: int, profiler: cProfile.Profile | None
+) -> tuple[list[float], float, int]:
+    """``inflight`` senders, each making ``per_sender`` calls one after another with distinct prompts: every
+    call's latency, this process's CPU per call, the most requests the provider held at once."""
+    lats: list[float] = []
+    lock = threading.Lock()
+
+    def one_sync(k: int) -> None:
+        for i in range(per_sender):
+            t0 = time.perf_counter()
+            if not lm(prompt(tag, k, i)):
+                raise RuntimeError("empty answer")
+            with lock:
+                lats.append(time.perf_counter() - t0)
+
+    async def one_async(k: int) -> None:
+        for i in range(per_sender):
+            t0 = time.perf_counter()
+            if not await lm.acall(prompt(tag, k, i)):
+                raise RuntimeError("empty answer")
+            lats.append(time.perf_counter() - t0)
+
+    start = await meter.sample(reset=True)
+    if profiler is not None:
+        profiler.enable()
+    try:
+        limiter = anyio.CapacityLimiter(inflight)
+        async with anyio.create_task_group() as tg:
+            for k in range(inflight):
+                if mode == "threads":
+                    tg.start_soon(partial(anyio.to_thread.run_sync, one_sync, k, limiter=limiter))
+                else:
+                    tg.start_soon(one_async, k)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+    d = (await meter.sample()).since(start)
+    return lats, d.bench / max(1, len(lats)), d.max_in_flight
+
+
+async def part_l(args: argparse.Namespace, meter: Meter, client: Client, lm: Any) -> tuple[list[CallRow], str]:
+    """One LM call, plain ``dspy.LM`` against the switcher path (``bus_lm``, as an agent's DSPy program calls it:
+    model pinned, ``no_cache``), ``CALL_INFLIGHT`` in flight, provider at ``--optimize-latency``. Both modes, the
+    sides alternating, ``args.rounds`` rounds of ``args.calls_per_sender`` calls per sender."""
+    via = bus_lm(client, Routing(model=MODEL, no_cache=True))
+    inflight, per_sender = CALL_INFLIGHT, args.calls_per_sender
+    rows = {(m, s): CallRow(m, s) for m in ("async", "threads") for s in ("in-process", "switcher")}
+    run_id = uuid.uuid4().hex[:6]
+    # cProfile on the event loop thread's CPU clock: the switcher and both NATS ends run there.
+    profiler = cProfile.Profile(time.thread_time) if args.profile else None
+    print(
+        f"  L warm-up, then {args.rounds} rounds of {inflight} x {per_sender} calls per side and mode ...", flush=True
+    )
+    for mode in ("async", "threads"):
+        for side, target in (("in-process", lm), ("switcher", via)):
+            await calls_round(meter, target, mode, f"w{run_id}{mode}{side}", inflight, 2, None)
+    for r in range(args.rounds):
+        for mode in ("async", "threads"):
+            sides = [("in-process", lm), ("switcher", via)]
+            for side, target in sides if r % 2 == 0 else sides[::-1]:
+                prof = profiler if side == "switcher" and mode == "async" else None
+                lats, cpu, held = await calls_round(
+                    meter, target, mode, f"{run_id}-{r}-{mode}-{side}", inflight, per_sender, prof
+                )
+                row = rows[(mode, side)]
+                row.latencies += lats
+                row.cpu.append(cpu)
+                row.max_in_flight = max(row.max_in_flight, held)
+    text = ""
+    if profiler is not None:
+        stream = io.StringIO()
+        stats = pstats.Stats(profiler, stream=stream)
+        stats.sort_stats("tottime").print_stats(35)
+        stats.sort_stats("cumulative").print_stats(45)
+        text = stream.getvalue()
+    return list(rows.values()), text
+
+
+def print_part_l(rows: list[CallRow], args: argparse.Namespace) -> dict[str, Any]:
+    print(
+        f"L  one LM call: plain dspy.LM('{MODEL}') vs the switcher path (bus_lm, model pinned, no_cache; switcher in "
+        f"this process), {CALL_INFLIGHT} in flight, provider {args.optimize_latency * 1e3:.0f} ms; "
+        f"{args.rounds} rounds x {CALL_INFLIGHT} senders x {args.calls_per_sender} calls per row"
+    )
+    header = ("id", "mode", "path", "calls", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "CPU ms per call",
+              "provider max in flight")  # fmt: skip
+    lines: list[list[str]] = []
+    summary: dict[str, Any] = {}
+    n = 0
+    for mode in ("async", "threads"):
+        local = next(r for r in rows if r.mode == mode and r.side == "in-process")
+        bus = next(r for r in rows if r.mode == mode and r.side == "switcher")
+        added50, added99 = bus.p(50) - local.p(50), bus.p(99) - local.p(99)
+        summary[mode] = {"in_process_p50_ms": local.p(50), "in_process_p99_ms": local.p(99),
+                         "switcher_p50_ms": bus.p(50), "switcher_p99_ms": bus.p(99),
+                         "added_p50_ms": added50, "added_p99_ms": added99}  # fmt: skip
+        for row in (local, bus):
+            n += 1
+            is_bus = row is bus
+            label = "plain dspy.LM, this process" if not is_bus else "bus_lm -> switcher -> dspy.LM"
+            lines.append([
+                f"L{n}", "acall on the loop" if mode == "async" else "sync, worker threads", label,
+                str(len(row.latencies)), f(row.p(50), ".1f"), f(row.p(99), ".1f"),
+                f(added50, "+.1f") if is_bus else "-", f(added99, "+.1f") if is_bus else "-",
+                f(1e3 * median(row.cpu)), str(row.max_in_flight),
+            ])  # fmt: skip
+    render(header, lines, left={0, 1, 2})
+    for mode, s in summary.items():
+        met = "met" if s["added_p50_ms"] <= ADDED_TARGET_MS else "missed"
+        print(f"target, {mode}: added latency p50 {s['added_p50_ms']:+.1f} ms <= {ADDED_TARGET_MS:g} ms: {met}")
+    return summary
 
 
 # ----------------------------------------------------------------------------- part B: calls per second
@@ -531,7 +678,7 @@ def print_part_a(a: PartA, args: argparse.Namespace) -> dict[int, dict[str, floa
     """The optimize table; returns the medians and ratios per N (for the JSON)."""
     print(
         f"A  optimize: LabeledFewShot k=16 on {a.data}; dspy.Predict('text -> topic'); provider latency "
-        f"{OPTIMIZE_LATENCY * 1e3:.0f} ms per call; median of {args.rounds} interleaved rounds"
+        f"{args.optimize_latency * 1e3:.0f} ms per call; median of {args.rounds} interleaved rounds"
     )
     header = ("id", "run", "N", "wall s", "min-max s", "bench CPU s", "nats CPU s", "provider CPU s",
               "provider reqs", "max in flight", "task lm_calls", "agent run s", "baseline %",
@@ -580,6 +727,9 @@ def print_part_a(a: PartA, args: argparse.Namespace) -> dict[int, dict[str, floa
             f"{s['overhead_ms_per_round']:.1f} ms per round of N calls (2 x ceil(val / N) rounds); of the task's wall "
             f"{s['agent_run']:.3f} s is the agent's run, {outside:.3f} s queue, artifact, result and notification"
         )
+    for threads, s in summary.items():
+        met = "met" if s["ratio_of_medians"] <= RATIO_TARGET else "missed"
+        print(f"target, N={threads}: dspyrt / in-process wall {s['ratio_of_medians']:.2f}x <= {RATIO_TARGET:g}x: {met}")
     mismatched = {(r.baseline, r.optimized) for r in a.runs}
     if len(mismatched) > 1:
         print(f"WARNING: the runs do not all reach the same scores {sorted(mismatched)}: not the same work")
@@ -667,7 +817,7 @@ async def run(args: argparse.Namespace, server: EmbeddedServer, provider: DemoPr
     a: PartA | None = None
     b: list[LoadRow] = []
     try:
-        if "A" in args.parts:
+        if args.parts & {"A", "L"}:
             a = await part_a(args, meter, config_a, provider.url, provider.api_key)
         if "B" in args.parts:
             b = await part_b(args, meter, (config_b, config_c), provider.url, provider.api_key)
@@ -677,10 +827,16 @@ async def run(args: argparse.Namespace, server: EmbeddedServer, provider: DemoPr
     elapsed = time.perf_counter() - started
 
     print()
-    if a is not None:
+    if a is not None and a.calls:
+        figures["call"] = {
+            "inflight": CALL_INFLIGHT, "latency_s": args.optimize_latency, "summary": print_part_l(a.calls, args),
+            "rows": [asdict(r) for r in a.calls],
+        }  # fmt: skip
+        print()
+    if a is not None and a.runs:
         summary = print_part_a(a, args)
         figures["optimize"] = {
-            "data": a.data, "latency_s": OPTIMIZE_LATENCY, "rounds": args.rounds,
+            "data": a.data, "latency_s": args.optimize_latency, "rounds": args.rounds,
             "runs": [asdict(r) for r in a.runs], "summary": {str(k): v for k, v in summary.items()},
             "cache": {k: asdict(v) for k, v in a.cache_runs.items()},
         }  # fmt: skip
@@ -702,6 +858,8 @@ async def run(args: argparse.Namespace, server: EmbeddedServer, provider: DemoPr
     print(
         f"measured in {elapsed:.0f} s; load average {load_average()} at the end; spans this process dropped: {dropped}"
     )
+    if a is not None and a.profile:
+        print("\ncProfile of the switcher path, part L async rows (event loop thread CPU):\n" + a.profile)
     figures["elapsed_s"] = elapsed
     return figures
 
@@ -723,12 +881,17 @@ def main() -> None:
     parser.add_argument("--latencies", default="0,0.05", help="provider latencies of part B (seconds)")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per part B row and round")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each part B window")
-    parser.add_argument("--parts", default="A,B", help="which parts to run")
-    parser.add_argument("--quick", action="store_true", help="1 round, N=4 only, 3 s windows (~1 minute)")
+    parser.add_argument("--parts", default="L,A,B", help="which parts to run")
+    parser.add_argument(
+        "--optimize-latency", type=float, default=OPTIMIZE_LATENCY, help="provider seconds per call, parts L and A"
+    )
+    parser.add_argument("--calls-per-sender", type=int, default=12, help="part L: calls per sender and round")
+    parser.add_argument("--profile", action="store_true", help="cProfile the switcher path (part L, async rows)")
+    parser.add_argument("--quick", action="store_true", help="1 round, N=8 only, 3 s windows (~1 minute)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.threads, args.duration, args.warmup = 1, "4", 3.0, 1.0
+        args.rounds, args.threads, args.duration, args.warmup = 1, "8", 3.0, 1.0
     args.threads = [int(n) for n in str(args.threads).split(",")]
     args.latencies = [float(s) for s in str(args.latencies).split(",")]
     args.parts = {p.strip().upper() for p in str(args.parts).split(",")}
@@ -742,7 +905,7 @@ def main() -> None:
     server = EmbeddedServer(args.workdir / "jetstream", log_file=args.workdir / "nats-server.log")
     try:
         server.start()
-        with run_demo_provider(latency=OPTIMIZE_LATENCY) as provider:
+        with run_demo_provider(latency=args.optimize_latency) as provider:
             print(
                 f"versions: {versions()}; {nats_version()} (pid {server.pid}); demo provider pid "
                 f"{provider.process.pid} at {provider.url}"
