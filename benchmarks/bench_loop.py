@@ -14,6 +14,15 @@ D. One ``evaluate`` task submitted to ``loop-evaluate`` (hosted in this process 
    every LM call goes over NATS to ``switcher`` process(es) (``python -m dspyrt.runtime.cli agent switcher``) serving
    the same demo model with the same 50 ms latency from a models TOML. Total LM concurrency is processes x 2 x
    num_threads. The 4-process row is run with 1 and then 2 switcher processes.
+R. The same work the way a DSPy user parallelises it with Ray (the ``bench`` extra): the devset split into the
+   same shards, 1, 2 and 4 Ray actors (one worker process each) each running ``dspy.Evaluate(num_threads)`` on 2
+   shards at once with the E rows' LM (built per shard exactly as the E rows build it), the driver handing the next
+   shard to whichever actor frees a slot and aggregating the per-example scores. Why 2 shards x num_threads rather
+   than one ``Evaluate(num_threads=2 x num_threads)`` per actor on its share: it is the D rows' unit of work
+   exactly (the same shards, LM calls in flight per process, rounds of LM calls, program load and ``Evaluate``
+   per shard, pull-based hand-out), so the two rows differ only in what carries the shards and the LM calls.
+   Ray is started once (``ray.init``, no dashboard, workers' logs kept out of the driver, usage stats off) and
+   its actors are up before any timing, like the agent processes; it is shut down at the end.
 
 Defaults: shard_size=50 and num_threads=10, so the 400 examples make 8 shards, which is exactly the 8 shard slots
 of 4 evaluator processes (one wave), and each shard's 50 examples are 5 full rounds of 10 LM calls (no part-empty
@@ -22,13 +31,16 @@ are dspy.Evaluate(num_threads=20/40/80). The switcher processes get agent_concur
 max_concurrency of 256, so neither limit (defaults 32 and 4) caps the calls in flight.
 
 Each row is the median of ``--reps`` repetitions (after an uncounted warm-up); the in-process and distributed runs
-are interleaved so drift hits both alike. Every run's score and per-example scores are checked against
+are interleaved so drift hits them alike. Every run's score and per-example scores are checked against
 ``dspy.Evaluate``'s. CPU seconds come from /proc (each process; the whole machine from /proc/stat, so CPU spent by
-processes that are not ours shows too). The second table gives each row's floors (LM latency alone; CPU over the
+processes that are not ours shows too). A row's CPU is its own processes': this process for E; evaluators,
+switchers, nats-server and this process for D; the actors, Ray's own processes (raylet, GCS, agents, idle
+workers) and this process (the driver) for R. The second table gives each row's floors (LM latency alone; CPU over the
 usable cores) and splits the distributed wall time using the task records' KV updates (evaluate task and shards).
 
-    .venv/bin/python benchmarks/bench_loop.py            # ~2 minutes
-    .venv/bin/python benchmarks/bench_loop.py --quick    # ~1 minute, 1 repetition
+    .venv/bin/python benchmarks/bench_loop.py            # ~4 minutes
+    .venv/bin/python benchmarks/bench_loop.py --quick    # ~1.5 minutes, 1 repetition
+    .venv/bin/python benchmarks/bench_loop.py --no-ray   # without the R rows
     OTEL_TRACES_SAMPLER=always_off .venv/bin/python benchmarks/bench_loop.py   # without tracing (all processes)
 
 This is a benchmark, not a test: nothing asserts on timing.
@@ -125,8 +137,6 @@ def trained_state(example: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CPU accounting
 
 
-
-
 @dataclass
 class Cpu:
     """CPU seconds during one run, by role."""
@@ -134,24 +144,31 @@ class Cpu:
     evaluators: float = 0.0
     switchers: float = 0.0
     nats: float = 0.0
-    bench: float = 0.0  # this process: dspy.Evaluate (E rows) or loop-evaluate + client (D rows)
+    actors: float = 0.0  # Ray actors (R rows)
+    ray: float = 0.0  # Ray's own processes: raylet, gcs_server, its agents, idle workers
+    bench: float = 0.0  # this process: dspy.Evaluate (E), loop-evaluate + client (D), the Ray driver (R)
     machine: float = 0.0
 
     @property
-    def total(self) -> float:
-        return self.evaluators + self.switchers + self.nats + self.bench
+    def ours(self) -> float:
+        """Every process this benchmark started, busy with the run or idle beside it."""
+        return self.evaluators + self.switchers + self.nats + self.actors + self.ray + self.bench
 
 
 class CpuMeter:
     def __init__(self, fleet: Fleet, server_pid: int | None) -> None:
         self.fleet = fleet
         self.server_pid = server_pid
+        self.cluster: RayCluster | None = None
 
     def sample(self) -> Cpu:
+        cluster = self.cluster
         return Cpu(
             evaluators=sum(proc_cpu(p) for p in self.fleet.pids("evaluator")),
             switchers=sum(proc_cpu(p) for p in self.fleet.pids("switcher")),
             nats=proc_cpu(self.server_pid),
+            actors=sum(proc_cpu(p) for p in cluster.actor_pids) if cluster else 0.0,
+            ray=sum(proc_cpu(p) for p in cluster.daemon_pids) if cluster else 0.0,
             bench=time.process_time(),
             machine=machine_busy(),
         )
@@ -159,9 +176,30 @@ class CpuMeter:
     @staticmethod
     def delta(a: Cpu, b: Cpu) -> Cpu:
         return Cpu(
-            b.evaluators - a.evaluators, b.switchers - a.switchers, b.nats - a.nats, b.bench - a.bench,
-            b.machine - a.machine,
+            b.evaluators - a.evaluators, b.switchers - a.switchers, b.nats - a.nats, b.actors - a.actors,
+            b.ray - a.ray, b.bench - a.bench, b.machine - a.machine,
         )  # fmt: skip
+
+
+def descendants(root: int, skip: set[int]) -> list[int]:
+    """Processes under ``root`` (from /proc), not entering ``skip``'s subtrees."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in skip:
+                found.append(child)
+                stack.append(child)
+    return found
 
 
 # ----------------------------------------------------------------------------- agent processes
@@ -233,6 +271,144 @@ async def wait_instances(system: RunningSystem, fleet: Fleet, name: str, count: 
 def serving(config: IntegrationConfig) -> AbstractAsyncContextManager[RunningSystem]:
     """The agents under test in this process, for the block."""
     return supervisor_serving(config, [EvaluateAgent], process_name="bench-loop", ready_timeout=30)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+RAY_MISSING = "not installed: pip install -e '.[bench]'"
+
+
+def import_ray() -> Any | None:
+    """The ``ray`` module, or None when the ``bench`` extra is not installed (the R rows then say so)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray
+
+
+def shard_evaluator(ray: Any) -> Any:
+    """The Ray actor class: what a DSPy user writes to score devset shards in worker processes.
+
+    Defined in a function so that this script runs without Ray; Ray pickles the class by value, so it uses
+    only installed modules (not ``_common``, which the workers cannot import).
+    """
+
+    class ShardEvaluator:
+        def __init__(self) -> None:
+            logging.getLogger("dspy").setLevel(logging.WARNING)  # as in this process and the evaluator agents
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def evaluate(
+            self, spec: dict[str, Any], state: dict[str, Any], rows: list[dict[str, Any]], num_threads: int,
+            latency: float,
+        ) -> tuple[list[float], float, float]:  # fmt: skip
+            """Per-example scores of one shard, and when it started and ended (CLOCK_MONOTONIC, shared by the
+            processes of one machine)."""
+            start = time.perf_counter()
+            program = load_program_state(parse_program_spec(spec), state)
+            devset = [dspy.Example(**r).with_inputs("text") for r in rows]
+            metric = MetricRegistry.installed().get("exact_match")
+            lm = demo_lm(faults=FaultProfile(latency=FixedLatency(seconds=latency)))  # the E rows' LM
+            with dspy.context(lm=lm):
+                evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=num_threads, display_progress=False)
+                result = evaluate(program)
+            return [float(score) for _, _, score in result.results], start, time.perf_counter()
+
+    # One worker process per actor; 2 shards at once, as an evaluator agent process runs them.
+    return ray.remote(num_cpus=1, max_concurrency=2)(ShardEvaluator)
+
+
+class RayCluster:
+    """A local Ray instance and its actors; every call blocks (run it off the event loop)."""
+
+    def __init__(self, ray: Any, workdir: Path, cpus: int) -> None:
+        os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: no usage report at start-up
+        self.ray = ray
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,  # workers' output stays in the session's log files
+            logging_level=logging.ERROR,  # the driver's start-up notices (token auth, object store) are noise here
+            object_store_memory=100 * 1024 * 1024,  # a few KB per shard; the default would claim 30% of RAM
+            _temp_dir=str(workdir / "ray"),  # removed with the workdir
+        )
+        self.actor_class = shard_evaluator(ray)
+        self.actors: list[Any] = []
+        self.actor_pids: list[int] = []
+        self.daemon_pids: list[int] = []
+        self.others: set[int] = set()
+
+    def grow(self, count: int, others: set[int]) -> None:
+        """Until ``count`` actors are up; then which processes are Ray's own (``others``: not Ray's)."""
+        while len(self.actors) < count:
+            self.actors.append(self.actor_class.remote())
+        self.actor_pids = self.ray.get([a.pid.remote() for a in self.actors])
+        self.others = others
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Ray's processes under this one (raylet, gcs_server, agents, idle workers), actors excepted."""
+        self.daemon_pids = [p for p in descendants(os.getpid(), self.others) if p not in self.actor_pids]
+
+    def evaluate(self, job: dict[str, Any], shard_size: int, latency: float) -> Run:
+        """The devset in shards over the actors, 2 in flight per actor, the next to whichever frees a slot."""
+        ray = self.ray
+        rows, spec, state = job["devset"], job["program"]["spec"], job["program"]["state"]
+        pending = [(offset, rows[offset : offset + shard_size]) for offset in range(0, len(rows), shard_size)]
+        pending.reverse()
+        in_flight: dict[Any, tuple[int, int, float]] = {}  # ref -> (actor, offset, sent)
+
+        def send(actor: int) -> None:
+            offset, part = pending.pop()
+            ref = self.actors[actor].evaluate.remote(spec, state, part, job["num_threads"], latency)
+            in_flight[ref] = (actor, offset, time.perf_counter())
+
+        t0 = time.perf_counter()
+        for _ in range(2):
+            for actor in range(len(self.actors)):
+                if pending:
+                    send(actor)
+        by_offset: dict[int, list[float]] = {}
+        waits, runs, ends, per_actor = [], [], [], [0] * len(self.actors)
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                actor, offset, sent = in_flight.pop(ref)
+                scores, start, end = ray.get(ref)
+                by_offset[offset] = scores
+                waits.append(start - sent)
+                runs.append(end - start)
+                ends.append(end - t0)
+                per_actor[actor] += 1
+                if pending:
+                    send(actor)
+        scores = [score for offset in sorted(by_offset) for score in by_offset[offset]]
+        score = round(100 * sum(scores) / len(scores), 2)  # as dspy.Evaluate computes it
+        wall = time.perf_counter() - t0
+        return Run(
+            wall=wall,
+            cpu=Cpu(),
+            score=score,
+            scores=scores,
+            marks={"last shard done": max(ends), "result in hand": wall},
+            shard_runs=runs,
+            shard_waits=waits,
+            per_worker=sorted(per_actor, reverse=True),
+        )
+
+    def shutdown(self) -> None:
+        self.ray.shutdown()
+
+
+async def run_ray(cluster: RayCluster, meter: CpuMeter, job: dict[str, Any], args: argparse.Namespace) -> Run:
+    cluster.refresh()  # Ray may have started or ended an idle worker since
+    before = meter.sample()
+    run = await anyio.to_thread.run_sync(cluster.evaluate, job, args.shard_size, args.latency)
+    run.cpu = meter.delta(before, meter.sample())
+    return run
 
 
 # ----------------------------------------------------------------------------- one run of each kind
@@ -365,7 +541,13 @@ class Row:
     runs: list[Run]
     reference: Row | None = None  # dspy.Evaluate(num_threads=8)
     equal: Row | None = None  # dspy.Evaluate at the same total concurrency
-    distributed: bool = False
+    kind: str = "E"  # E: dspy.Evaluate in this process, D: over the bus, R: Ray actors
+    processes: int = 1  # evaluator processes (D) or Ray actors (R)
+    note: str = ""  # why a row has no runs
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind == "D"
 
     @property
     def wall(self) -> float:
@@ -374,9 +556,17 @@ class Row:
     def cpu(self, attr: str) -> float:
         return float(statistics.median(getattr(r.cpu, attr) for r in self.runs))
 
+    def own_cpu(self, cpu: Cpu) -> float:
+        """The CPU of this row's processes (idle processes of the other kinds are left out)."""
+        if self.kind == "D":
+            return cpu.evaluators + cpu.switchers + cpu.nats + cpu.bench
+        if self.kind == "R":
+            return cpu.actors + cpu.ray + cpu.bench
+        return cpu.bench
+
     @property
     def cpu_total(self) -> float:
-        return statistics.median(r.cpu.total for r in self.runs)
+        return statistics.median(self.own_cpu(r.cpu) for r in self.runs)
 
     @property
     def machine_cores(self) -> float:
@@ -385,7 +575,7 @@ class Row:
     @property
     def other_cores(self) -> float:
         """CPU of processes that are not ours (other work on the machine) per second of wall time."""
-        return statistics.median(max(0.0, r.cpu.machine - r.cpu.total) / r.wall for r in self.runs)
+        return statistics.median(max(0.0, r.cpu.machine - r.cpu.ours) / r.wall for r in self.runs)
 
 
 def render(header: tuple[str, ...], lines: Sequence[tuple[str, ...]], left: set[int]) -> None:
@@ -404,15 +594,20 @@ def render(header: tuple[str, ...], lines: Sequence[tuple[str, ...]], left: set[
 def print_main(rows: list[Row], examples: int) -> None:
     header = (
         "id", "run", "LM in flight", "wall s (median)", "min-max", "x faster than E8", "/ Evaluate same conc.",
-        "CPU s eval/switch/nats/bench", "CPU ms/ex", "machine cores", "not ours", "score",
+        "CPU s workers/switch|ray/nats/bench", "CPU ms/ex", "machine cores", "not ours", "score",
     )  # fmt: skip
     lines = []
     for r in rows:
+        if not r.runs:
+            lines.append((r.id, r.label, str(r.concurrency), r.note, *[""] * 8))
+            continue
         walls = [x.wall for x in r.runs]
         faster = f"{r.reference.wall / r.wall:.2f}x" if r.reference is not None else ""
-        same = f"{r.wall / r.equal.wall:.2f}x" if r.equal is not None else ""
-        if r.distributed:
+        same = f"{r.wall / r.equal.wall:.2f}x" if r.equal is not None and r.equal.runs else ""
+        if r.kind == "D":
             split = "/".join(f"{r.cpu(a):.2f}" for a in ("evaluators", "switchers", "nats", "bench"))
+        elif r.kind == "R":
+            split = f"{r.cpu('actors'):.2f}/{r.cpu('ray'):.2f}/-/{r.cpu('bench'):.2f}"
         else:
             split = f"-/-/-/{r.cpu('bench'):.2f}"
         lines.append(
@@ -429,7 +624,7 @@ def latency_floor(row: Row, args: argparse.Namespace) -> float:
     """Seconds the LM latency alone takes at this row's concurrency (each thread waits latency per call)."""
     examples, shard_size, threads = int(args.examples), int(args.shard_size), int(args.num_threads)
     latency = float(args.latency)
-    if not row.distributed:
+    if row.kind == "E":
         return math.ceil(examples / row.concurrency) * latency
     waves = math.ceil(math.ceil(examples / shard_size) / (row.concurrency // threads))  # slots: processes x 2
     return waves * math.ceil(shard_size / threads) * latency
@@ -438,34 +633,42 @@ def latency_floor(row: Row, args: argparse.Namespace) -> float:
 def print_breakdown(rows: list[Row], args: argparse.Namespace) -> None:
     header = (
         "id", "wall", "LM latency floor", "CPU floor", "pickup", "split+submit", "shard wait max p50/worst",
-        "shard run p50/max", "merge+store", "notify", "shards per evaluator process", "example p50 ms",
+        "shard run p50/max", "merge+store", "notify", "shards per evaluator process / actor", "example p50 ms",
     )  # fmt: skip
     cores = os.cpu_count() or 1
     lines = []
     for r in rows:
-        # One Python process runs Python on about one core (the GIL); the bus rows can use every core.
-        cpu_floor = r.cpu_total / (cores if r.distributed else 1)
+        if not r.runs:
+            continue
+        # One Python process runs Python on about one core (the GIL); the bus and Ray rows can use every core.
+        cpu_floor = r.cpu_total / (1 if r.kind == "E" else cores)
         first = (r.id, f"{r.wall:.3f}", f"{latency_floor(r, args):.3f}", f"{cpu_floor:.3f}")
-        if not r.distributed:
+        if r.kind == "E":
             lines.append((*first, *[""] * 8))
             continue
 
         def med(fn: Any, row: Row = r) -> float:
             return float(statistics.median(fn(x) for x in row.runs))
 
-        pickup = med(lambda x: x.marks["coordinator running"])
-        split = med(lambda x: x.marks["last shard pending"] - x.marks["coordinator running"])
         waits = [max(x.shard_waits, default=0.0) for x in r.runs]
         wait = f"{statistics.median(waits):.3f}/{max(waits):.3f}"
         run50 = med(lambda x: statistics.median(x.shard_runs) if x.shard_runs else 0.0)
         runmax = med(lambda x: max(x.shard_runs, default=0.0))
-        merge = med(lambda x: x.marks["coordinator done"] - x.marks["last shard done"])
-        notify = med(lambda x: x.marks["result in hand"] - x.marks["coordinator done"])
         patterns: dict[str, int] = {}
         for x in r.runs:
             key = "/".join(str(n) for n in x.per_worker)
             patterns[key] = patterns.get(key, 0) + 1
         spread = ", ".join(f"{k} x{n}" for k, n in sorted(patterns.items(), key=lambda kv: -kv[1]))
+        if r.kind == "R":  # shards are handed out by the driver: no queue pickup, split, or separate notify
+            merge = med(lambda x: x.marks["result in hand"] - x.marks["last shard done"])
+            lines.append(
+                (*first, "", "", wait, f"{run50:.3f}/{runmax:.3f}", f"{merge:.3f}", "", spread, "")
+            )  # fmt: skip
+            continue
+        pickup = med(lambda x: x.marks["coordinator running"])
+        split = med(lambda x: x.marks["last shard pending"] - x.marks["coordinator running"])
+        merge = med(lambda x: x.marks["coordinator done"] - x.marks["last shard done"])
+        notify = med(lambda x: x.marks["result in hand"] - x.marks["coordinator done"])
         lines.append(
             (
                 *first, f"{pickup:.3f}", f"{split:.3f}", wait, f"{run50:.3f}/{runmax:.3f}", f"{merge:.3f}",
@@ -475,8 +678,31 @@ def print_breakdown(rows: list[Row], args: argparse.Namespace) -> None:
     render(header, lines, {0, 10})
 
 
-
-
+def print_versus(rows: list[Row], examples: int) -> None:
+    """Each R row beside the D row(s) with as many evaluator processes: wall and CPU per example, and their ratios."""
+    header = (
+        "processes", "bus row", "Ray row", "bus wall s", "Ray wall s", "bus / Ray wall", "bus CPU ms/ex",
+        "Ray CPU ms/ex actors+driver / +daemons", "bus / Ray CPU",
+    )  # fmt: skip
+    lines = []
+    for ray_row in (r for r in rows if r.kind == "R"):
+        for bus in (r for r in rows if r.kind == "D" and r.processes == ray_row.processes and r.runs):
+            bus_cpu = 1e3 * bus.cpu_total / examples
+            if not ray_row.runs:
+                wall = f"{bus.wall:.3f}"
+                lines.append((str(bus.processes), bus.id, ray_row.id, wall, ray_row.note, "", f"{bus_cpu:.2f}", "", ""))
+                continue
+            ray_cpu = 1e3 * ray_row.cpu_total / examples
+            no_daemons = 1e3 * statistics.median(x.cpu.actors + x.cpu.bench for x in ray_row.runs) / examples
+            lines.append(
+                (
+                    str(bus.processes), bus.id, ray_row.id, f"{bus.wall:.3f}", f"{ray_row.wall:.3f}",
+                    f"{bus.wall / ray_row.wall:.2f}x", f"{bus_cpu:.2f}", f"{no_daemons:.2f} / {ray_cpu:.2f}",
+                    f"{bus_cpu / ray_cpu:.2f}x",
+                )
+            )  # fmt: skip
+    if lines:
+        render(header, lines, {1, 2})
 
 
 # ----------------------------------------------------------------------------- the run
@@ -531,7 +757,17 @@ async def run(args: argparse.Namespace, server: EmbeddedServer, workdir: Path) -
     async def local(threads: int) -> None:
         local_row(threads).runs.append(await run_local(meter, job, rows, threads, args.latency))
 
+    ray = None if args.no_ray else import_ray()
+    ray_note = "skipped (--no-ray)" if args.no_ray else RAY_MISSING
+    cluster: RayCluster | None = None
     try:
+        if ray is not None:
+            started = time.perf_counter()
+            # In the main thread (ray.init sets signal handlers), before anything is timed or served.
+            cluster = meter.cluster = RayCluster(ray, workdir, max(args.evaluators))
+            print(
+                f"Ray {ray.__version__} up in {time.perf_counter() - started:.1f} s (local, no dashboard)", flush=True
+            )
         async with serving(config) as system:
             print(f"loop-evaluate up (this process); spans -> {system.telemetry.span_destination}", flush=True)
             reference = local_row(args.local_threads)
@@ -557,14 +793,35 @@ async def run(args: argparse.Namespace, server: EmbeddedServer, workdir: Path) -
                     f"bus: {processes} evaluator proc x 2 shards x {args.num_threads} thr, "
                     f"{switchers} switcher proc{'s' if switchers > 1 else ''}"
                 )
-                row = Row(f"D{len([r for r in table if r.distributed]) + 1}", label, concurrency, [], distributed=True)
+                number = len([r for r in table if r.kind == "D"]) + 1
+                row = Row(f"D{number}", label, concurrency, [], kind="D", processes=processes)
                 row.reference = reference
                 for _ in range(args.warmups):  # every new process serves a shard / call before it counts
                     await run_distributed(system, meter, job)
                 equal = local_row(concurrency) if switchers == 1 else local_rows.get(concurrency)
                 row.equal = equal
-                for _ in range(args.reps):  # interleaved with the in-process runs it is compared with
+                ray_row = None
+                if switchers == 1:  # Ray at the same process count (Ray has no switcher to double)
+                    ray_label = f"Ray: {processes} actor proc x 2 shards x {args.num_threads} thr"
+                    ray_row = Row(f"R{processes}", ray_label, concurrency, [], kind="R", processes=processes)
+                    ray_row.reference, ray_row.equal = reference, equal
+                    ray_row.note = "" if cluster is not None else ray_note
+                    table.append(ray_row)
+                if cluster is not None and ray_row is not None:
+                    started = time.perf_counter()
+                    others = {p for p in (server.pid, *fleet.pids("evaluator"), *fleet.pids("switcher")) if p}
+                    await anyio.to_thread.run_sync(cluster.grow, processes, others)
+                    print(
+                        f"  R {processes} Ray actor(s) up in {time.perf_counter() - started:.1f} s;"
+                        f" {concurrency} LM calls in flight, x{args.reps} ...",
+                        flush=True,
+                    )
+                    for _ in range(args.warmups):  # every new actor imports DSPy and scores a shard before it counts
+                        await run_ray(cluster, meter, job, args)
+                for _ in range(args.reps):  # interleaved with the runs it is compared with
                     row.runs.append(await run_distributed(system, meter, job))
+                    if cluster is not None and ray_row is not None:
+                        ray_row.runs.append(await run_ray(cluster, meter, job, args))
                     if switchers == 1 and equal is not None:
                         await local(concurrency)
                     if len(reference.runs) < args.reps:
@@ -572,10 +829,12 @@ async def run(args: argparse.Namespace, server: EmbeddedServer, workdir: Path) -
                 table.append(row)
     finally:
         fleet.stop_all()
+        if cluster is not None:
+            cluster.shutdown()
     elapsed = time.perf_counter() - t_start
 
-    # Evaluate rows first, then the distributed ones, in the order they ran.
-    ordered = [r for r in table if not r.distributed] + [r for r in table if r.distributed]
+    # Evaluate rows first, then the bus ones, then Ray's, each in the order they ran.
+    ordered = [r for kind in "EDR" for r in table if r.kind == kind]
     print()
     print(
         f"Distributed evaluation vs dspy.Evaluate: {args.examples} examples, LabeledFewShot k=16 program, "
@@ -587,18 +846,26 @@ async def run(args: argparse.Namespace, server: EmbeddedServer, workdir: Path) -
     print("Where the time goes (seconds, median over reps; bus phases from the task records' KV updates)")
     print_breakdown(ordered, args)
     print()
+    print("dspyrt next to Ray at equal process counts (same shards, same LM calls in flight)")
+    print_versus(ordered, args.examples)
+    print()
     print(
         "x faster than E8: dspy.Evaluate(num_threads=8)'s wall / this row's. / Evaluate same conc.: this row's wall /"
         " dspy.Evaluate's with as many LM calls in flight (processes x 2 shards x num_threads). CPU s: process CPU"
-        " per run by role (bench = this process: Evaluate itself in E rows, loop-evaluate + client in D rows);"
-        " machine cores: CPU busy on the whole machine / wall; not ours: the part of it spent by other processes."
+        " per run by role (workers: evaluator processes in D rows, Ray actors in R rows; switch|ray: switchers in D"
+        " rows, Ray's own processes in R rows; bench = this process: Evaluate itself in E rows, loop-evaluate +"
+        " client in D rows, the Ray driver in R rows); CPU ms/ex: the row's own processes (the others idle beside"
+        " it are left out); machine cores: CPU busy on the whole machine / wall; not ours: the part of it spent by"
+        " processes this benchmark did not start."
     )
     print(
         "LM latency floor: the wall time if CPU were free (rounds of LM calls x latency). CPU floor: CPU s of our"
-        f" processes / cores usable ({os.cpu_count()} for the bus rows, 1 for one Python process). pickup: submit ->"
-        " evaluate task running; split+submit: -> last shard queued; shard wait: queued -> running; merge+store:"
-        " last shard done -> evaluation stored; notify: -> result in the client's hand. Shards per evaluator process:"
-        " how many shards each process ran, per run (a process runs 2 at once)."
+        f" processes / cores usable ({os.cpu_count()} for the bus and Ray rows, 1 for one Python process). pickup:"
+        " submit -> evaluate task running; split+submit: -> last shard queued; shard wait: queued -> running;"
+        " merge+store: last shard done -> evaluation stored; notify: -> result in the client's hand. Shards per"
+        " evaluator process: how many shards each process ran, per run (a process runs 2 at once). R rows: shard"
+        " wait is the driver's send -> the actor starting it, merge+store the last shard done -> scores aggregated"
+        " in the driver."
     )
     check_scores(ordered, reference)
     verdict(ordered, reference, args)
@@ -618,6 +885,14 @@ def check_scores(rows: list[Row], reference: Row) -> None:
     else:
         runs = sum(len(r.runs) for r in rows)
         print(f"scores: all {runs} runs score {expected.score:g} with identical per-example scores (dspy.Evaluate's)")
+    ray_runs = [(r.id, x) for r in rows if r.kind == "R" for x in r.runs]
+    if ray_runs:
+        same = all(abs(x.score - expected.score) <= 0.005 and x.scores == expected.scores for _, x in ray_runs)
+        found = sorted({f"{x.score:g}" for _, x in ray_runs})
+        print(
+            f"Ray score: {'/'.join(found)} in {len(ray_runs)} runs ({', '.join(sorted({i for i, _ in ray_runs}))}),"
+            f" E rows {expected.score:g} -> {'equal' if same else 'DIFFERENT'}"
+        )
 
 
 def verdict(rows: list[Row], reference: Row, args: argparse.Namespace) -> None:
@@ -643,6 +918,28 @@ def verdict(rows: list[Row], reference: Row, args: argparse.Namespace) -> None:
                 f"target <= 1.1x dspy.Evaluate's time at equal concurrency ({r.concurrency} in flight): {r.id} "
                 f"{ratio:.2f}x -> {'met' if ratio <= 1.1 else 'NOT met'}"
             )
+    for r in rows:
+        if r.distributed and r.equal is not None and r.equal.runs:
+            ratio = r.cpu_total / r.equal.cpu_total
+            bus_ms, local_ms = 1e3 * r.cpu_total / args.examples, 1e3 * r.equal.cpu_total / args.examples
+            print(
+                f"target CPU per evaluated example over the bus <= 1.3x in-process dspy.Evaluate: {r.id}"
+                f" {bus_ms:.2f} ms vs {r.equal.id} {local_ms:.2f} ms = {ratio:.2f}x"
+                f" -> {'met' if ratio <= 1.3 else 'NOT met'}"
+            )
+    ray_top = [r for r in rows if r.kind == "R" and r.processes == most]
+    if top and ray_top:
+        best, ray_row = min(top, key=lambda r: r.wall), ray_top[0]
+        if not ray_row.runs:
+            print(f"target 4 processes at least as fast as Ray with 4 workers: not measured, Ray {ray_row.note}")
+        else:
+            ratio = best.wall / ray_row.wall
+            others = ", ".join(f"{r.id} {r.wall / ray_row.wall:.2f}x" for r in top if r is not best)
+            print(
+                f"target {most} processes at least as fast as Ray with {most} workers: {best.id} / {ray_row.id} wall"
+                f" {best.wall:.3f} / {ray_row.wall:.3f} s = {ratio:.2f}x ({others or 'the only bus row'}) ->"
+                f" {'met' if ratio <= 1.0 else 'NOT met'}"
+            )
 
 
 def main() -> None:
@@ -658,7 +955,8 @@ def main() -> None:
     parser.add_argument(
         "--switcher-concurrency", type=int, default=256, help="switcher agent_concurrency and model max_concurrency"
     )
-    parser.add_argument("--quick", action="store_true", help="1 repetition (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="1 repetition (~1.5 minutes)")
+    parser.add_argument("--no-ray", action="store_true", help="leave out the Ray rows (R)")
     args = parser.parse_args()
     args.evaluators = sorted(int(n) for n in args.evaluators.split(","))
     if args.quick:
