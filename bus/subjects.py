@@ -117,6 +117,10 @@ class Subjects:
         """The durable consumer that every replica handling ``kind`` shares."""
         return f"tasks_{check_token(kind, 'task kind')}"
 
+    def task_pull(self, kind: str) -> str:
+        """Where a worker of ``kind`` asks its consumer for the next messages (JetStream's API subject)."""
+        return f"$JS.API.CONSUMER.MSG.NEXT.{self.task_stream}.{self.task_consumer(kind)}"
+
     def max_deliveries_advisory(self, kind: str) -> str:
         """Where JetStream says a task of ``kind`` reached max_deliver without being acknowledged."""
         return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.task_stream}.{self.task_consumer(kind)}"

@@ -77,6 +77,7 @@ from dspyrt.bus.messages import (
     decode,
     error_body,
 )
+from dspyrt.bus.pull import Puller
 from dspyrt.bus.streams import key_value, kv_keys, kv_keys_matching, kv_update
 
 log = logging.getLogger("dspyrt.tasks")
@@ -663,10 +664,11 @@ class WorkerOptions:
     timeout: float | None = None
     concurrency: int = 8
     fetch_timeout: float = 1.0
-    # Messages pulled per fetch (at most the free slots). More than one lets a burst land on one busy replica
-    # while others idle (nats-py keeps a second pull open); 1 spreads long tasks evenly. Raise it for many
-    # tiny tasks, where the round trip per fetch dominates.
-    fetch_batch: int = 1
+    # Messages pulled per request, at most the free slots. None: all free slots while this kind's tasks have taken
+    # under ``short_task`` seconds on average (one round trip brings many tiny tasks), else 1 (long tasks spread
+    # evenly over replicas instead of landing on whichever asked first).
+    fetch_batch: int | None = None
+    short_task: float = 0.1
     # In-flight handlers get this long to finish on shutdown; the rest stay unacked for redelivery.
     drain_grace: float = 10.0
     # Results larger than this (JSON bytes, and never more than fits in a record) go to the results object store.
@@ -705,7 +707,7 @@ class TaskWorker:
     _running: set[anyio.CancelScope] = field(default_factory=set, init=False, repr=False)
     _claims: ClaimStore | None = field(default=None, init=False, repr=False)
 
-    async def _subscribe(self) -> Any:
+    async def _subscribe(self) -> Puller:
         s = self.bus.subjects
         durable = s.task_consumer(self.kind)
         try:
@@ -731,24 +733,35 @@ class TaskWorker:
             # exhausted-task watcher trusts no advisory short of this worker's max_deliver).
             update = current.evolve(max_deliver=self.options.max_deliver, ack_wait=self.options.ack_wait)
             await self.bus.js.add_consumer(s.task_stream, update)
-        return await self.bus.js.pull_subscribe_bind(durable=durable, stream=s.task_stream)
+        puller = Puller(self.bus.nc, s.task_pull(self.kind))
+        await puller.start()
+        return puller
+
+    def batch_limit(self) -> int:
+        """The most messages one pull may take (see ``WorkerOptions.fetch_batch``)."""
+        if self.options.fetch_batch is not None:
+            return max(1, self.options.fetch_batch)
+        done = self.stats.received - self.stats.in_flight
+        if done and self.stats.busy_seconds / done < self.options.short_task:
+            return self.options.concurrency
+        return 1
 
     async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        psub = await self._subscribe()
+        puller = await self._subscribe()
         watcher: Any = await ExhaustedTaskWatcher(self.bus, self.store, self.kind, self.options.max_deliver).start()
         limiter = anyio.Semaphore(self.options.concurrency, fast_acquire=True)
         try:
             async with anyio.create_task_group() as handlers:
                 task_status.started()
                 try:
-                    await self._fetch_loop(psub, limiter, handlers)
+                    await self._fetch_loop(puller, limiter, handlers)
                 finally:
                     # Stop fetching; give in-flight handlers a grace period, then cancel them (they nak).
                     with anyio.CancelScope(shield=True):
                         # Unsubscribe first: a pull request of ours still open at the server would otherwise
                         # take what the handlers hand back, and strand it here until its ack_wait.
                         try:
-                            await psub.unsubscribe()
+                            await puller.close()
                         except Exception:
                             pass
                         with anyio.move_on_after(self.options.drain_grace):
@@ -766,22 +779,20 @@ class TaskWorker:
                 except Exception:
                     pass
 
-    async def _fetch_loop(self, psub: Any, limiter: anyio.Semaphore, handlers: anyio.abc.TaskGroup) -> None:
+    async def _fetch_loop(self, puller: Puller, limiter: anyio.Semaphore, handlers: anyio.abc.TaskGroup) -> None:
         errors = 0
         while True:
             await limiter.acquire()
-            slots = 1
-            while slots < self.options.fetch_batch:
+            slots, limit = 1, self.batch_limit()
+            while slots < limit:
                 try:
                     limiter.acquire_nowait()
                 except anyio.WouldBlock:
                     break
                 slots += 1
             try:
-                msgs = await psub.fetch(slots, timeout=self.options.fetch_timeout)
+                msgs = await puller.fetch(slots, timeout=self.options.fetch_timeout)
                 errors = 0
-            except TimeoutError:
-                msgs = []
             except Exception as exc:  # disconnected, server restarting: keep trying
                 msgs = []
                 errors += 1

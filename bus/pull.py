@@ -1,0 +1,93 @@
+"""Pulling work from a durable pull consumer: every message that is waiting, up to the free slots, in one request;
+when none is waiting, a long poll for one.
+
+Why not nats-py's ``fetch(n)``: when nothing is waiting, it long-polls for ``n`` and holds the first message that
+arrives until ``n`` have arrived or its timeout passes (up to the whole timeout of added latency), so a worker had
+to fetch one message per request: one round trip per task. Here the no-wait probe takes what is waiting at once,
+and the long poll asks for one message, so neither a burst nor a lone task waits.
+
+Only stored messages (their reply is a ``$JS.ACK.`` subject) are handed out; anything else published onto the
+inbox is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
+
+log = logging.getLogger("dspyrt.bus")
+
+_STORED_REPLY = "$JS.ACK."
+# Server statuses that end a pull request (no messages, request expired, request refused or cut short).
+_END_STATUSES = frozenset({"404", "408", "409"})
+# The server ends a long poll this much before the client stops waiting for it, so that no message is delivered
+# to a request the client has given up on.
+_EXPIRY_MARGIN = 0.05
+
+
+class Puller:
+    """Pulls from one durable consumer through its ``$JS.API.CONSUMER.MSG.NEXT`` subject on an inbox of its own.
+
+    ``await puller.start()`` before ``fetch``; ``await puller.close()`` stops deliveries to it (a request still
+    open at the server would otherwise take messages nobody handles until their ``ack_wait``)."""
+
+    def __init__(self, nc: NATS, next_subject: str) -> None:
+        self.nc = nc
+        self.next_subject = next_subject
+        self.dropped = 0  # messages on the inbox that were not stored messages (not handed out)
+        self._sub: Subscription | None = None
+        self._inbox = ""
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    async def fetch(self, n: int, timeout: float) -> list[Msg]:
+        """Up to ``n`` messages: those waiting now, else the first to arrive within ``timeout`` (or none)."""
+        msgs = await self._pull(n, no_wait=True, timeout=timeout)
+        if msgs:
+            return msgs
+        return await self._pull(1, no_wait=False, timeout=timeout)
+
+    async def _pull(self, batch: int, *, no_wait: bool, timeout: float) -> list[Msg]:
+        sub = self._sub
+        if sub is None:
+            raise RuntimeError("Puller.fetch before start (or after close)")
+        request: dict[str, object] = {"batch": batch}
+        if no_wait:
+            request["no_wait"] = True
+        else:
+            request["expires"] = int(max(timeout - _EXPIRY_MARGIN, 0.01) * 1e9)
+        await self.nc.publish(self.next_subject, json.dumps(request).encode(), reply=self._inbox)
+        msgs: list[Msg] = []
+        deadline = time.monotonic() + timeout
+        while len(msgs) < batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except NatsTimeoutError:
+                break
+            status = (msg.headers or {}).get("Status") if not msg.reply else None
+            if status is not None:
+                if status in _END_STATUSES:
+                    break  # this request (or a late one's) is over
+                continue  # 100: an idle heartbeat
+            if not msg.reply.startswith(_STORED_REPLY):
+                self.dropped += 1
+                log.warning("dropped a message on the pull inbox of %s that is not a stored message", self.next_subject)
+                continue
+            msgs.append(msg)
+        return msgs
