@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+
 from dspyrt.agents.deployments import DeployedVersion, DeployRegistry, ProgramPointer
 from dspyrt.agents.loop.models import RollbackRequest
-from dspyrt.bus.audit import read_audit
+from dspyrt.bus import Bus
+from dspyrt.bus.audit import BATCH_BYTES, audit_log, read_audit, record_audit
+from dspyrt.bus.streams import read_tail
 from dspyrt.runtime.client import Client
 from dspyrt.runtime.config import IntegrationConfig
 from dspyrt.runtime.registry import available_agents
@@ -56,3 +62,71 @@ async def test_json_calls_carry_the_callers_identity_too(config: IntegrationConf
         assert pointer["active"]["version"] == 1
         records = await read_audit(system.bus)
     assert [(r.action, r.target, r.identity) for r in records if r.action == "rollback"] == [("rollback", "q", "bob")]
+
+
+# ----------------------------------------------------------------------------------------- group commit
+
+
+async def test_concurrent_records_share_appends_and_none_is_lost(bus: Bus) -> None:
+    """Every caller returns once its record is stored; records that wait behind an append go in one message;
+    one message never carries more than BATCH_BYTES of them."""
+    log = audit_log(bus)
+    big = "x" * (BATCH_BYTES // 8)
+
+    async def one(i: int) -> None:
+        detail = {"i": i, "pad": big if i % 5 == 0 else ""}
+        await record_audit(bus, "task.submit", f"t{i}", identity="alice", detail=detail)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(60):
+            tg.start_soon(one, i)
+    records = await read_audit(bus, limit=1000)
+    assert sorted(r.target for r in records) == sorted(f"t{i}" for i in range(60))
+    assert {(r.identity, r.nats_user) for r in records} == {("alice", bus.options.user)}
+    assert log.appends < 60, "each record was appended alone"
+    tail = await read_tail(bus, bus.subjects.audit_stream, 1000)
+    assert len(tail) == log.appends
+    assert max(len(data) for _, _, data in tail) <= BATCH_BYTES + 2 * len(big)
+
+
+async def test_a_failed_append_fails_every_caller_it_carried(config: IntegrationConfig, bus: Bus) -> None:
+    await bus.js.delete_stream(config.subjects.audit_stream)  # nothing stores audit records any more
+    outcomes: list[BaseException | None] = []
+
+    async def one(i: int) -> None:
+        try:
+            await record_audit(bus, "deploy", f"p{i}")
+        except Exception as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    with anyio.fail_after(20):  # no caller waits forever for a batch that failed
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(one, i)
+    assert len(outcomes) == 10 and all(isinstance(o, Exception) for o in outcomes), outcomes
+
+
+async def test_a_cancelled_caller_does_not_take_the_others_records_with_it(bus: Bus) -> None:
+    """The caller sending an append is cancelled: the append it carries for the others completes (once)."""
+    log = audit_log(bus)
+    second = anyio.CancelScope()
+
+    async def cancellable() -> None:
+        with second:
+            await record_audit(bus, "deploy", "second")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(record_audit, bus, "deploy", "first"))
+        await anyio.lowlevel.checkpoint()  # the first caller is sending its append
+        tg.start_soon(cancellable)
+        for i in range(8):
+            tg.start_soon(partial(record_audit, bus, "deploy", f"after{i}"))
+        with anyio.fail_after(10):
+            while log.appends < 1 or log._actions["deploy"].waiting:  # the second now sends all nine
+                await anyio.lowlevel.checkpoint()
+        second.cancel()
+    assert log.appends == 2  # the first alone, then the nine that waited behind it
+    targets = [r.target for r in await read_audit(bus)]
+    assert sorted(targets) == sorted(["first", "second", *(f"after{i}" for i in range(8))])
