@@ -553,6 +553,26 @@ def test_the_collector_pipelines_are_wired() -> None:
     assert f"otel-collector:{port}" in targets
 
 
+def test_the_collector_keeps_errors_slow_traces_and_a_share_of_the_rest() -> None:
+    """The production sampling rule: decided in the collector once a trace is complete (the agents record every
+    span); span metrics see every span, before sampling."""
+    config = _yaml(DEPLOY / "otel" / "collector.yaml")
+    pipelines = config["service"]["pipelines"]
+    assert "tail_sampling" in pipelines["traces"]["processors"]
+    assert pipelines["traces"]["processors"].index("tail_sampling") < pipelines["traces"]["processors"].index("batch")
+    assert "tail_sampling" not in pipelines["traces/spanmetrics"]["processors"]
+    policies = {p["type"]: p for p in config["processors"]["tail_sampling"]["policies"]}
+    assert set(policies) == {"status_code", "latency", "probabilistic"}
+    assert policies["status_code"]["status_code"]["status_codes"] == ["ERROR"]
+    slow = str(policies["latency"]["latency"]["threshold_ms"])
+    share = str(policies["probabilistic"]["probabilistic"]["sampling_percentage"])
+    assert (_expand(slow, {}), _expand(share, {})) == ("2000", "10")
+    assert _expand(share, {"TRACES_SAMPLE_PERCENT": "100"}) == "100"
+    # the agents' side: no sampler set anywhere the deployment configures them, so the SDK records every span
+    env = _yaml(DEPLOY / "compose.yaml")["x-agent-env"]
+    assert not any(key.startswith("OTEL_TRACES_SAMPLER") for key in env)
+
+
 def test_compose_runs_every_agent_against_the_cluster() -> None:
     compose = _yaml(DEPLOY / "compose.yaml")
     services = compose["services"]
