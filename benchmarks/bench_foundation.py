@@ -13,6 +13,7 @@ the same embedded nats-server; the child prints its figures as JSON and this scr
     .venv/bin/python benchmarks/bench_foundation.py --rounds 1 --duration 5 --inflight 50 --tasks 5000
     .venv/bin/python benchmarks/bench_foundation.py --only rr-raw,rr-traced
     .venv/bin/python benchmarks/bench_foundation.py --profile rr-traced  # cProfile of one row's measured window
+    .venv/bin/python benchmarks/bench_foundation.py --json now.json --before then.json  # beside an earlier run
 
 This is a benchmark, not a test: nothing here asserts on timing; targets are reported as met or missed.
 """
@@ -64,14 +65,16 @@ class Row:
 
 ROWS = [
     Row("rr-raw", "A1", "raw nats-py request/reply (baseline)", "rr", "none"),
-    Row("rr-traced", "A2", "runtime endpoint, tracing on (SDK, JSONL)", "rr", "traced", 0.5),
-    Row("rr-untraced", "A3", "runtime endpoint, sampler always_off", "rr", "off", 0.8),
+    Row("rr-traced", "A2", "runtime endpoint, tracing on (SDK, JSONL)", "rr", "traced", 0.3),
+    Row("rr-untraced", "A3", "runtime endpoint, sampler always_off", "rr", "off", 0.6),
     Row("rr-faststream", "A4", "FastStream NATS, pydantic subscriber", "rr", "none"),
     Row("rr-nosdk", "A5", "runtime endpoint, no SDK (API no-op; info)", "rr", "none"),
     Row("task-raw", "B1", "raw JetStream publish + fetch/ack (baseline)", "task", "none"),
-    Row("task-traced", "B2", "runtime submit_task + @task, tracing on", "task", "traced", 0.5),
-    Row("task-untraced", "B3", "runtime submit_task + @task, always_off", "task", "off", 0.5),
+    Row("task-traced", "B2", "runtime submit_task + @task, tracing on", "task", "traced", 0.3),
+    Row("task-untraced", "B3", "runtime submit_task + @task, always_off", "task", "off", 0.3),
 ]
+# Round trips per durable task, at most (the runtime's task rows).
+RT_TARGET = 4.0
 BY_KEY = {r.key: r for r in ROWS}
 
 
@@ -116,8 +119,6 @@ class TaskAgent(Agent):
 
 
 # ----------------------------------------------------------------------------- measurement helpers
-
-
 
 
 class Window:
@@ -661,7 +662,9 @@ def print_table(all_rounds: dict[str, list[dict[str, Any]]], args: argparse.Name
                 f"dropped {r['spans_dropped']}, sampler {r['sampler']}"
             )
         if row.kind == "task":
-            notes.append(f"{row.id}: round trips/task: {fmt_rt(r['rt_per_op'])}")
+            verdict = "met" if rts <= RT_TARGET else "MISSED" if not row.key.endswith("-raw") else ""
+            target_note = f" (target <= {RT_TARGET:g}: {verdict})" if verdict else ""
+            notes.append(f"{row.id}: round trips/task: {fmt_rt(r['rt_per_op'])}{target_note}")
             notes.append(f"{row.id}: one-way/task:     {fmt_rt(r['oneway_per_op'])}")
             if "all_succeeded" in r and not r["all_succeeded"]:
                 notes.append(f"{row.id}: NOT all tasks succeeded: {r['worker_stats']} last={r['last_record_status']}")
@@ -695,6 +698,32 @@ def print_table(all_rounds: dict[str, list[dict[str, Any]]], args: argparse.Name
     )
 
 
+def print_before_after(before: dict[str, list[dict[str, Any]]], after: dict[str, list[dict[str, Any]]]) -> None:
+    """Each row's figures from an earlier run (``--before``, the JSON ``--json`` wrote) beside this run's."""
+    cols = ["id", "path", "x raw before", "x raw now", "py cpu us/op before", "now", "RT/op before", "now"]
+    lines: list[list[str]] = []
+    for row in ROWS:
+        if row.key not in before or row.key not in after:
+            continue
+        cells = [row.id, row.label]
+        figures = []
+        for rounds in (before, after):
+            base = rounds.get("rr-raw" if row.kind == "rr" else "task-raw", [])
+            ratio = paired_ratio(rounds[row.key], base)
+            median = median_round(rounds[row.key])
+            figures.append((ratio, median.get("py_cpu_us"), sum(median.get("rt_per_op", {}).values())))
+        cells += [f"{f[0]:.2f}" if f[0] is not None else "?" for f in figures]
+        cells += [f"{f[1]:.1f}" if f[1] is not None else "-" for f in figures]
+        cells += [f"{f[2]:.2f}" if row.kind == "task" else "-" for f in figures]
+        lines.append(cells)
+    if not lines:
+        return
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+    print("\nbefore (--before) and now, same machine; each 'x raw' against the raw row of its own run")
+    for line in [cols, ["-" * w for w in widths], *lines]:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=2.5, help="measured seconds per request/reply round (default 2.5)")
@@ -717,6 +746,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="", help=f"comma-separated rows: {','.join(BY_KEY)}")
     p.add_argument("--profile", default="", metavar="ROW", help="run one row under cProfile and print its stats")
     p.add_argument("--json", type=Path, help="also write the raw figures to this file")
+    p.add_argument("--before", type=Path, help="a --json file of an earlier run: print its figures beside these")
     # internal: child mode
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -765,6 +795,8 @@ def main() -> None:
                     results[key].append(run_child(BY_KEY[key], server.url, server.pid, args, tmp))
     header.append(f"total:    {time.perf_counter() - started:.1f}s")
     print_table(results, args, header)
+    if args.before:
+        print_before_after(json.loads(args.before.read_text())["results"], results)
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": results}, indent=2))
 
