@@ -662,8 +662,8 @@ def print_table(all_rounds: dict[str, list[dict[str, Any]]], args: argparse.Name
                 f"dropped {r['spans_dropped']}, sampler {r['sampler']}"
             )
         if row.kind == "task":
-            verdict = "met" if rts <= RT_TARGET else "MISSED" if not row.key.endswith("-raw") else ""
-            target_note = f" (target <= {RT_TARGET:g}: {verdict})" if verdict else ""
+            verdict = "met" if rts <= RT_TARGET else "MISSED"
+            target_note = "" if row.key.endswith("-raw") else f" (target <= {RT_TARGET:g}: {verdict})"
             notes.append(f"{row.id}: round trips/task: {fmt_rt(r['rt_per_op'])}{target_note}")
             notes.append(f"{row.id}: one-way/task:     {fmt_rt(r['oneway_per_op'])}")
             if "all_succeeded" in r and not r["all_succeeded"]:
