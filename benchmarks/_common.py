@@ -49,3 +49,14 @@ def versions(names: tuple[str, ...] = PACKAGES) -> str:
         except metadata.PackageNotFoundError:
             parts.append(f"{name} ?")
     return ", ".join(parts)
+
+
+def importtime_rows(stderr: str) -> list[tuple[int, int, str]]:
+    """``python -X importtime``'s report as (cumulative us, self us, module) rows."""
+    rows = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        self_us, cumulative_us, name = line.removeprefix("import time:").split("|", 2)
+        rows.append((int(cumulative_us), int(self_us), name.rstrip()))
+    return rows

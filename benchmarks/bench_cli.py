@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import load_average, versions
+from _common import importtime_rows, load_average, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -116,12 +116,7 @@ def importtime(which: str, workdir: Path) -> None:
         [sys.executable, "-X", "importtime", "-c", code, *args], cwd=workdir, env=clean_env(), capture_output=True,
         text=True, check=False,
     )  # fmt: skip
-    rows = []
-    for line in done.stderr.splitlines():
-        if not line.startswith("import time:") or "cumulative" in line:
-            continue
-        self_us, cumulative_us, name = line.removeprefix("import time:").split("|", 2)
-        rows.append((int(cumulative_us), int(self_us), name.rstrip()))
+    rows = importtime_rows(done.stderr)
     total = sum(self_us for _, self_us, _ in rows)
     print(f"dspyrt {' '.join(args)}: {len(rows)} modules, {total / 1e6:.3f} s of imports (self times summed)")
     print(f"{'cumulative s':>12}  {'self s':>7}  module")

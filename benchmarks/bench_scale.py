@@ -99,8 +99,6 @@ class Job:
 # ----------------------------------------------------------------------------- CPU accounting
 
 
-
-
 @dataclass
 class Cpu:
     agents: float = 0.0

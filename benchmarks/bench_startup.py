@@ -57,7 +57,7 @@ for _name in [k for k in os.environ if k.startswith(("DSPYRT_", "OTEL_"))]:
     del os.environ[_name]
 
 import anyio  # noqa: E402
-from _common import load_average, versions  # noqa: E402
+from _common import importtime_rows, load_average, versions  # noqa: E402
 
 from dspyrt.bus import Bus, TaskStore  # noqa: E402
 from dspyrt.bus.subjects import SERVICE_STATS  # noqa: E402
@@ -393,12 +393,7 @@ def importtime() -> None:
         [sys.executable, "-X", "importtime", "-c", AGENTS_IMPORT + "; import dspyrt.runtime.supervisor"],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True,
     )  # fmt: skip
-    rows = []
-    for line in done.stderr.splitlines():
-        if not line.startswith("import time:") or "cumulative" in line:
-            continue
-        self_us, cumulative_us, name = line.removeprefix("import time:").split("|", 2)
-        rows.append((int(cumulative_us), int(self_us), name.rstrip()))
+    rows = importtime_rows(done.stderr)
     total = sum(self_us for _, self_us, _ in rows)
     by_package: dict[str, int] = {}
     for _, self_us, name in rows:
