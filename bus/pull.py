@@ -24,11 +24,17 @@ from nats.errors import TimeoutError as NatsTimeoutError
 log = logging.getLogger("dspyrt.bus")
 
 _STORED_REPLY = "$JS.ACK."
-# Server statuses that end a pull request (no messages, request expired, request refused or cut short).
-_END_STATUSES = frozenset({"404", "408", "409"})
+# Server statuses that end a pull request normally: nothing waiting (no-wait probe), the long poll expired.
+_END_STATUSES = frozenset({"404", "408"})
+# 100 is an idle heartbeat; any other status is a refusal (400 bad request, 409 consumer deleted, leadership
+# change, too many waiting requests, 503 no one serves the consumer): raised, so the caller backs off.
 # The server ends a long poll this much before the client stops waiting for it, so that no message is delivered
 # to a request the client has given up on.
 _EXPIRY_MARGIN = 0.05
+
+
+class PullRefusedError(Exception):
+    """The server refused a pull request (the consumer is gone, a leader is changing, too many requests wait)."""
 
 
 class Puller:
@@ -55,7 +61,12 @@ class Puller:
 
     async def fetch(self, n: int, timeout: float) -> list[Msg]:
         """Up to ``n`` messages: those waiting now, else the first to arrive within ``timeout`` (or none)."""
-        msgs = await self._pull(n, no_wait=True, timeout=timeout)
+        try:
+            msgs = await self._pull(n, no_wait=True, timeout=timeout)
+        except PullRefusedError:
+            if n == 1:
+                raise
+            msgs = []  # e.g. the consumer's max_request_batch is below n: one at a time still works
         if msgs:
             return msgs
         return await self._pull(1, no_wait=False, timeout=timeout)
@@ -84,7 +95,12 @@ class Puller:
             if status is not None:
                 if status in _END_STATUSES:
                     break  # this request (or a late one's) is over
-                continue  # 100: an idle heartbeat
+                if status == "100":
+                    continue
+                if msgs:
+                    break  # hand out what came; the next pull meets the refusal again
+                description = (msg.headers or {}).get("Description", "")
+                raise PullRefusedError(f"{self.next_subject}: {status} {description}".strip())
             if not msg.reply.startswith(_STORED_REPLY):
                 self.dropped += 1
                 log.warning("dropped a message on the pull inbox of %s that is not a stored message", self.next_subject)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import pytest
 
@@ -97,3 +99,24 @@ async def test_messages_forged_onto_a_pull_inbox_are_not_run(
         assert (worker.stats.received, worker.stats.failed, worker.stats.last_error) == (1, 0, "")
     await sub.unsubscribe()  # type: ignore[attr-defined]
     assert await client.store.get("forged") is None
+
+
+async def test_a_consumer_that_caps_its_batches_still_gets_its_tasks_run(
+    config: IntegrationConfig, bus: Bus, client: Client
+) -> None:
+    """An operator set max_request_batch below the worker's free slots: the server refuses those pulls (409), and
+    the worker pulls one at a time instead of stalling."""
+    async with hosting(Quick(config)):
+        pass
+    stream, durable = config.subjects.task_stream, config.subjects.task_consumer("quick")
+    settings = (await bus.js.consumer_info(stream, durable)).config.as_dict()
+    reply = await bus.nc.request(
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+        json.dumps({"stream_name": stream, "config": {**settings, "max_batch": 2}}).encode(),
+    )
+    assert json.loads(reply.data).get("config", {}).get("max_batch") == 2, reply.data
+    ids = [(await client.submit("quick", Job(n=i))).task_id for i in range(40)]
+    async with hosting(Quick(config)) as host:
+        worker = host.workers[0]
+        await wait_until(lambda: worker.stats.succeeded == 40, timeout=30, what="every task run")
+    assert [(await client.task(task_id)).result for task_id in ids] == [{"n": i + 1} for i in range(40)]
