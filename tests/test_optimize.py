@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 
 from dspyrt.agents.optimizers.agent import OptimizerAgent
 from dspyrt.agents.optimizers.models import OptimizerList, OptimizerStatsReply
-from dspyrt.agents.switcher.agent import SwitcherAgent
+from dspyrt.agents.switcher.agent import Background, SwitcherAgent
 from dspyrt.agents.switcher.models import CompletionReply, CompletionRequest, SwitcherStats
-from dspyrt.bus import Empty, RemoteError, TaskStatus
+from dspyrt.bus import Bus, Empty, RemoteError, TaskStatus
+from dspyrt.bus.streams import read_tail
 from dspyrt.runtime.config import IntegrationConfig
 from dspyrt.runtime.telemetry import Telemetry
 from dspyrt.runtime.traces import read_spans
@@ -234,3 +236,41 @@ def test_a_completion_without_a_user_or_assistant_turn_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="user or assistant"):
         CompletionRequest(messages=[{"role": "system", "content": "only a prompt"}])  # type: ignore[list-item]
+
+
+async def test_a_stopping_switcher_still_stores_the_event_of_every_call_it_answered(config: IntegrationConfig) -> None:
+    """The ``lm.call`` event and the cache write go out after the reply: stopping the switcher right after its last
+    reply must not cancel them."""
+    calls = 40
+    async with serving(config, [SwitcherAgent]) as system:
+
+        async def one(i: int) -> None:
+            request = CompletionRequest(
+                messages=[{"role": "user", "content": f"call {i}"}],  # type: ignore[list-item]
+                no_cache=True,
+            )
+            await system.client.request("switcher", "complete", request, CompletionReply)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(calls):
+                tg.start_soon(one, i)
+    async with Bus(config.connection_options(name="reader"), config.subjects) as reader:
+        events = await read_tail(reader, config.subjects.event_stream, 10 * calls)
+    assert sum(b'"lm.call"' in data for _, _, data in events) == calls
+
+
+async def test_deferred_switcher_writes_finish_when_the_switcher_is_stopped() -> None:
+    done: list[int] = []
+
+    async def slow_write(i: int) -> None:
+        await anyio.sleep(0.2)
+        done.append(i)
+
+    with anyio.fail_after(5), anyio.CancelScope() as stop:
+        async with anyio.create_task_group() as tg:
+            background = Background(tg)
+            for i in range(3):
+                await background.run(partial(slow_write, i))
+            stop.cancel()  # the host stopping the switcher right after its replies
+    assert sorted(done) == [0, 1, 2]
+    assert background.pending == 0

@@ -47,8 +47,9 @@ MAX_DEFERRED = 1024
 
 class Background:
     """Work an LM call's reply need not wait for (the ``lm.call`` event, the shared cache write): run after the
-    reply, in the agent's task group, under the caller's trace context. The task group is the lifespan's, so a
-    stopping switcher finishes every pending write before it closes the bus."""
+    reply, in the lifespan's task group, under the caller's trace context. Each piece is shielded from the
+    switcher being stopped (bounded by its own publish timeout), so the lifespan ends only once every pending
+    write is done, before the host closes the bus."""
 
     def __init__(self, tg: TaskGroup, limit: int = MAX_DEFERRED) -> None:
         self.tg = tg
@@ -65,7 +66,8 @@ class Background:
     async def _one(self, work: Callable[[], Awaitable[None]], ctx: otel_context.Context) -> None:
         token = otel_context.attach(ctx)
         try:
-            await work()
+            with anyio.CancelScope(shield=True):
+                await work()
         except Exception as exc:  # telemetry and cache writes only: never fatal for the agent
             log.warning("deferred switcher write failed: %s: %s", type(exc).__name__, exc)
         finally:
@@ -86,8 +88,6 @@ class SwitcherAgent(Agent):
     switcher: ModelSwitcher
     deployments: DeployRegistry
     cache: ResponseCache | None
-    # Set for the lifespan; without it (make_cache called alone) every write is awaited inline.
-    background: Background | None = None
 
     def make_registry(self) -> ModelRegistry:
         if self.config.models_file is not None:
@@ -96,16 +96,11 @@ class SwitcherAgent(Agent):
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tg:
-            self.background = Background(tg)
-            try:
-                async with self._serving():
-                    yield
-            finally:
-                self.background = None
+        async with anyio.create_task_group() as tg, self._serving(Background(tg)):
+            yield
 
     @asynccontextmanager
-    async def _serving(self) -> AsyncIterator[None]:
+    async def _serving(self, background: Background) -> AsyncIterator[None]:
         self.registry = self.make_registry()
         self.deployments = await DeployRegistry.open(self.bus, self.config.stream_layout)
         meter = metrics.get_meter("dspyrt.switcher")
@@ -142,12 +137,9 @@ class SwitcherAgent(Agent):
                 failures.add(1, {**labels, "error.type": error or "error"})
                 event = LmCall(model=model, ok=False, error=error)
             # After the reply: the event is telemetry, and its publish cost the call its latency at 8 in flight.
-            if self.background is not None:
-                await self.background.run(lambda: self.publish_event(LmCall.topic, event))
-            else:
-                await self.publish_event(LmCall.topic, event)
+            await background.run(lambda: self.publish_event(LmCall.topic, event))
 
-        self.cache = await self.make_cache()
+        self.cache = await self.make_cache(background)
         self.switcher = ModelSwitcher(
             list(self.registry),
             DspyModelCaller(self.registry),
@@ -157,8 +149,9 @@ class SwitcherAgent(Agent):
         )
         yield
 
-    async def make_cache(self) -> ResponseCache | None:
-        """The response cache: an LRU in front of a KV bucket every switcher replica shares (None: turned off)."""
+    async def make_cache(self, background: Background | None = None) -> ResponseCache | None:
+        """The response cache: an LRU in front of a KV bucket every switcher replica shares (None: turned off).
+        With ``background``, writes to the bucket run after the reply; without, they are awaited."""
         cfg = self.config
         if not cfg.lm_cache:
             return None
@@ -172,7 +165,7 @@ class SwitcherAgent(Agent):
         # The shared write waits for JetStream's ack: deferred, so the reply does not wait for it (this replica
         # answers a repeat from its LRU at once; other replicas see the entry a moment later).
         shared = KvResponseStore(kv)
-        store: ResponseStore = shared if self.background is None else DeferredStore(shared, self.background.run)
+        store: ResponseStore = shared if background is None else DeferredStore(shared, background.run)
         return ResponseCache(store, memory_entries=cfg.lm_cache_memory_entries)
 
     @endpoint("select")

@@ -6,11 +6,13 @@ the switcher opens it) drop the oldest entries first.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
+
+from dspyrt.agents.lm.cache import ResponseStore
 
 
 class KvResponseStore:
@@ -33,11 +35,10 @@ class KvResponseStore:
 class DeferredStore:
     """A store whose writes go to ``defer`` (run after the reply) instead of being awaited; reads pass through.
 
-    A failed write is logged and lost, as :class:`~dspyrt.agents.lm.cache.ResponseCache` treats it inline."""
+    A failed write is logged by ``defer`` and lost, as :class:`~dspyrt.agents.lm.cache.ResponseCache` treats it
+    inline."""
 
-    def __init__(
-        self, store: KvResponseStore, defer: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
-    ) -> None:
+    def __init__(self, store: ResponseStore, defer: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]) -> None:
         self.store = store
         self.defer = defer
 
@@ -45,10 +46,4 @@ class DeferredStore:
         return await self.store.get(key)
 
     async def put(self, key: str, value: bytes) -> None:
-        async def write() -> None:
-            try:
-                await self.store.put(key, value)
-            except Exception as exc:
-                logging.getLogger("dspyrt.switcher").warning("LM cache write failed (%s: %s)", type(exc).__name__, exc)
-
-        await self.defer(write)
+        await self.defer(partial(self.store.put, key, value))
