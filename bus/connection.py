@@ -75,7 +75,8 @@ class InboundRepairs:
 
 
 # A JetStream delivery of a stored message: its reply subject is the ack subject.
-_STORED_REPLY = b"$JS.ACK."
+STORED_REPLY_PREFIX = "$JS.ACK."
+_STORED_REPLY = STORED_REPLY_PREFIX.encode()
 # What nats-py reads as a server status (inline status line or header lines; it keys Description by an enum).
 _STATUS_KEYS = ("Status", "Description")
 

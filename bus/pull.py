@@ -7,23 +7,21 @@ to fetch one message per request: one round trip per task. Here the no-wait prob
 and the long poll asks for one message, so neither a burst nor a lone task waits.
 
 Only stored messages (their reply is a ``$JS.ACK.`` subject) are handed out; anything else published onto the
-inbox is dropped and counted.
+inbox is dropped and counted with the connection's other repaired inbound messages (``Bus.inbound``: its health
+check shows them, and a flood logs one warning per interval).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 
-log = logging.getLogger("dspyrt.bus")
+from dspyrt.bus.connection import STORED_REPLY_PREFIX, Bus
 
-_STORED_REPLY = "$JS.ACK."
 # Server statuses that end a pull request normally: nothing waiting (no-wait probe), the long poll expired.
 _END_STATUSES = frozenset({"404", "408"})
 # 100 is an idle heartbeat; any other status is a refusal (400 bad request, 409 consumer deleted, leadership
@@ -43,10 +41,10 @@ class Puller:
     ``await puller.start()`` before ``fetch``; ``await puller.close()`` stops deliveries to it (a request still
     open at the server would otherwise take messages nobody handles until their ``ack_wait``)."""
 
-    def __init__(self, nc: NATS, next_subject: str) -> None:
-        self.nc = nc
+    def __init__(self, bus: Bus, next_subject: str) -> None:
+        self.nc = bus.nc
+        self.inbound = bus.inbound
         self.next_subject = next_subject
-        self.dropped = 0  # messages on the inbox that were not stored messages (not handed out)
         self._sub: Subscription | None = None
         self._inbox = ""
 
@@ -101,9 +99,9 @@ class Puller:
                     break  # hand out what came; the next pull meets the refusal again
                 description = (msg.headers or {}).get("Description", "")
                 raise PullRefusedError(f"{self.next_subject}: {status} {description}".strip())
-            if not msg.reply.startswith(_STORED_REPLY):
-                self.dropped += 1
-                log.warning("dropped a message on the pull inbox of %s that is not a stored message", self.next_subject)
+            if not msg.reply.startswith(STORED_REPLY_PREFIX):
+                self.inbound.messages_dropped += 1
+                self.inbound.note(f"dropped a message on the pull inbox of {self.next_subject}: not a stored message")
                 continue
             msgs.append(msg)
         return msgs

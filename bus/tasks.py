@@ -733,7 +733,7 @@ class TaskWorker:
             # exhausted-task watcher trusts no advisory short of this worker's max_deliver).
             update = current.evolve(max_deliver=self.options.max_deliver, ack_wait=self.options.ack_wait)
             await self.bus.js.add_consumer(s.task_stream, update)
-        puller = Puller(self.bus.nc, s.task_pull(self.kind))
+        puller = Puller(self.bus, s.task_pull(self.kind))
         await puller.start()
         return puller
 

@@ -97,6 +97,7 @@ async def test_messages_forged_onto_a_pull_inbox_are_not_run(
         record = await client.result((await client.submit("quick", Job(n=1))).task_id, timeout=10)
         assert record.result == {"n": 2}
         assert (worker.stats.received, worker.stats.failed, worker.stats.last_error) == (1, 0, "")
+        assert host.bus.inbound.messages_dropped == 2  # the two with no ack subject; counted where health sees it
     await sub.unsubscribe()  # type: ignore[attr-defined]
     assert await client.store.get("forged") is None
 
