@@ -129,10 +129,16 @@ def process_span(
     consumer_group: str | None = None,
     is_request: bool = False,
 ) -> AbstractContextManager[Span]:
-    """A consumer span that continues the sender's trace."""
-    if not live() and (not headers or TRACEPARENT not in headers):
-        return _NO_SPAN
-    return _process_span(subject, headers, size, message_id, consumer_group, is_request)
+    """A consumer span that continues the sender's trace (not recording: the sender's trace is passed on)."""
+    if not live() and not _sampled_upstream(headers):
+        return _NO_SPAN if not headers or TRACEPARENT not in headers else _forwarded(headers)
+    attrs = _attributes(subject, "process", size, message_id)
+    if consumer_group:
+        attrs["messaging.consumer.group.name"] = consumer_group
+    kind = SpanKind.SERVER if is_request else SpanKind.CONSUMER
+    parent = extract(headers)
+    span = _tracer.start_span(f"process {subject}", context=parent, kind=kind, attributes=attrs)
+    return _CurrentSpan(span, parent, record_exception=False)
 
 
 @contextmanager
@@ -142,25 +148,6 @@ def _forwarded(headers: dict[str, str] | None) -> Iterator[Span]:
         yield trace.INVALID_SPAN
     finally:
         otel_context.detach(token)
-
-
-def _process_span(
-    subject: str,
-    headers: dict[str, str] | None,
-    size: int | None,
-    message_id: str | None,
-    consumer_group: str | None,
-    is_request: bool,
-) -> AbstractContextManager[Span]:
-    if not live() and not _sampled_upstream(headers):
-        return _forwarded(headers)
-    attrs = _attributes(subject, "process", size, message_id)
-    if consumer_group:
-        attrs["messaging.consumer.group.name"] = consumer_group
-    kind = SpanKind.SERVER if is_request else SpanKind.CONSUMER
-    parent = extract(headers)
-    span = _tracer.start_span(f"process {subject}", context=parent, kind=kind, attributes=attrs)
-    return _CurrentSpan(span, parent, record_exception=False)
 
 
 def mark_error(span: Span, code: str, message: str) -> None:
