@@ -18,6 +18,7 @@ import pydantic_core
 from pydantic import BaseModel, Field, TypeAdapter
 
 from dspyrt.bus.connection import Bus
+from dspyrt.bus.messages import clip
 from dspyrt.bus.streams import read_tail
 
 # A stored audit message holds one record (a JSON object) or several appended together (a JSON array of them).
@@ -135,5 +136,16 @@ def parse_audit_message(subject_user: str | None, data: bytes) -> list[AuditReco
 async def read_audit(bus: Bus, limit: int = 100) -> list[AuditRecord]:
     """The newest ``limit`` records, oldest first."""
     tail = await read_tail(bus, bus.subjects.audit_stream, limit)
-    records = [r for _, subject, data in tail for r in parse_audit_message(bus.subjects.audit_user(subject), data)]
+    records: list[AuditRecord] = []
+    for seq, subject, data in tail:
+        user = bus.subjects.audit_user(subject)
+        try:
+            records.extend(parse_audit_message(user, data))
+        except ValueError as exc:
+            # Every user may append under its own name: a message that holds no records is shown as such, with
+            # who wrote it, instead of making the whole trail unreadable.
+            error = {"error": clip(f"{type(exc).__name__}: {exc}")}
+            records.append(
+                AuditRecord(action="unreadable", target=f"message {seq}", nats_user=user, time=0.0, detail=error)
+            )
     return records[-limit:]

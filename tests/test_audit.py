@@ -130,3 +130,19 @@ async def test_a_cancelled_caller_does_not_take_the_others_records_with_it(bus: 
     assert log.appends == 2  # the first alone, then the nine that waited behind it
     targets = [r.target for r in await read_audit(bus)]
     assert sorted(targets) == sorted(["first", "second", *(f"after{i}" for i in range(8))])
+
+
+async def test_a_user_writing_garbage_under_its_audit_subject_does_not_hide_the_trail(bus: Bus) -> None:
+    """Under the deploy's permissions every agent user may append under its own name; what is not records is shown
+    as unreadable, with who wrote it, and the rest of the trail still reads."""
+    await record_audit(bus, "deploy", "before", identity="alice")
+    subject = bus.subjects.audit("deploy", bus.options.user)
+    for junk in (b"not json", b"[1, 2]", b'{"action": 3}', b"\xff\xfe"):
+        await bus.js.publish(subject, junk)
+    await record_audit(bus, "deploy", "after", identity="alice")
+    records = await read_audit(bus)
+    assert [r.target for r in records if r.action == "deploy"] == ["before", "after"]
+    unreadable = [r for r in records if r.action == "unreadable"]
+    assert len(unreadable) == 4
+    assert {r.nats_user for r in unreadable} == {bus.options.user}
+    assert all(r.detail["error"] and r.target.startswith("message ") for r in unreadable)
