@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import nats
 import pytest
+from nats.js import api
 
 from dspyrt.bus import EmbeddedServer
 from dspyrt.bus.server import free_port, nats_server_binary
@@ -341,6 +343,11 @@ async def test_three_nodes_form_a_jetstream_cluster_over_tls_routes(
     try:
         js = first.jetstream()
         await js.add_stream(name="TLSCHECK", subjects=["tls.check"], num_replicas=3)
+        # The stream answers once its replicas have elected a leader (on a loaded machine: a moment after it
+        # exists; a publish before that finds no responder).
+        with anyio.fail_after(15):
+            while not ((await js.stream_info("TLSCHECK")).cluster or api.ClusterInfo()).leader:
+                await anyio.sleep(0.1)
         await js.publish("tls.check", b"over tls routes")
         info = await third.jetstream().stream_info("TLSCHECK")
         assert info.cluster is not None and len(info.cluster.replicas or []) == 2
